@@ -1,0 +1,106 @@
+"""Errors users can see: each class has a message template, a message id and an exit code.
+
+Exit codes are stable and documented in the README:
+    0  success
+    1  differences found (verify, orphans preview with orphans present)
+    2  error: bad input, missing thing, refused operation, I/O failure
+  130  interrupted (SIGINT)
+A daemon never dies on one of these: it logs the message id and keeps serving.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_DIFFERENT = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class DtError(Exception):
+    """Base of every error meant for a user. Subclasses set ``template`` and ``msgid``."""
+
+    template = "{detail}"
+    msgid = "DT-E000"
+    exit_code = EXIT_ERROR
+
+    def __init__(self, **params):
+        self.params = params
+        super().__init__(self.template.format(**params))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+    def as_dict(self) -> dict:
+        return {"error": self.msgid, "message": self.message}
+
+
+class UsageError(DtError):
+    template = "{detail}"
+    msgid = "DT-E001"
+
+
+class NotFound(DtError):
+    template = "{what} not found: {name}"
+    msgid = "DT-E002"
+
+
+class AlreadyExists(DtError):
+    template = "{what} already exists: {name}"
+    msgid = "DT-E003"
+
+
+class StaleGeneration(DtError):
+    template = ("replication set {name} was changed by someone else (generation {actual}, "
+                "you had {expected}); reload it and try again")
+    msgid = "DT-E004"
+
+
+class InvalidName(DtError):
+    template = "invalid name {name!r}: {reason}"
+    msgid = "DT-E005"
+
+
+class InvalidRule(DtError):
+    template = "invalid rule {path!r}: {reason}"
+    msgid = "DT-E006"
+
+
+class CorruptRecord(DtError):
+    template = "corrupt record: {reason}"
+    msgid = "DT-E007"
+
+
+class OffsetOutOfRange(DtError):
+    template = "offset {offset} is outside the log ({start}..{end})"
+    msgid = "DT-E008"
+
+
+class PathEscapes(DtError):
+    template = "refused path {path!r}: {reason}"
+    msgid = "DT-E009"
+
+
+class OutOfOrder(DtError):
+    template = "event at offset {offset} is not the next one (expected {expected})"
+    msgid = "DT-E010"
+
+
+class Overlap(DtError):
+    template = "{detail}"
+    msgid = "DT-E011"
+
+
+class SettingsError(DtError):
+    template = "bad setting: {detail}"
+    msgid = "DT-E012"
+
+
+class QueueFull(DtError):
+    template = "{queue} queue limit reached ({limit} bytes): connection needs a remirror"
+    msgid = "DT-E013"
+
+
+class BackendUnavailable(DtError):
+    template = "{backend} is unavailable: {detail}"
+    msgid = "DT-E014"

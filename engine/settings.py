@@ -1,0 +1,85 @@
+"""One typed settings model read by the config file, the CLI, the API and the console.
+
+Names follow the reference guide where it has one (memory queue limit, disk queue limit,
+minimum free space, mirror packet size, checksum all, retry delay, ignore delete
+operations, RemapLink, auto-remirror). Values are validated on load: a bad value is a
+SettingsError naming the field, never a crash later.
+
+The config file is ``<state dir>/config.toml``; keys are the field names below.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SettingsError
+from .states import MirrorMode
+
+MiB = 1 << 20
+CONFIG_FILE = "config.toml"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    log: str = Field("embedded", description='"embedded" (RocksDB in the state dir) or a Kafka bootstrap address "host:port[,host:port]"')
+    memory_queue_limit_mb: int = Field(128, ge=32, description="Memory used to queue events before they spill to the disk queue")
+    disk_queue_limit_mb: int | None = Field(None, ge=0, description="Disk space for queued events; None is unlimited, 0 disables disk queuing")
+    minimum_free_space_mb: int = Field(50, ge=0, description="Free space that must always remain where the queue lives")
+    mirror_packet_size: int = Field(32768, ge=4096, le=16 * MiB, description="Bytes of file data per mirror event")
+    checksum_block_size: int = Field(65536, ge=4096, le=16 * MiB, description="Block size of checksum comparisons")
+    checksum_all: bool = Field(False, description="A checksum difference mirror compares every file's blocks, not only files whose size or time differ")
+    calculate_size_first: bool = Field(True, description="Size the replication set before mirroring so progress is a percentage")
+    retry_delay_s: float = Field(3.0, gt=0, description="Seconds before a failed operation is retried on the target (it holds the queue)")
+    ignore_delete_ops: bool = Field(False, description="Keep files on the target when they are deleted on the source")
+    remap_link: bool = Field(True, description="Rewrite symlinks that point inside the set to the target path")
+    auto_remirror: bool = Field(True, description="Remirror automatically when the connection becomes Mirror Required")
+    auto_remirror_mode: MirrorMode = Field(MirrorMode.CHECKSUM, description="Kind of mirror auto-remirror runs")
+    max_write_buffer: int = Field(MiB, ge=4096, le=64 * MiB, description="Largest write carried by one event; larger writes are split")
+    history_window_s: int = Field(86400, ge=0, description="Keep applied events at least this long for replay and restore")
+    history_max_mb: int = Field(10240, ge=0, description="Upper bound of retained history per connection")
+    task_commands: bool = Field(True, description="Run TaskCommand events on the target")
+    verify_log_name: str = Field("verify.log", description="Base name of the verification log; the set name is prepended")
+    verify_log_max_bytes: int = Field(MiB, ge=1024, description="The verification log stops growing at this size")
+    verify_log_append: bool = Field(True, description="Append each verification to the log instead of overwriting it")
+    orphans_action: Literal["off", "delete", "move"] = Field("off", description="What a mirror or verify does with orphans on the target")
+    orphans_move_to: str | None = Field(None, description="Folder outside the set that moved orphans go to")
+    orphans_older_than_s: int = Field(0, ge=0, description="Only orphans not modified for this many seconds")
+
+    @field_validator("log")
+    @classmethod
+    def _log_backend(cls, v: str) -> str:
+        if v != "embedded" and not all(":" in part for part in v.split(",")):
+            raise ValueError('must be "embedded" or a Kafka bootstrap address like "127.0.0.1:9092"')
+        return v
+
+    @classmethod
+    def load(cls, state_dir: Path | str, **overrides) -> "Settings":
+        """Settings from ``<state_dir>/config.toml`` (if any), then ``overrides``."""
+        values: dict = {}
+        path = Path(state_dir) / CONFIG_FILE
+        if path.exists():
+            try:
+                values = tomllib.loads(path.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise SettingsError(detail=f"{path}: {exc}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "settings"
+            raise SettingsError(detail=f"{where}: {first['msg']}") from exc
+
+
+def default_state_dir() -> Path:
+    """Per-user default: $DT_STATE, else $XDG_STATE_HOME/datatether, else ~/.local/state/datatether."""
+    if os.environ.get("DT_STATE"):
+        return Path(os.environ["DT_STATE"])
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "datatether"

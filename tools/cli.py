@@ -1,0 +1,70 @@
+"""The ``dt`` command line: parse, open resources, call one domain operation, print.
+
+Each command lives in ``tools/commands/<name>.py`` and exposes ``register(subparsers,
+common)``; ``common`` is a parent parser holding the options every command takes
+(``--state``, ``--json``). The parser's ``func(args)`` returns an exit code.
+Errors derived from DtError print their message (or JSON) and exit with their code;
+anything else is a bug and exits 2 with a message rather than a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+
+from .. import __version__
+from ..engine import logs
+from ..engine.errors import EXIT_ERROR, EXIT_INTERRUPTED, DtError
+from ..engine.settings import default_state_dir
+from . import commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state", default=None, metavar="DIR",
+                        help=f"state directory (default: $DT_STATE or {default_state_dir()})")
+    common.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                        help="log verbosity on stderr (default: warning)")
+    parser = argparse.ArgumentParser(
+        prog="dt", description="datatether: real-time replication and failover on an ordered event log.",
+        epilog="Exit codes: 0 success, 1 differences found, 2 error, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"dt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.state is None:
+        args.state = str(default_state_dir())
+    logs.configure(json=args.json, level=args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except DtError as exc:
+        _report(args, exc.as_dict())
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+    except OSError as exc:
+        _report(args, {"error": "DT-E100", "message": f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")})
+        return EXIT_ERROR
+
+
+def _report(args, err: dict) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(err), file=sys.stderr)
+    else:
+        print(f"dt: error: {err['message']} [{err['error']}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

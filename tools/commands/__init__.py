@@ -1,0 +1,1 @@
+"""One module per ``dt`` command; each exposes ``register(subparsers, common)``."""
