@@ -1,0 +1,146 @@
+"""Connections: a replication set, a source root, a target root and one log partition.
+
+Invariants:
+- ids grow and are never reused; names are unique; the partition of connection N is
+  ``conn-N`` for its whole life (so offsets never mix two connections' histories).
+- The target root is never inside the source root and vice versa (on one server that
+  would replicate the replica into itself forever).
+- Stored durably, one Avro record per connection (schemas/connection.avsc).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import fastavro
+
+from .durable import write_atomic
+from .errors import AlreadyExists, InvalidName, NotFound, UsageError
+
+MAPPINGS = ("custom", "all_to_one", "one_to_one")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SCHEMA = fastavro.parse_schema(json.loads(
+    resources.files("datatether.schemas").joinpath("connection.avsc").read_text()))
+
+
+@dataclass(frozen=True)
+class Connection:
+    id: int
+    name: str
+    set_name: str
+    source_root: str
+    target_root: str
+    mapping: str
+    created_ns: int
+    target_host: str = "local"
+
+    @property
+    def partition(self) -> str:
+        return f"conn-{self.id}"
+
+
+def map_target(source_root: str, target: str, mapping: str) -> str:
+    """Where the set root lands on the target.
+
+    custom: ``target`` is the set root's replica; all_to_one: the source path is recreated
+    below ``target``; one_to_one: the same path as on the source (another host only).
+    """
+    source_root = os.path.abspath(source_root)
+    if mapping == "custom":
+        return os.path.abspath(target)
+    if mapping == "all_to_one":
+        return os.path.join(os.path.abspath(target), source_root.lstrip("/"))
+    if mapping == "one_to_one":
+        return source_root
+    raise UsageError(detail=f"unknown mapping {mapping!r} (use one of {', '.join(MAPPINGS)})")
+
+
+def check_roots(source_root: str, target_root: str, target_host: str = "local") -> None:
+    """Refuse a target that would hold (or be held by) the source on the same host."""
+    if target_host != "local":
+        return
+    src = os.path.realpath(source_root)
+    tgt = os.path.realpath(target_root)
+    if src == tgt:
+        raise UsageError(detail=f"the target {target_root} is the source itself")
+    if tgt.startswith(src.rstrip("/") + "/"):
+        raise UsageError(detail=f"the target {target_root} is inside the source {source_root}: "
+                                "it would replicate its own replica forever")
+    if src.startswith(tgt.rstrip("/") + "/"):
+        raise UsageError(detail=f"the source {source_root} is inside the target {target_root}")
+
+
+class ConnectionStore:
+    """Connections of one state directory (``<state>/connections/<id>.avro``)."""
+
+    def __init__(self, state_dir: str | Path):
+        self.dir = Path(state_dir) / "connections"
+
+    def list(self) -> list[Connection]:
+        if not self.dir.is_dir():
+            return []
+        found = [self._read(p) for p in self.dir.glob("*.avro")]
+        return sorted(found, key=lambda c: c.id)
+
+    def get(self, ref: str | int) -> Connection:
+        """By id (``3``, ``"3"``) or by name."""
+        for conn in self.list():
+            if str(conn.id) == str(ref) or conn.name == ref:
+                return conn
+        raise NotFound(what="connection", name=str(ref))
+
+    def find(self, ref: str | int) -> Connection | None:
+        try:
+            return self.get(ref)
+        except NotFound:
+            return None
+
+    def create(self, *, name: str, set_name: str, source_root: str, target: str,
+               mapping: str = "custom", target_host: str = "local") -> Connection:
+        if not _NAME.match(name or ""):
+            raise InvalidName(name=name, reason="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        existing = self.list()
+        if any(c.name == name for c in existing):
+            raise AlreadyExists(what="connection", name=name)
+        source_root = os.path.abspath(source_root)
+        target_root = map_target(source_root, target, mapping)
+        check_roots(source_root, target_root, target_host)
+        for c in existing:
+            if c.target_root == target_root and c.target_host == target_host:
+                raise UsageError(detail=f"connection {c.name} already sends to {target_root}: "
+                                        "two connections to one target location would overwrite each other")
+        next_id = max([c.id for c in existing] + [self._last_id()]) + 1
+        conn = Connection(id=next_id, name=name, set_name=set_name, source_root=source_root,
+                          target_root=target_root, mapping=mapping, created_ns=time.time_ns(),
+                          target_host=target_host)
+        self._write(conn)
+        write_atomic(self.dir / "last_id", str(next_id).encode())
+        return conn
+
+    def delete(self, ref: str | int) -> Connection:
+        conn = self.get(ref)
+        (self.dir / f"{conn.id}.avro").unlink()
+        return conn
+
+    def _last_id(self) -> int:
+        try:
+            return int((self.dir / "last_id").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _write(self, conn: Connection) -> None:
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, _SCHEMA, asdict(conn))
+        write_atomic(self.dir / f"{conn.id}.avro", buf.getvalue())
+
+    @staticmethod
+    def _read(path: Path) -> Connection:
+        with open(path, "rb") as f:
+            return Connection(**fastavro.schemaless_reader(f, _SCHEMA))

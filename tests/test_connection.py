@@ -1,0 +1,43 @@
+import pytest
+
+from datatether.engine.connection import ConnectionStore, map_target
+from datatether.engine.errors import AlreadyExists, InvalidName, NotFound, UsageError
+
+
+def test_create_get_list_delete_and_ids_are_never_reused(tmp_path):
+    store = ConnectionStore(tmp_path / "state")
+    a = store.create(name="web", set_name="web", source_root=str(tmp_path / "src"), target=str(tmp_path / "dst"))
+    b = store.create(name="db", set_name="db", source_root=str(tmp_path / "src2"), target=str(tmp_path / "dst2"))
+    assert (a.id, b.id) == (1, 2) and a.partition == "conn-1"
+    assert store.get("web") == a and store.get(2) == b and store.get("2") == b
+    assert [c.name for c in store.list()] == ["web", "db"]
+    store.delete("db")
+    c = store.create(name="db2", set_name="db", source_root=str(tmp_path / "src3"), target=str(tmp_path / "dst3"))
+    assert c.id == 3
+    assert ConnectionStore(tmp_path / "state").get("db2") == c  # durable
+
+
+def test_bad_input_is_refused(tmp_path):
+    store = ConnectionStore(tmp_path)
+    src = str(tmp_path / "src")
+    with pytest.raises(UsageError, match="inside the source"):
+        store.create(name="x", set_name="s", source_root=src, target=src + "/replica")
+    with pytest.raises(UsageError, match="inside the target"):
+        store.create(name="x", set_name="s", source_root=src, target=str(tmp_path))
+    with pytest.raises(InvalidName):
+        store.create(name="bad name", set_name="s", source_root=src, target=str(tmp_path / "t"))
+    store.create(name="x", set_name="s", source_root=src, target=str(tmp_path / "t"))
+    with pytest.raises(AlreadyExists):
+        store.create(name="x", set_name="s", source_root=src + "2", target=str(tmp_path / "t2"))
+    with pytest.raises(UsageError, match="already sends"):
+        store.create(name="y", set_name="s", source_root=src + "3", target=str(tmp_path / "t"))
+    with pytest.raises(NotFound):
+        store.get("nope")
+
+
+def test_mappings():
+    assert map_target("/srv/data", "/backup/d", "custom") == "/backup/d"
+    assert map_target("/srv/data", "/backup", "all_to_one") == "/backup/srv/data"
+    assert map_target("/srv/data", "/ignored", "one_to_one") == "/srv/data"
+    with pytest.raises(UsageError):
+        map_target("/a", "/b", "sideways")

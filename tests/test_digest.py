@@ -1,0 +1,43 @@
+import os
+
+from datatether.engine import digest
+
+
+def test_sparse_and_dense_files_with_same_bytes_have_same_digest(tmp_path):
+    sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    with open(sparse, "wb") as f:
+        f.truncate(3 * digest.DIGEST_BLOCK + 5)
+        f.seek(digest.DIGEST_BLOCK)
+        f.write(b"x")
+    data = bytearray(3 * digest.DIGEST_BLOCK + 5)
+    data[digest.DIGEST_BLOCK] = ord("x")
+    dense.write_bytes(bytes(data))
+    assert digest.path_digest(sparse) == digest.path_digest(dense)
+
+
+def test_digest_changes_with_content_and_size(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(200_000))
+    d1 = digest.path_digest(p)
+    with open(p, "r+b") as f:
+        f.seek(150_000)
+        f.write(b"!")
+    assert digest.path_digest(p) != d1
+    # trailing zeros change the size, so the digest too
+    q = tmp_path / "q"
+    q.write_bytes(b"")
+    r = tmp_path / "r"
+    r.write_bytes(b"\0")
+    assert digest.path_digest(q) != digest.path_digest(r)
+
+
+def test_file_digest_is_combination_of_block_digests(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(5 * digest.DIGEST_BLOCK + 17))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        blocks = digest.block_digests(fd, os.fstat(fd).st_size)
+        assert len(blocks) == 6
+        assert digest.combine(blocks, os.fstat(fd).st_size) == digest.file_digest(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
