@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything datatether and its test suite need on Debian 12.
 #   tools/install.sh          runtime: FUSE, Python packages, the dt command
-#   tools/install.sh --test   also what the tests and benchmarks use: qemu, a Debian kernel
-#                             and its headers, busybox, rsync, lsyncd, fio, Java and Maven
+#   tools/install.sh --test   also what the tests and benchmarks use: rsync, lsyncd, fio,
+#                             mkfs tools, Java and Maven (for the Kafka broker)
 # As root it installs Debian packages with apt-get; otherwise it says what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runtime_pkgs=(fuse3 libfuse3-3 attr python3-pip)
-test_pkgs=(rsync lsyncd fio qemu-system-x86 busybox-static cpio e2fsprogs xfsprogs btrfs-progs
-           iproute2 openjdk-17-jre-headless maven gcc make kmod "linux-headers-amd64" "linux-image-amd64")
+test_pkgs=(rsync lsyncd fio e2fsprogs xfsprogs btrfs-progs iproute2 openjdk-17-jre-headless maven
+           gcc make)
 want=("${runtime_pkgs[@]}")
 [[ "${1:-}" == "--test" ]] && want+=("${test_pkgs[@]}")
 
