@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Benchmarks: datatether measured side by side with rsync, cp, lsyncd and raw Kafka.
+
+Every comparison runs both tools in the same run, on the same data, with a warm page
+cache for all, and prints one table of ratios against the targets in the issues:
+
+  mirror-full      full mirror of a ~2 GB / 20,000-file tree      vs rsync -a, cp -a    (<= 1.0 x rsync)
+  mirror-checksum  1 GB file with 1 % of its blocks changed        vs rsync --no-whole-file --inplace (<= 0.5 x)
+  mirror-memory    peak RSS of a mirror of 100,000 small files                          (< 300 MB)
+  capture-seq      1 MiB sequential writes through the FUSE capture vs the same disk    (>= 0.5 x)
+  rpo-latency      p50/p99 write-to-applied latency, 4 KiB random writes at 20 MB/s
+                   vs lsyncd (rsync mode, delay = 0) on the same workload               (p99 < 20 ms)
+  kafka-e2e        replication throughput through Kafka vs raw produce+consume          (ratio shown)
+  restore          restore-at-offset of a 1 GB tree                                      (time shown)
+
+Usage: bench/run.py [--scale full|small] [--only NAME ...] [--workdir DIR]
+`--scale small` divides sizes by 10 for a quick look; the targets are judged on `full`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import workloads  # noqa: E402  (bench/workloads.py, beside this file)
+
+
+@dataclass
+class Row:
+    name: str
+    ours: float
+    theirs: float | None
+    ref_tool: str
+    unit: str
+    target: str
+    ok: bool | None
+
+    @property
+    def ratio(self) -> str:
+        return f"{self.ours / self.theirs:.2f}" if self.theirs else "-"
+
+
+def timed(cmd: list[str], **kw) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kw)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak resident set size in MB) of a child process, from wait4's rusage."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[0]} failed with {os.waitstatus_to_exitcode(status)}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def dt(state: Path, *args: str) -> list[str]:
+    return ["dt", *args, "--state", str(state)]
+
+
+def bench_mirror_full(work: Path, scale: float) -> list[Row]:
+    src = work / "full-src"
+    workloads.make_tree(src, files=int(20_000 * scale), total_bytes=int(2e9 * scale), seed=1)
+    t_rsync = timed(["rsync", "-a", f"{src}/", str(work / "full-rsync")])
+    t_cp = timed(["cp", "-a", str(src), str(work / "full-cp")])
+    t_dt = timed(dt(work / "state-full", "mirror", str(src), str(work / "full-dt")))
+    for d in ("full-rsync", "full-cp", "full-dt", "state-full"):
+        shutil.rmtree(work / d)
+    return [Row("mirror-full (s)", t_dt, t_rsync, "rsync -a", "s", "<= 1.0 x rsync", t_dt <= t_rsync),
+            Row("mirror-full vs cp (s)", t_dt, t_cp, "cp -a", "s", "shown", None)]
+
+
+def bench_mirror_checksum(work: Path, scale: float) -> list[Row]:
+    size = int((1 << 30) * scale)
+    src_dir, a, b = work / "ck-src", work / "ck-rsync", work / "ck-dt"
+    for d in (src_dir, a, b):
+        d.mkdir()
+    workloads.make_file(src_dir / "big", size, seed=2)
+    shutil.copy2(src_dir / "big", a / "big")
+    shutil.copy2(src_dir / "big", b / "big")
+    workloads.change_blocks(src_dir / "big", fraction=0.01, block=65536, seed=3)
+    t_rsync = timed(["rsync", "--no-whole-file", "--inplace", str(src_dir / "big"), str(a / "big")])
+    t_dt = timed(dt(work / "state-ck", "mirror", "--checksum", str(src_dir), str(b)))
+    same = workloads.same_content(src_dir / "big", b / "big")
+    for d in (src_dir, a, b, work / "state-ck"):
+        shutil.rmtree(d)
+    return [Row("mirror-checksum (s)", t_dt, t_rsync, "rsync --no-whole-file --inplace", "s",
+                "<= 0.5 x rsync", same and t_dt <= 0.5 * t_rsync)]
+
+
+def bench_mirror_memory(work: Path, scale: float) -> list[Row]:
+    src = work / "mem-src"
+    workloads.make_tree(src, files=int(100_000 * scale), total_bytes=int(100_000 * scale) * 512, seed=4)
+    _, rss_rsync = peak_rss_mb(["rsync", "-a", f"{src}/", str(work / "mem-rsync")])
+    secs, rss = peak_rss_mb(dt(work / "state-mem", "mirror", str(src), str(work / "mem-dt")))
+    for d in (src, work / "mem-rsync", work / "mem-dt", work / "state-mem"):
+        shutil.rmtree(d)
+    return [Row("mirror-memory 100k files (MB)", rss, rss_rsync, "rsync -a (peak RSS)", "MB", "< 300 MB", rss < 300)]
+
+
+def fio_json(args: list[str]) -> dict:
+    out = subprocess.run(["fio", "--output-format=json", *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out[out.index("{"):])
+
+
+def fio_write_mbps(directory: Path, size: str) -> float:
+    job = fio_json(["--name=seq", f"--directory={directory}", "--rw=write", "--bs=1M", f"--size={size}",
+                    "--end_fsync=1", "--ioengine=psync"])
+    return job["jobs"][0]["write"]["bw_bytes"] / 1e6
+
+
+def bench_capture_seq(work: Path, scale: float) -> list[Row]:
+    size = f"{max(64, int(1024 * scale))}M"
+    plain = work / "seq-plain"
+    plain.mkdir()
+    base = fio_write_mbps(plain, size)
+    with workloads.Protected(work, "seq") as prot:
+        captured = fio_write_mbps(prot.source, size)
+        prot.drain()
+    shutil.rmtree(plain)
+    return [Row("capture-seq 1MiB writes (MB/s)", captured, base, "same disk, no capture", "MB/s",
+                ">= 0.5 x uncaptured", captured >= 0.5 * base)]
+
+
+def bench_rpo_latency(work: Path, scale: float) -> list[Row]:
+    seconds = max(5, int(20 * scale))
+    fio_args = ["--name=rand", "--rw=randwrite", "--bs=4k", "--rate=20m", "--size=256M", "--time_based",
+                f"--runtime={seconds}", "--ioengine=psync", "--filename=load.dat"]
+    with workloads.Protected(work, "rpo") as prot:
+        with workloads.Probe(prot.source, prot.target) as probe:
+            fio_json([f"--directory={prot.source}", *fio_args])
+        status = prot.status()
+        prot.drain()
+    ours = probe.percentiles()
+    lat = status.get("recovery_point_latency_ms", {})
+    with workloads.Lsyncd(work, "rpo-lsyncd") as ls:
+        with workloads.Probe(ls.source, ls.target) as lprobe:
+            fio_json([f"--directory={ls.source}", *fio_args])
+    theirs = lprobe.percentiles()
+    return [
+        Row("rpo new-file p50 (ms)", ours[50], theirs[50], "lsyncd delay=0", "ms", "shown", None),
+        Row("rpo new-file p99 (ms)", ours[99], theirs[99], "lsyncd delay=0", "ms", "p99 < 20 ms", ours[99] < 20),
+        Row("rpo every-write p50 (ms, dt status)", float(lat.get("p50", float("nan"))), None, "-", "ms", "shown", None),
+        Row("rpo every-write p99 (ms, dt status)", float(lat.get("p99", float("nan"))), None, "-", "ms",
+            "p99 < 20 ms", float(lat.get("p99", 1e9)) < 20),
+    ]
+
+
+BENCHES = {
+    "capture-seq": bench_capture_seq,
+    "rpo-latency": bench_rpo_latency,
+    "mirror-full": bench_mirror_full,
+    "mirror-checksum": bench_mirror_checksum,
+    "mirror-memory": bench_mirror_memory,
+}
+
+
+def print_table(rows: list[Row]) -> None:
+    headers = ["benchmark", "datatether", "reference", "ref tool", "ratio", "target", "met"]
+    cells = [[r.name, f"{r.ours:.3f}", "-" if r.theirs is None else f"{r.theirs:.3f}", r.ref_tool, r.ratio,
+              r.target, {True: "yes", False: "NO", None: "-"}[r.ok]] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=["full", "small"], default="full")
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=None)
+    parser.add_argument("--workdir", default=None, help="where data is generated (default: a temp dir under /var/tmp)")
+    args = parser.parse_args()
+    scale = 1.0 if args.scale == "full" else 0.1
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="dt-bench-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    random.seed(0)
+    rows: list[Row] = []
+    try:
+        for name in args.only or BENCHES:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            rows += BENCHES[name](work, scale)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
