@@ -1,0 +1,410 @@
+"""The embedded ``Log`` backend: every partition in one RocksDB directory (rocksdict).
+
+It implements the contract of engine/log.py; this docstring adds what is specific to it.
+
+On-disk layout (raw keys and values, integers big-endian signed 64-bit)
+-----------------------------------------------------------------------
+``<name>`` is the partition name in ASCII. Names never contain NUL (engine/log.py), so
+``<name> 0x00`` is a prefix no other partition's keys share, and a partition's keys form
+the range ``[<name> 0x00, <name> 0x01)``. Offsets are fixed-width, so byte order is
+offset order and one iterator walks a partition in offset order.
+
+=============  ==========================  =============================================
+column family  key                         value
+=============  ==========================  =============================================
+default        ``b"format"``               ``b"1"`` (layout version)
+partitions     ``<name>``                  start, end, appended bytes, last timestamp
+records        ``<name> 0x00 <offset>``    ``frame.seal(<timestamp> + <payload>)``
+index          ``<name> 0x00 <offset>``    timestamp, payload bytes appended before it
+consumers      ``<name> 0x00 <consumer>``  committed offset
+=============  ==========================  =============================================
+
+- The seal covers the timestamp with the payload, so neither can be damaged unnoticed.
+- ``index`` serves ``offset_for_time`` (binary search: timestamps never decrease within a
+  partition, an append whose timestamp is older than the previous record's takes the
+  previous one, so a clock stepping back cannot break time lookups) and ``size`` (retained
+  bytes = appended bytes - bytes appended before ``start``) without reading records.
+- Sizes count payload bytes, the ``len(value)`` a reader gets back.
+- One ``append`` is one WriteBatch (records, index entries and the partition's end), so a
+  batch is all there or absent after a crash. ``truncate_before`` and ``drop_partition``
+  are DeleteRange tombstones in one batch with the new metadata.
+
+Concurrency and durability
+--------------------------
+One process opens the directory for writing (RocksDB's lock file enforces it); inside it,
+any thread may call any method. A lock per partition serialises offset assignment; reads
+take no lock (an iterator is a consistent snapshot). The write-ahead log is always on: a
+write returned by ``append``/``commit`` is in the operating system's hands and survives
+the process being killed (SIGKILL). ``sync=True`` also fsyncs the write-ahead log on every
+write, so it survives power loss too, at the price of one disk flush per call (hundreds of
+microseconds to milliseconds instead of about ten microseconds).
+
+``EmbeddedLog.open_readonly(path)`` opens a RocksDB *secondary* instance, which works while
+a daemon holds the directory for writing: every call first catches up with the writer's
+files, and ``wait`` polls every ``POLL_S`` for records another process appends.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import rocksdict
+
+from . import frame, logs
+from .errors import BackendUnavailable, CorruptRecord, NotFound, OffsetOutOfRange, UsageError
+from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, LogRecord, check_partition_name
+from .offsets import NO_OFFSET
+
+log = logs.get(__name__)
+
+LAYOUT_VERSION = b"1"
+POLL_S = 0.05  # how often wait() looks for appends it cannot be notified of
+_FAMILIES = ("partitions", "records", "index", "consumers")
+_I64 = struct.Struct(">q")
+_META = struct.Struct(">qqqq")  # start, end, appended bytes, last timestamp
+_INDEX = struct.Struct(">qq")  # timestamp, payload bytes appended before this record
+_SEP = b"\x00"
+
+
+class _Partition:
+    """In-memory metadata of one partition; fields change only under ``lock``."""
+
+    __slots__ = ("name", "prefix", "lock", "cond", "start", "end", "appended", "last_ts", "dropped")
+
+    def __init__(self, name: str, meta: bytes | None = None):
+        self.name = name
+        self.prefix = name.encode("ascii") + _SEP
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.dropped = False
+        self.load(meta or _META.pack(0, 0, 0, 0))
+
+    def load(self, meta: bytes) -> None:
+        self.start, self.end, self.appended, self.last_ts = _META.unpack(meta)
+
+    def meta(self) -> bytes:
+        return _META.pack(self.start, self.end, self.appended, self.last_ts)
+
+    def key(self, offset: int) -> bytes:
+        return self.prefix + _I64.pack(offset)
+
+    def bounds(self) -> tuple[bytes, bytes]:
+        """Every key of this partition is in ``[lower, upper)``."""
+        return self.prefix, self.prefix[:-1] + b"\x01"
+
+
+class EmbeddedLog:
+    """A ``Log`` in one RocksDB directory. Use as a context manager or call ``close``."""
+
+    def __init__(self, path: str | Path, sync: bool = False, *, _secondary: Path | None = None):
+        self.path = Path(path)
+        self.readonly = _secondary is not None
+        self._secondary = _secondary
+        self._lock = threading.Lock()  # guards the partition table, open/close
+        self._parts: dict[str, _Partition] = {}
+        self._write_opt = rocksdict.WriteOptions()
+        self._write_opt.sync = sync
+        self._open_db()
+        if not self.readonly:
+            for name, meta in self._cf["partitions"].items():
+                self._parts[name.decode("ascii")] = _Partition(name.decode("ascii"), meta)
+        log.info("log opened", msgid="DT-L001", path=str(self.path), sync=sync, readonly=self.readonly)
+
+    @classmethod
+    def open_readonly(cls, path: str | Path) -> EmbeddedLog:
+        """Open for reading while another process may hold ``path`` for writing."""
+        if not (Path(path) / "CURRENT").exists():
+            raise NotFound(what="log", name=str(path))
+        return cls(path, _secondary=Path(tempfile.mkdtemp(prefix="dt-log-reader-")))
+
+    def _open_db(self) -> None:
+        options = rocksdict.Options(raw_mode=True)
+        options.create_if_missing(True)
+        options.create_missing_column_families(True)
+        options.set_keep_log_file_num(4)
+        families = {name: rocksdict.Options(raw_mode=True) for name in _FAMILIES}
+        # Payloads arrive compressed (engine/codec.py); compressing them again wastes CPU.
+        families["records"].set_compression_type(rocksdict.DBCompressionType.none())
+        access = rocksdict.AccessType.read_write()
+        if self.readonly:
+            options.set_max_open_files(-1)  # required by secondary instances
+            access = rocksdict.AccessType.secondary(str(self._secondary))
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = rocksdict.Rdict(str(self.path), options, column_families=families, access_type=access)
+        except Exception as exc:  # rocksdict raises plain Exception for every RocksDB status
+            if self._secondary:
+                shutil.rmtree(self._secondary, ignore_errors=True)
+            raise BackendUnavailable(backend=f"embedded log {self.path}", detail=str(exc)) from exc
+        self._cf = {name: self._db.get_column_family(name) for name in _FAMILIES}
+        self._handle = {name: self._db.get_column_family_handle(name) for name in _FAMILIES}
+        if not self.readonly and self._db.get(b"format") is None:
+            self._db.put(b"format", LAYOUT_VERSION, self._write_opt)
+
+    # -- context manager ---------------------------------------------------------------
+
+    def __enter__(self) -> EmbeddedLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the directory; further calls raise UsageError. Closing twice is harmless."""
+        with self._lock:
+            if self._db is None:
+                return
+            for part in self._parts.values():
+                with part.cond:
+                    part.cond.notify_all()
+            # Column family objects keep RocksDB open; drop them before closing the DB.
+            self._cf = self._handle = None
+            self._db.close()
+            self._db = None
+            if self._secondary:
+                shutil.rmtree(self._secondary, ignore_errors=True)
+        log.info("log closed", msgid="DT-L002", path=str(self.path))
+
+    # -- partitions --------------------------------------------------------------------
+
+    def ensure_partition(self, partition: str) -> None:
+        check_partition_name(partition)
+        self._writable()
+        with self._lock:
+            if partition in self._parts:
+                return
+            part = _Partition(partition)
+            self._cf["partitions"].put(partition.encode("ascii"), part.meta(), self._write_opt)
+            self._parts[partition] = part
+        log.info("partition created", msgid="DT-L003", partition=partition)
+
+    def drop_partition(self, partition: str) -> None:
+        self._writable()
+        part = self._part(partition)
+        with self._lock, part.lock:
+            self._alive(part)
+            lower, upper = part.bounds()
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            for family in ("records", "index", "consumers"):
+                batch.delete_range(lower, upper, self._handle[family])
+            batch.delete(partition.encode("ascii"), self._handle["partitions"])
+            self._db.write(batch, self._write_opt)
+            part.dropped = True
+            del self._parts[partition]
+            part.cond.notify_all()
+        log.info("partition dropped", msgid="DT-L004", partition=partition)
+
+    def partitions(self) -> list[str]:
+        self._refresh()
+        if self.readonly:
+            return sorted(key.decode("ascii") for key in self._cf["partitions"].keys())
+        with self._lock:
+            return sorted(self._parts)
+
+    # -- records -----------------------------------------------------------------------
+
+    def append(self, partition: str, values: Sequence[bytes], timestamp_ns: int | None = None) -> int:
+        """Append ``values`` in one atomic batch; return the first offset. Durable on return."""
+        self._writable()
+        if isinstance(values, (bytes, bytearray, memoryview)):
+            raise UsageError(detail="append takes a sequence of values, not one bytes object")
+        part = self._part(partition)
+        stamp = time.time_ns() if timestamp_ns is None else int(timestamp_ns)
+        with part.lock:
+            self._alive(part)
+            first, appended, stamp = part.end, part.appended, max(stamp, part.last_ts)
+            packed_stamp = _I64.pack(stamp)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            records, index = self._handle["records"], self._handle["index"]
+            for offset, value in enumerate(values, first):
+                key = part.key(offset)
+                batch.put(key, frame.seal(packed_stamp + value), records)
+                batch.put(key, _INDEX.pack(stamp, appended), index)
+                appended += len(value)
+            count = len(values)
+            if count == 0:
+                return first
+            batch.put(part.prefix[:-1], _META.pack(part.start, first + count, appended, stamp),
+                      self._handle["partitions"])
+            self._db.write(batch, self._write_opt)
+            part.end, part.appended, part.last_ts = first + count, appended, stamp
+            part.cond.notify_all()
+        return first
+
+    def read(self, partition: str, start: int, max_records: int = DEFAULT_READ_RECORDS,
+             max_bytes: int = DEFAULT_READ_BYTES) -> list[LogRecord]:
+        part = self._part(partition)
+        end = part.end  # before the iterator: every record below it is in the iterator's view
+        if start < part.start or start > end:
+            raise OffsetOutOfRange(offset=start, start=part.start, end=end)
+        stop = min(end, start + max(1, max_records))
+        if start == stop:
+            return []
+        bound = rocksdict.ReadOptions()
+        bound.set_iterate_upper_bound(part.key(stop))
+        records: list[LogRecord] = []
+        total = 0
+        expected = start
+        for key, stored in self._cf["records"].items(from_key=part.key(start), read_opt=bound):
+            offset = _I64.unpack_from(key, len(part.prefix))[0]
+            if offset != expected:
+                self._missing(part, expected)
+            size = len(stored) - frame.HEADER_LEN - _I64.size
+            if records and total + size > max_bytes:
+                return records
+            records.append(_unseal(part, offset, stored))
+            total += size
+            expected += 1
+            if total >= max_bytes:
+                return records
+        if expected < stop:
+            self._missing(part, expected)
+        return records
+
+    def wait(self, partition: str, offset: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        part = self._part(partition)
+        while part.end <= offset:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or part.dropped:
+                return False
+            with part.cond:
+                if part.end <= offset and not part.dropped and self._db is not None:
+                    part.cond.wait(min(remaining, POLL_S))
+            part = self._part(partition)
+        return True
+
+    def start_offset(self, partition: str) -> int:
+        return self._part(partition).start
+
+    def end_offset(self, partition: str) -> int:
+        return self._part(partition).end
+
+    def offset_for_time(self, partition: str, timestamp_ns: int) -> int:
+        part = self._part(partition)
+        with part.lock:
+            low, high = part.start, part.end
+            while low < high:  # first offset whose timestamp >= timestamp_ns
+                middle = (low + high) // 2
+                if self._index_at(part, middle)[0] >= timestamp_ns:
+                    high = middle
+                else:
+                    low = middle + 1
+            return low
+
+    def truncate_before(self, partition: str, offset: int) -> None:
+        self._writable()
+        part = self._part(partition)
+        with part.lock:
+            self._alive(part)
+            new_start = min(offset, part.end)
+            if new_start <= part.start:
+                return
+            lower = part.key(0)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.delete_range(lower, part.key(new_start), self._handle["records"])
+            batch.delete_range(lower, part.key(new_start), self._handle["index"])
+            batch.put(part.prefix[:-1], _META.pack(new_start, part.end, part.appended, part.last_ts),
+                      self._handle["partitions"])
+            self._db.write(batch, self._write_opt)
+            part.start = new_start
+        log.info("log truncated", msgid="DT-L005", partition=partition, start=new_start)
+
+    def size(self, partition: str) -> tuple[int, int]:
+        part = self._part(partition)
+        with part.lock:
+            if part.start == part.end:
+                return 0, 0
+            return part.appended - self._index_at(part, part.start)[1], part.end - part.start
+
+    # -- consumer offsets --------------------------------------------------------------
+
+    def commit(self, partition: str, consumer: str, offset: int) -> None:
+        """Durably record ``offset`` (NO_OFFSET .. end_offset-1) as processed by ``consumer``."""
+        self._writable()
+        check_partition_name(consumer)
+        part = self._part(partition)
+        with part.lock:
+            self._alive(part)
+            if not NO_OFFSET <= offset < part.end:
+                raise OffsetOutOfRange(offset=offset, start=NO_OFFSET, end=part.end)
+            self._cf["consumers"].put(part.prefix + consumer.encode("ascii"), _I64.pack(offset), self._write_opt)
+
+    def committed(self, partition: str, consumer: str) -> int:
+        check_partition_name(consumer)
+        part = self._part(partition)
+        stored = self._cf["consumers"].get(part.prefix + consumer.encode("ascii"))
+        return NO_OFFSET if stored is None else _I64.unpack(stored)[0]
+
+    def consumers(self, partition: str) -> dict[str, int]:
+        part = self._part(partition)
+        lower, upper = part.bounds()
+        bound = rocksdict.ReadOptions()
+        bound.set_iterate_upper_bound(upper)
+        return {key[len(lower):].decode("ascii"): _I64.unpack(value)[0]
+                for key, value in self._cf["consumers"].items(from_key=lower, read_opt=bound)}
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise UsageError(detail=f"the log {self.path} is open read-only")
+
+    def _refresh(self) -> None:
+        """Fail when closed; a reader first catches up with the writing process."""
+        if self._db is None:
+            raise UsageError(detail=f"the log {self.path} is closed")
+        if self.readonly:
+            self._db.try_catch_up_with_primary()
+
+    def _part(self, partition: str) -> _Partition:
+        self._refresh()
+        part = self._parts.get(partition)
+        if self.readonly:
+            meta = self._cf["partitions"].get(check_partition_name(partition).encode("ascii"))
+            if meta is None:
+                raise NotFound(what="partition", name=partition)
+            if part is None:
+                part = self._parts.setdefault(partition, _Partition(partition, meta))
+            with part.lock:
+                part.load(meta)
+            return part
+        if part is None:
+            raise NotFound(what="partition", name=check_partition_name(partition))
+        return part
+
+    @staticmethod
+    def _alive(part: _Partition) -> None:
+        """Under ``part.lock``: the partition was not dropped since it was looked up."""
+        if part.dropped:
+            raise NotFound(what="partition", name=part.name)
+
+    def _index_at(self, part: _Partition, offset: int) -> tuple[int, int]:
+        stored = self._cf["index"].get(part.key(offset))
+        if stored is None or len(stored) != _INDEX.size:
+            raise CorruptRecord(reason=f"partition {part.name}: index entry of offset {offset} is missing or damaged")
+        return _INDEX.unpack(stored)
+
+    def _missing(self, part: _Partition, offset: int):
+        """A record the metadata promises is absent: truncated meanwhile, or lost."""
+        current = self._part(part.name)
+        if offset < current.start:
+            raise OffsetOutOfRange(offset=offset, start=current.start, end=current.end)
+        raise CorruptRecord(reason=f"partition {part.name}: record {offset} is missing")
+
+
+def _unseal(part: _Partition, offset: int, stored: bytes) -> LogRecord:
+    try:
+        body = frame.unseal(stored)
+    except CorruptRecord as exc:
+        raise CorruptRecord(reason=f"partition {part.name} offset {offset}: {exc.params['reason']}") from exc
+    if len(body) < _I64.size:
+        raise CorruptRecord(reason=f"partition {part.name} offset {offset}: no timestamp")
+    return LogRecord(offset, _I64.unpack_from(body)[0], body[_I64.size:])
