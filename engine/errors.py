@@ -104,3 +104,10 @@ class QueueFull(DtError):
 class BackendUnavailable(DtError):
     template = "{backend} is unavailable: {detail}"
     msgid = "DT-E014"
+
+
+class InvalidEvent(DtError):
+    """An event that can never be applied as it stands (not a transient failure)."""
+
+    template = "event cannot be applied: {reason}"
+    msgid = "DT-E015"
