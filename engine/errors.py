@@ -111,3 +111,15 @@ class InvalidEvent(DtError):
 
     template = "event cannot be applied: {reason}"
     msgid = "DT-E015"
+
+
+class NotAuthorized(DtError):
+    """The control API refused a caller (DESIGN invariant 6, least privilege)."""
+
+    template = "{who} may not {op}: {reason}"
+    msgid = "DT-E016"
+
+
+class AlreadyRunning(DtError):
+    template = "{what} is already running (pid {pid}): {hint}"
+    msgid = "DT-E017"
