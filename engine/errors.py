@@ -123,3 +123,11 @@ class NotAuthorized(DtError):
 class AlreadyRunning(DtError):
     template = "{what} is already running (pid {pid}): {hint}"
     msgid = "DT-E017"
+
+
+class OutsideHistory(DtError):
+    """A point (offset or time) that tail, history or restore cannot reach: after the end of
+    the log, or older than both the oldest snapshot and the oldest retained record."""
+
+    template = "{point} is outside the reachable history: {reason} (reachable: {reachable})"
+    msgid = "DT-E018"
