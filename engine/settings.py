@@ -50,6 +50,10 @@ class Settings(BaseModel):
     orphans_action: Literal["off", "delete", "move"] = Field("off", description="What a mirror or verify does with orphans on the target")
     orphans_move_to: str | None = Field(None, description="Folder outside the set that moved orphans go to")
     orphans_older_than_s: int = Field(0, ge=0, description="Only orphans not modified for this many seconds")
+    snapshot_interval_s: int = Field(0, ge=0, description="Take a scheduled target snapshot this often; 0 turns scheduled snapshots off")
+    snapshot_max_count: int = Field(30, ge=1, le=1000, description="Keep at most this many snapshots per connection; the oldest go first")
+    snapshot_max_age_s: int | None = Field(None, ge=0, description="Delete snapshots older than this (the newest is always kept); None keeps them by count only")
+    snapshot_dir: str | None = Field(None, description="Where snapshots live (one folder per connection below it); None puts them beside the target root, on its filesystem, so they can be copy-on-write")
 
     @field_validator("log")
     @classmethod
