@@ -131,3 +131,10 @@ class OutsideHistory(DtError):
 
     template = "{point} is outside the reachable history: {reason} (reachable: {reachable})"
     msgid = "DT-E018"
+
+
+class CaptureFailed(DtError):
+    """A capture backend could not start or stop (mount refused, module missing...)."""
+
+    template = "capture {backend} on {root} failed: {detail}"
+    msgid = "DT-E019"
