@@ -153,11 +153,12 @@ class ReplicationSet:
         return common
 
     def relpath(self, abs_path: str) -> str:
-        """The event path of ``abs_path`` ('.' for the root); PathEscapes if outside it."""
+        """The event path of ``abs_path`` ('' for the root itself, as engine/tree.py writes
+        it); PathEscapes if outside the root."""
         path = normalise(os.fsdecode(abs_path))
         if not is_within(path, self.root):
             raise PathEscapes(path=path, reason=f"outside the root {self.root} of replication set {self.name}")
-        return "." if path == self.root else path[len(self.root):].lstrip("/")
+        return path[len(self.root):].lstrip("/")
 
     def abspath(self, rel_path: str) -> str:
         """The absolute source path of an event path; PathEscapes if it would leave the root."""
