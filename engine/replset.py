@@ -5,8 +5,8 @@ they select) and the generation it was loaded at. Changing a set makes a new val
 (``with_rule``, ``without_rule``) that ``SetStore.save`` stores as generation + 1.
 
 Invariants:
-- Names are 1-64 characters without . ? < > : " \\ / * |, control characters or invalid
-  Unicode, so a name is also a safe file name.
+- Names are 1-64 characters (and at most 250 bytes of UTF-8) without . ? < > : " \\ / * |,
+  control characters or invalid Unicode, so a name is also a safe file name.
 - Generations only grow. A save names the generation it was prepared from and is refused
   (StaleGeneration) if the stored set has moved on: two operators cannot silently
   overwrite each other's rules.
@@ -52,6 +52,7 @@ from .rules import RuleSet, check_rule, is_within, normalise, skip_long_path
 log = logs.get(__name__)
 
 NAME_MAX_CHARS = 64
+NAME_MAX_BYTES = 250  # the name is a file name: NAME_MAX (255) minus the suffix
 ILLEGAL_NAME_CHARS = '.?<>:"\\/*|'
 EXPORT_FORMAT = "datatether-replication-set"
 EXPORT_VERSION = 1
@@ -73,9 +74,11 @@ def validate_name(name: str) -> str:
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         raise InvalidName(name=name, reason="control characters (such as newline or tab) are not allowed")
     try:
-        name.encode("utf-8")
+        encoded = name.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidName(name=name, reason="it is not valid UTF-8 text") from None
+    if len(encoded) > NAME_MAX_BYTES:
+        raise InvalidName(name=name, reason=f"at most {NAME_MAX_BYTES} bytes in UTF-8 (this one has {len(encoded)})")
     return name
 
 

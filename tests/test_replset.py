@@ -41,7 +41,7 @@ def test_name_length_and_other_refusals():
     assert ReplicationSet("x" * 64).name == "x" * 64
     assert ReplicationSet("Données clients -2").name == "Données clients -2"
     for bad, reason in [("", "needs a name"), ("x" * 65, "at most 64"), ("a\nb", "control"),
-                        ("a\udcffb", "UTF-8")]:
+                        ("a\udcffb", "UTF-8"), ("\U0001F600" * 63, "at most 250 bytes")]:
         with pytest.raises(InvalidName, match=reason):
             ReplicationSet(bad)
     with pytest.raises(InvalidName):  # never a path in the store
