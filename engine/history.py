@@ -109,10 +109,10 @@ def parse_point(text: str) -> Point:
 @dataclass(frozen=True, slots=True)
 class Anchor:
     """A state known without the log: a snapshot containing every event up to ``offset``,
-    the last of which has time ``time_ns``."""
+    the last of which has time ``time_ns`` (None when unknown)."""
 
     offset: int
-    time_ns: int
+    time_ns: int | None
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def _offset_at_time(log_: Log, partition: str, time_ns: int, r: Reach) -> int:
     # Every retained record is later than the time: the answer lies among dropped records.
     # An anchor right before the retained ones pins it; others leave it unknown.
     for anchor in r.anchors:
-        if anchor.offset == r.start - 1 and anchor.time_ns <= time_ns:
+        if anchor.offset == r.start - 1 and anchor.time_ns is not None and anchor.time_ns <= time_ns:
             return anchor.offset
     raise OutsideHistory(point=f"time {format_time(time_ns)}",
                          reason="it is older than the retained history and no snapshot pins it",

@@ -30,3 +30,79 @@ def corrupt_embedded(log, partition: str, offset: int) -> None:
     damaged = bytearray(records[key])
     damaged[-1] ^= 0x01
     records[key] = bytes(damaged)
+
+
+def tree_state(root) -> dict:
+    """Everything restore and snapshots must keep, per relative path: type, mode, owner,
+    mtime, content or link target, extended attributes and which paths share an inode."""
+    import os
+    import stat
+    from pathlib import Path
+
+    root = Path(root)
+    state, inodes = {}, {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder, name)
+            rel = str(path.relative_to(root))
+            st = path.lstat()
+            entry = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid}
+            if stat.S_ISREG(st.st_mode):
+                entry["data"] = path.read_bytes()
+                entry["mtime"] = st.st_mtime_ns
+                inodes.setdefault(st.st_ino, []).append(rel)
+                entry["inode"] = st.st_ino
+            elif stat.S_ISLNK(st.st_mode):
+                entry["target"] = os.readlink(path)
+            else:
+                entry["mtime"] = st.st_mtime_ns
+            if not stat.S_ISLNK(st.st_mode):
+                entry["xattrs"] = {n: os.getxattr(path, n) for n in sorted(os.listxattr(path))}
+            state[rel] = entry
+    for entry in state.values():  # hard links inside the tree (not to other trees) count
+        group = inodes.get(entry.pop("inode", None), [])
+        if len(group) > 1:
+            entry["links"] = min(group)
+    return state
+
+
+def files(root) -> dict[str, bytes]:
+    """Relative path -> content of each regular file (directories as None)."""
+    import os
+    from pathlib import Path
+
+    out = {}
+    for folder, dirs, names in os.walk(root):
+        for d in dirs:
+            out[str(Path(folder, d).relative_to(root))] = None
+        for n in names:
+            p = Path(folder, n)
+            out[str(p.relative_to(root))] = p.read_bytes() if not p.is_symlink() else ("->", os.readlink(p))
+    return out
+
+
+def loop_filesystem(tmp_path, fstype: str, size_mb: int):
+    """A context manager mounting a fresh ``fstype`` filesystem image; yields its mount point."""
+    import contextlib
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import need
+
+    @contextlib.contextmanager
+    def mounted():
+        mkfs = shutil.which(f"mkfs.{fstype}")
+        need(os.geteuid() == 0 and mkfs is not None, f"root and mkfs.{fstype} (loop-mounted {fstype})",
+             f"tools/install.sh --test (Debian package {'xfsprogs' if fstype == 'xfs' else fstype + '-progs'})")
+        image, mnt = tmp_path / f"{fstype}.img", tmp_path / f"{fstype}-mnt"
+        with open(image, "wb") as f:
+            f.truncate(size_mb << 20)
+        subprocess.run([mkfs, "-q", str(image)], check=True, capture_output=True)
+        mnt.mkdir()
+        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    return mounted()
