@@ -14,7 +14,7 @@ from conftest import need
 from datatether.engine import codec
 from datatether.engine.errors import (AlreadyExists, CorruptRecord, InvalidName, InvalidRule, NotFound,
                                       Overlap, PathEscapes, StaleGeneration, UsageError)
-from datatether.engine.events import Event, Rule
+from datatether.engine.events import Event
 from datatether.engine.replset import (ILLEGAL_NAME_CHARS, ReplicationSet, SetSize, SetStore,
                                        calculate_size, check_no_overlap, overlapping_sets, walk)
 from datatether.engine.rules import PATH_MAX_BYTES, parse_rule
