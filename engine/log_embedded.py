@@ -58,7 +58,7 @@ import rocksdict
 
 from . import frame, logs
 from .errors import BackendUnavailable, CorruptRecord, NotFound, OffsetOutOfRange, UsageError
-from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, LogRecord, check_partition_name
+from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, Log, LogRecord, check_partition_name
 from .offsets import NO_OFFSET
 
 log = logs.get(__name__)
@@ -99,7 +99,7 @@ class _Partition:
         return self.prefix, self.prefix[:-1] + b"\x01"
 
 
-class EmbeddedLog:
+class EmbeddedLog(Log):
     """A ``Log`` in one RocksDB directory. Use as a context manager or call ``close``."""
 
     def __init__(self, path: str | Path, sync: bool = False, *, _secondary: Path | None = None):
@@ -395,8 +395,10 @@ class EmbeddedLog:
     def _missing(self, part: _Partition, offset: int):
         """A record the metadata promises is absent: truncated meanwhile, or lost."""
         current = self._part(part.name)
-        if offset < current.start:
-            raise OffsetOutOfRange(offset=offset, start=current.start, end=current.end)
+        with current.lock:  # a truncation in progress has written the batch, maybe not start
+            start, end = current.start, current.end
+        if offset < start:
+            raise OffsetOutOfRange(offset=offset, start=start, end=end)
         raise CorruptRecord(reason=f"partition {part.name}: record {offset} is missing")
 
 

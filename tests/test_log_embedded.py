@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 from contract.log_contract import LogContract, values
@@ -74,6 +75,36 @@ def test_a_record_missing_inside_the_log_is_corruption_not_a_gap(log):
         log.read("p", 0)
     with pytest.raises(CorruptRecord):
         log.read("p", 2)
+
+
+def test_reads_racing_truncation_see_out_of_range_never_corruption(log):
+    """A read whose start is truncated between its range check and its iterator must not
+    mistake the vanished records for lost ones."""
+    log.append("p", values(1000))
+
+    def truncate() -> None:
+        for offset in range(1000):
+            log.truncate_before("p", offset)
+
+    def read_from_start() -> None:
+        start = log.start_offset("p")
+        try:
+            records = log.read("p", start, max_records=50)
+        except OffsetOutOfRange:
+            return
+        assert [r.offset for r in records] == list(range(start, start + len(records)))
+
+    truncator = threading.Thread(target=truncate)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # interleave the two threads as finely as possible
+    try:
+        truncator.start()
+        while truncator.is_alive():
+            read_from_start()
+    finally:
+        sys.setswitchinterval(interval)
+        truncator.join()
+    assert [r.offset for r in log.read("p", 999)] == [999]
 
 
 def test_a_partition_created_again_after_drop_starts_empty(log):
