@@ -25,3 +25,7 @@ def need(condition: bool, what: str, install_hint: str) -> None:
 def fuse_available():
     need(os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None,
          "FUSE (/dev/fuse and fusermount3)", "tools/install.sh (Debian package fuse3)")
+
+
+# The session's Kafka broker (tests/kafka_fixture.py), imported here so all modules share one.
+from kafka_fixture import kafka_broker  # noqa: E402,F401
