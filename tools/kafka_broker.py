@@ -199,6 +199,14 @@ class Broker:
         self._wait_gone(STOP_TIMEOUT_S)
         (self.dir / "broker.pid").unlink(missing_ok=True)
 
+    def restart(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Stop this broker if it runs, start it again on the same dir and port, and follow
+        the new process (crash tests: ``kill()`` then ``restart()``)."""
+        if self.running():
+            self.stop()
+        fresh = start(self.dir, self.port, timeout_s=timeout_s)
+        self.pid, self.process = fresh.pid, fresh.process
+
     def _signal(self, sig: int) -> None:
         if not self.running():
             return

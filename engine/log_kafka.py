@@ -1,0 +1,623 @@
+"""The Kafka ``Log`` backend: each partition is a topic of an Apache Kafka cluster.
+
+It implements the contract of engine/log.py (and passes tests/contract/log_contract.py);
+this docstring adds what is specific to Kafka.
+
+Mapping
+-------
+==========================  =============================================================
+Log                         Kafka
+==========================  =============================================================
+partition ``P``             topic ``<prefix>P`` with exactly one Kafka partition, so the
+                            order of records is total; created and deleted through the
+                            admin client, never implicitly (auto-creation is off in every
+                            client this backend opens)
+offset                      the Kafka offset (dense: no transactions, no compaction)
+record value                ``frame.seal(payload)``, the checksummed frame of engine/frame.py
+record timestamp            Kafka CreateTime in ms; the exact ns value in a header
+consumer ``C`` of ``P``     the committed offset of consumer group ``<prefix>P:C`` on the
+                            topic. Kafka stores the *next* offset to read, so it holds
+                            ``committed + 1`` (0 for NO_OFFSET). ':' cannot occur in a
+                            partition name, so no two (partition, consumer) pairs share a
+                            group, and Kafka's own tools show every consumer's lag.
+truncate_before             DeleteRecords (moves the topic's log start offset)
+==========================  =============================================================
+
+Record headers (ASCII values), so that any Kafka consumer can find and decode the stream:
+
+- ``dt-frame``: the frame version of engine/frame.py ("1").
+- ``dt-schema``: what the payload is, ``datatether.event/v<N>`` for events (engine/codec.py;
+  the payload's first byte names the exact writer schema version).
+- ``dt-time-ns``: the record timestamp in ns (the Kafka timestamp is that value in ms; a
+  header that disagrees with it makes the record corrupt).
+- ``dt-bytes-before``: payload bytes appended to the partition before this record, so
+  ``size`` reads two records instead of every retained one.
+
+Writing
+-------
+One idempotent producer per KafkaLog (``acks=all``, zstd). ``append`` produces the whole
+batch, flushes, and takes offsets from the delivery reports. The batch lands on consecutive
+offsets because one producer writes it in order to one Kafka partition while a lock per
+partition keeps other appends of this KafkaLog out: **a partition has one writing KafkaLog
+at a time** (the source of its connection). ``append`` checks the delivered offsets and
+raises rather than report a batch that someone else interleaved. ``append`` is durable on
+return as far as ``acks=all`` goes: every in-sync replica has the records (Kafka does not
+fsync per record; a single-broker cluster keeps them in the page cache, which survives the
+broker being killed but not a power loss). If the cluster cannot be reached for
+``delivery_timeout_s``, ``append`` raises BackendUnavailable; some of the batch may have
+been appended (``end_offset`` says how far it got). Timestamps never decrease within a
+partition: an append older than the previous record takes the previous record's time.
+
+Reading
+-------
+A single consumer with manual assignment reads (no group membership, no rebalancing, no
+automatic commits); a read that continues where the previous one stopped reuses what the
+client already fetched. ``auto.offset.reset=error``: a record removed by retention is an
+OffsetOutOfRange, never a silent jump. Two checks guard every record: Kafka's CRC32C of the
+batch (``check.crcs``; a damaged batch, e.g. a bad disk under the broker, makes every
+record in it CorruptRecord) and the frame's blake3 digest of the payload (damage anywhere
+between the appending process and the reader).
+
+Retention
+---------
+Topics are created with time and size retention from the constructor (``retention_s``,
+``retention_bytes``: the product's history window); both default to unlimited, so only
+``truncate_before`` removes records. Kafka's own retention deletes whole segments by age or
+size regardless of consumers; a consumer that falls behind it gets OffsetOutOfRange.
+Kafka expires committed offsets of a group without members after
+``offsets.retention.minutes`` (7 days by default): clusters that hold paused consumers
+longer should raise it (the project's test broker keeps them a year).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+from confluent_kafka import (OFFSET_INVALID, TIMESTAMP_CREATE_TIME, Consumer, ConsumerGroupTopicPartitions,
+                             KafkaError,
+                             KafkaException, Message, Producer, TopicPartition)
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from . import codec, frame, logs
+from .errors import (BackendUnavailable, CorruptRecord, InvalidName, NotFound, OffsetOutOfRange,
+                     UsageError)
+from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, LogRecord, check_partition_name
+from .offsets import NO_OFFSET
+
+log = logs.get(__name__)
+
+EVENT_SCHEMA = f"datatether.event/v{codec.CURRENT_VERSION}"
+HEADER_FRAME = "dt-frame"
+HEADER_SCHEMA = "dt-schema"
+HEADER_TIME = "dt-time-ns"
+HEADER_BYTES_BEFORE = "dt-bytes-before"
+GROUP_SEPARATOR = ":"  # never in a partition name: groups are unambiguous
+MAX_RECORD_BYTES = 16 << 20  # largest payload one record may carry
+_BATCH_SLACK = 64 << 10  # room for Kafka's batch and header overhead above one payload
+POLL_S = 0.02  # how often wait() asks for the end offset
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{0,40}$")
+_GONE = {KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART}
+_DAMAGED = {KafkaError._BAD_MSG, KafkaError._BAD_COMPRESSION}  # failed CRC32C, undecodable batch
+_NS_PER_MS = 1_000_000
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """Where the next append of one partition continues (cached per KafkaLog)."""
+
+    end: int
+    last_ts: int
+    appended: int  # payload bytes appended before offset ``end``
+
+
+class KafkaLog:
+    """A ``Log`` on a Kafka cluster. Use as a context manager or call ``close``.
+
+    ``config`` holds extra client properties for every client (librdkafka names, for
+    example ``**{"security.protocol": "SSL"}``). ``replication_factor=-1`` takes the
+    cluster's default for new topics.
+    """
+
+    def __init__(self, bootstrap: str, *, topic_prefix: str = "dt.", retention_s: int | None = None,
+                 retention_bytes: int | None = None, replication_factor: int = -1,
+                 schema: str = EVENT_SCHEMA, timeout_s: float = 30.0, delivery_timeout_s: float = 120.0,
+                 **config: str):
+        if not _TOPIC_PREFIX.match(topic_prefix):
+            raise InvalidName(name=topic_prefix, reason="a topic prefix uses letters, digits, '.', '_' and '-' (0-40)")
+        self.bootstrap = bootstrap
+        self.prefix = topic_prefix
+        self._backend = f"Kafka at {bootstrap}"
+        self._schema = schema.encode()
+        self._timeout_s = timeout_s
+        self._replication = replication_factor
+        self._topic_config = {
+            "cleanup.policy": "delete",
+            "retention.ms": str(-1 if retention_s is None else retention_s * 1000),
+            "retention.bytes": str(-1 if retention_bytes is None else retention_bytes),
+            "message.timestamp.type": "CreateTime",
+            # Kafka 4 refuses timestamps more than an hour ahead by default; the Log takes any.
+            "message.timestamp.after.max.ms": str(2**63 - 1),
+            "max.message.bytes": str(MAX_RECORD_BYTES + _BATCH_SLACK),
+        }
+        common = {"bootstrap.servers": bootstrap, "allow.auto.create.topics": False, **config}
+        self._admin = AdminClient(common)
+        self._producer = Producer({
+            **common, "enable.idempotence": True, "acks": "all", "compression.type": "zstd",
+            "linger.ms": 2, "message.timeout.ms": int(delivery_timeout_s * 1000),
+            "message.max.bytes": MAX_RECORD_BYTES + _BATCH_SLACK})
+        self._reader = Consumer({
+            **common, "group.id": f"{topic_prefix}reader", "enable.auto.commit": False,
+            "enable.auto.offset.store": False, "auto.offset.reset": "error", "check.crcs": True,
+            "fetch.wait.max.ms": 10, "queued.max.messages.kbytes": 32768})
+        self._closed = False
+        self._read_lock = threading.Lock()
+        self._reader_next: tuple[str, int] | None = None  # what the reader's queue holds next
+        self._append_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._tails: dict[str, _Tail] = {}
+        log.info("log opened", msgid="DT-K101", bootstrap=bootstrap, prefix=topic_prefix)
+
+    # -- context manager ---------------------------------------------------------------
+
+    def __enter__(self) -> KafkaLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the clients; further calls raise UsageError. Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        self._producer.flush(self._timeout_s)
+        with self._read_lock:
+            self._reader.close()
+        # The clients keep connections (and reconnect attempts) until they are freed.
+        self._producer = self._admin = None
+        log.info("log closed", msgid="DT-K102", bootstrap=self.bootstrap)
+
+    # -- partitions --------------------------------------------------------------------
+
+    def ensure_partition(self, partition: str) -> None:
+        topic = self._topic(partition)
+        future = self._admin.create_topics(
+            [NewTopic(topic, 1, self._replication, config=self._topic_config)],
+            request_timeout=self._timeout_s)[topic]
+        try:
+            future.result()
+            log.info("partition created", msgid="DT-K103", topic=topic)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise self._unavailable(f"creating topic {topic}", exc) from exc
+        self._until(lambda: self._present(topic), f"topic {topic} to appear")
+
+    def drop_partition(self, partition: str) -> None:
+        topic = self._topic(partition)
+        self._watermarks(topic, partition)  # NotFound when absent
+        groups = list(self._groups(topic))
+        # The topic first: Kafka drops the groups' offsets on it with it, so even a failed
+        # group deletion below cannot resurrect offsets for a later topic of the same name.
+        self._wait(self._admin.delete_topics([topic], operation_timeout=self._timeout_s)[topic],
+                   f"deleting topic {topic}", ignore={KafkaError.UNKNOWN_TOPIC_OR_PART})
+        if groups:
+            for group, future in self._admin.delete_consumer_groups(groups, request_timeout=self._timeout_s).items():
+                self._wait(future, f"deleting consumer group {group}", ignore={KafkaError.GROUP_ID_NOT_FOUND})
+        with self._append_locks[topic]:
+            self._tails.pop(topic, None)
+        with self._read_lock:
+            if self._reader_next and self._reader_next[0] == topic:
+                self._reader.unassign()
+                self._reader_next = None
+        self._until(lambda: not self._present(topic), f"topic {topic} to disappear")
+        log.info("partition dropped", msgid="DT-K104", topic=topic)
+
+    def partitions(self) -> list[str]:
+        self._check_open()
+        topics = self._metadata().topics
+        names = (topic[len(self.prefix):] for topic in topics if topic.startswith(self.prefix))
+        return sorted(name for name in names if _valid_name(name))
+
+    # -- records -----------------------------------------------------------------------
+
+    def append(self, partition: str, values: Sequence[bytes], timestamp_ns: int | None = None) -> int:
+        """Append ``values`` on consecutive offsets; return the first. Durable on return."""
+        if isinstance(values, (bytes, bytearray, memoryview)):
+            raise UsageError(detail="append takes a sequence of values, not one bytes object")
+        topic = self._topic(partition)
+        stamp = time.time_ns() if timestamp_ns is None else int(timestamp_ns)
+        with self._append_locks[topic]:
+            tail = self._tail(topic, partition)
+            if not values:
+                return tail.end
+            stamp = max(stamp, tail.last_ts)
+            delivered: list[Message | None] = [None] * len(values)
+            appended = tail.appended
+            for index, value in enumerate(values):
+                self._produce(topic, value, stamp, appended, delivered, index)
+                appended += len(value)
+            self._producer.flush()  # bounded by message.timeout.ms (delivery_timeout_s)
+            self._tails.pop(topic, None)  # re-read from the topic unless all is as planned
+            self._check_delivered(topic, delivered, tail.end)
+            self._tails[topic] = _Tail(tail.end + len(values), stamp, appended)
+        return tail.end
+
+    def read(self, partition: str, start: int, max_records: int = DEFAULT_READ_RECORDS,
+             max_bytes: int = DEFAULT_READ_BYTES) -> list[LogRecord]:
+        topic = self._topic(partition)
+        low, high = self._watermarks(topic, partition)
+        if start < low or start > high:
+            raise OffsetOutOfRange(offset=start, start=low, end=high)
+        stop = min(high, start + max(1, max_records))
+        if start == stop:
+            return []
+        messages = self._fetch(topic, partition, start, stop, max_bytes, more=stop < high)
+        return [_record(partition, message) for message in messages]
+
+    def wait(self, partition: str, offset: int, timeout_s: float) -> bool:
+        topic = self._topic(partition)
+        deadline = time.monotonic() + timeout_s
+        while self._watermarks(topic, partition)[1] <= offset:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(remaining, POLL_S))
+        return True
+
+    def start_offset(self, partition: str) -> int:
+        return self._watermarks(self._topic(partition), partition)[0]
+
+    def end_offset(self, partition: str) -> int:
+        return self._watermarks(self._topic(partition), partition)[1]
+
+    def offset_for_time(self, partition: str, timestamp_ns: int) -> int:
+        """Kafka finds the ms; the ns headers settle the records of that one ms."""
+        topic = self._topic(partition)
+        low, high = self._watermarks(topic, partition)
+        first_ms = timestamp_ns // _NS_PER_MS
+        # Every record before ``lower`` is older than first_ms; every one from ``upper`` on is
+        # at least a ms newer, hence >= timestamp_ns. Timestamps never decrease (append).
+        lower = max(low, self._offset_at_ms(topic, first_ms, high))
+        upper = max(lower, self._offset_at_ms(topic, first_ms + 1, high))
+        while lower < upper:
+            middle = (lower + upper) // 2
+            if _timestamp_ns(self._one(topic, partition, middle)) >= timestamp_ns:
+                upper = middle
+            else:
+                lower = middle + 1
+        return lower
+
+    def truncate_before(self, partition: str, offset: int) -> None:
+        topic = self._topic(partition)
+        low, high = self._watermarks(topic, partition)
+        new_start = min(offset, high)
+        if new_start <= low:
+            return
+        future = self._admin.delete_records([TopicPartition(topic, 0, new_start)],
+                                            request_timeout=self._timeout_s,
+                                            operation_timeout=self._timeout_s)
+        for future in future.values():
+            self._wait(future, f"deleting records of {topic} below {new_start}")
+        log.info("log truncated", msgid="DT-K105", topic=topic, start=new_start)
+
+    def size(self, partition: str) -> tuple[int, int]:
+        """Payload bytes retained, from the byte counters of the first and last record."""
+        topic = self._topic(partition)
+        low, high = self._watermarks(topic, partition)
+        if low == high:
+            return 0, 0
+        last = self._one(topic, partition, high - 1)
+        retained = (_bytes_before(partition, last) + _payload_len(last)
+                    - _bytes_before(partition, self._one(topic, partition, low)))
+        if retained < 0:
+            raise CorruptRecord(reason=f"partition {partition}: byte counters of offsets {low} and "
+                                f"{high - 1} disagree (written by another producer?)")
+        return retained, high - low
+
+    # -- consumer offsets --------------------------------------------------------------
+
+    def commit(self, partition: str, consumer: str, offset: int) -> None:
+        """Durably record ``offset`` (NO_OFFSET .. end_offset-1) as processed by ``consumer``."""
+        check_partition_name(consumer)
+        topic = self._topic(partition)
+        high = self._watermarks(topic, partition)[1]
+        if not NO_OFFSET <= offset < high:
+            raise OffsetOutOfRange(offset=offset, start=NO_OFFSET, end=high)
+        group = self._group(topic, consumer)
+        request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0, offset + 1)])
+        result = self._wait(self._admin.alter_consumer_group_offsets(
+            [request], request_timeout=self._timeout_s)[group], f"committing offset of {group}")
+        for tp in result.topic_partitions:
+            if tp.error is not None:
+                raise BackendUnavailable(backend=self._backend, detail=f"committing offset of {group}: {tp.error}")
+
+    def committed(self, partition: str, consumer: str) -> int:
+        check_partition_name(consumer)
+        topic = self._topic(partition)
+        self._watermarks(topic, partition)  # NotFound when absent
+        return self._group_offsets(topic, [self._group(topic, consumer)]).get(consumer, NO_OFFSET)
+
+    def consumers(self, partition: str) -> dict[str, int]:
+        topic = self._topic(partition)
+        self._watermarks(topic, partition)  # NotFound when absent
+        return self._group_offsets(topic, list(self._groups(topic)))
+
+    # -- internals: names and clients --------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(detail=f"the Kafka log at {self.bootstrap} is closed")
+
+    def _topic(self, partition: str) -> str:
+        self._check_open()
+        return self.prefix + check_partition_name(partition)
+
+    def _group(self, topic: str, consumer: str) -> str:
+        return f"{topic}{GROUP_SEPARATOR}{consumer}"
+
+    def _unavailable(self, what: str, exc: Exception) -> BackendUnavailable:
+        return BackendUnavailable(backend=self._backend, detail=f"{what}: {exc}")
+
+    def _wait(self, future, what: str, ignore: frozenset | set = frozenset()):
+        """The result of an admin future; Kafka errors in ``ignore`` count as success."""
+        try:
+            return future.result(timeout=self._timeout_s)
+        except KafkaException as exc:
+            if exc.args[0].code() in ignore:
+                return None
+            raise self._unavailable(what, exc) from exc
+        except TimeoutError as exc:
+            raise self._unavailable(what, exc) from exc
+
+    def _until(self, condition, what: str) -> None:
+        deadline = time.monotonic() + self._timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise BackendUnavailable(backend=self._backend, detail=f"timed out waiting for {what}")
+            time.sleep(POLL_S)
+
+    def _metadata(self, topic: str | None = None):
+        try:
+            return self._admin.list_topics(topic=topic, timeout=self._timeout_s)
+        except KafkaException as exc:
+            raise self._unavailable("reading cluster metadata", exc) from exc
+
+    def _present(self, topic: str) -> bool:
+        """The topic exists and its partition has a leader (it can take appends)."""
+        found = self._metadata(topic).topics.get(topic)
+        return (found is not None and found.error is None and 0 in found.partitions
+                and found.partitions[0].leader >= 0)
+
+    def _watermarks(self, topic: str, partition: str, refreshed: bool = False) -> tuple[int, int]:
+        """(start, end) offsets of the topic; NotFound when it does not exist."""
+        try:
+            return self._reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=self._timeout_s,
+                                                      cached=False)
+        except KafkaException as exc:
+            if exc.args[0].code() not in _GONE:
+                raise self._unavailable(f"reading the offsets of {topic}", exc) from exc
+            if not refreshed and self._reader_knows(topic):
+                return self._watermarks(topic, partition, refreshed=True)
+            raise NotFound(what="partition", name=partition) from exc
+        except RuntimeError as exc:  # the reader was closed by another thread
+            self._check_open()
+            raise self._unavailable(f"reading the offsets of {topic}", exc) from exc
+
+    def _reader_knows(self, topic: str) -> bool:
+        """Refresh the reader's metadata of ``topic`` (its cache may predate the topic's
+        creation by another client) and tell whether the topic exists."""
+        try:
+            found = self._reader.list_topics(topic=topic, timeout=self._timeout_s).topics.get(topic)
+        except KafkaException as exc:
+            raise self._unavailable("reading cluster metadata", exc) from exc
+        return found is not None and found.error is None
+
+    # -- internals: writing ------------------------------------------------------------
+
+    def _tail(self, topic: str, partition: str) -> _Tail:
+        """Under the append lock: the cached tail if the topic still ends there, else the
+        tail as the topic's last record tells it (another KafkaLog may have appended)."""
+        low, high = self._watermarks(topic, partition)
+        cached = self._tails.get(topic)
+        if cached is not None and cached.end == high:
+            return cached
+        if low == high:  # nothing retained: counters restart, only differences matter
+            return _Tail(high, 0, 0)
+        last = self._one(topic, partition, high - 1)
+        try:
+            return _Tail(high, _timestamp_ns(last), _bytes_before(partition, last) + _payload_len(last))
+        except CorruptRecord as exc:  # a foreign or damaged last record must not block appends
+            log.warning("last record has no usable headers; byte counters restart", msgid="DT-K106",
+                        topic=topic, offset=high - 1, reason=exc.params["reason"])
+            return _Tail(high, _timestamp_ns_of_kafka(last), 0)
+
+    def _produce(self, topic: str, value: bytes, stamp: int, bytes_before: int,
+                 delivered: list, index: int) -> None:
+        def report(error, message, index=index):
+            delivered[index] = error if error is not None else message
+        headers = [(HEADER_FRAME, str(frame.VERSION).encode()), (HEADER_SCHEMA, self._schema),
+                   (HEADER_TIME, str(stamp).encode()), (HEADER_BYTES_BEFORE, str(bytes_before).encode())]
+        while True:
+            try:
+                self._producer.produce(topic, value=frame.seal(bytes(value)), headers=headers,
+                                       timestamp=stamp // _NS_PER_MS, on_delivery=report)
+                return
+            except BufferError:  # the client's queue is full: let it send, then retry
+                self._producer.poll(0.1)
+            except KafkaException as exc:
+                raise self._unavailable(f"appending to {topic}", exc) from exc
+
+    def _check_delivered(self, topic: str, delivered: list, first: int) -> None:
+        for index, outcome in enumerate(delivered):
+            if not isinstance(outcome, Message):
+                raise BackendUnavailable(backend=self._backend, detail=(
+                    f"appending to {topic} failed at value {index} of {len(delivered)}: {outcome}; "
+                    "the values before it may have been appended"))
+            if outcome.offset() != first + index:
+                raise BackendUnavailable(backend=self._backend, detail=(
+                    f"value {index} of an append to {topic} landed at offset {outcome.offset()}, not "
+                    f"{first + index}: another producer writes to it (one writer per partition)"))
+
+    # -- internals: reading ------------------------------------------------------------
+
+    def _fetch(self, topic: str, partition: str, start: int, stop: int, max_bytes: int,
+               more: bool = False) -> list[Message]:
+        """The raw messages ``start .. stop-1`` in order, cut as ``read`` cuts by ``max_bytes``
+        (at least one). A missing record is OffsetOutOfRange if retention removed it
+        meanwhile, else CorruptRecord. ``more``: records follow and the caller will likely
+        ask for them next, so the reader keeps fetching ahead; otherwise it stops fetching
+        (an idle reader must not poll the broker)."""
+        with self._read_lock:
+            self._check_open()
+            if self._reader_next != (topic, start):
+                self._reader.assign([TopicPartition(topic, 0, start)])
+            self._reader_next = None  # unknown unless this fetch ends cleanly
+            messages, ahead = self._consume(topic, partition, start, stop, max_bytes)
+            if more and not ahead:
+                self._reader_next = (topic, start + len(messages))
+            else:
+                self._reader.unassign()
+        return messages
+
+    def _consume(self, topic: str, partition: str, start: int, stop: int,
+                 max_bytes: int) -> tuple[list[Message], bool]:
+        """Under the read lock: the messages, and whether one more was consumed and dropped."""
+        messages: list[Message] = []
+        total = 0
+        deadline = time.monotonic() + self._timeout_s
+        while start + len(messages) < stop:
+            if time.monotonic() > deadline:
+                raise BackendUnavailable(backend=self._backend, detail=(
+                    f"reading {topic} at offset {start + len(messages)}: no answer within "
+                    f"{self._timeout_s:.0f} s"))
+            for message in self._reader.consume(stop - start - len(messages), timeout=POLL_S * 5):
+                expected = start + len(messages)
+                if message.error() is not None:
+                    self._fetch_error(topic, partition, expected, message.error())
+                    continue
+                if message.offset() != expected:
+                    self._missing(topic, partition, expected)
+                size = _payload_len(message)
+                if messages and total + size > max_bytes:
+                    return messages, True
+                messages.append(message)
+                total += size
+                if total >= max_bytes:
+                    return messages, False
+                deadline = time.monotonic() + self._timeout_s
+        return messages, False
+
+    def _fetch_error(self, topic: str, partition: str, expected: int, error: KafkaError) -> None:
+        if error.code() in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
+            self._missing(topic, partition, expected)
+        if error.code() in _DAMAGED:
+            raise CorruptRecord(reason=f"partition {partition}: the Kafka batch holding offset {expected} "
+                                f"is damaged ({error.str()})")
+        if error.fatal() or error.code() in _GONE:
+            raise BackendUnavailable(backend=self._backend, detail=f"reading {topic} at offset {expected}: {error}")
+        # anything else (a broker connection lost, a leader moving) the client retries itself
+
+    def _missing(self, topic: str, partition: str, offset: int):
+        low, high = self._watermarks(topic, partition)
+        if offset < low:
+            raise OffsetOutOfRange(offset=offset, start=low, end=high)
+        raise CorruptRecord(reason=f"partition {partition}: record {offset} is missing")
+
+    def _one(self, topic: str, partition: str, offset: int) -> Message:
+        return self._fetch(topic, partition, offset, offset + 1, MAX_RECORD_BYTES)[0]
+
+    def _offset_at_ms(self, topic: str, ms: int, high: int) -> int:
+        """First offset whose Kafka timestamp is >= ``ms``, else ``high``."""
+        try:
+            found = self._reader.offsets_for_times([TopicPartition(topic, 0, ms)], timeout=self._timeout_s)
+        except KafkaException as exc:
+            raise self._unavailable(f"looking up a time in {topic}", exc) from exc
+        offset = found[0].offset
+        return high if offset < 0 else min(offset, high)
+
+    # -- internals: consumer groups ----------------------------------------------------
+
+    def _groups(self, topic: str):
+        """Ids of the consumer groups named after ``topic`` (those this backend commits)."""
+        listing = self._wait(self._admin.list_consumer_groups(request_timeout=self._timeout_s),
+                             "listing consumer groups")
+        prefix = topic + GROUP_SEPARATOR
+        return (group.group_id for group in listing.valid if group.group_id.startswith(prefix))
+
+    def _group_offsets(self, topic: str, groups: list[str]) -> dict[str, int]:
+        """{consumer: last processed offset} of those ``groups`` that committed on ``topic``."""
+        found = {}
+        for group in groups:  # the client asks about one group per request
+            request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])
+            result = self._wait(self._admin.list_consumer_group_offsets(
+                [request], request_timeout=self._timeout_s)[group], f"reading offsets of {group}",
+                ignore={KafkaError.GROUP_ID_NOT_FOUND})
+            for tp in result.topic_partitions if result else ():
+                if tp.error is None and tp.offset != OFFSET_INVALID and tp.offset >= 0:
+                    found[group[len(topic) + 1:]] = tp.offset - 1
+        return found
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_partition_name(name)
+        return True
+    except InvalidName:
+        return False
+
+
+def _header(message: Message, name: str) -> bytes | None:
+    for key, value in message.headers() or ():
+        if key == name:
+            return value
+    return None
+
+
+def _int_header(partition: str, message: Message, name: str) -> int:
+    raw = _header(message, name)
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise CorruptRecord(reason=f"partition {partition} offset {message.offset()}: "
+                            f"header {name} is missing or not a number") from None
+
+
+def _timestamp_ns_of_kafka(message: Message) -> int:
+    return message.timestamp()[1] * _NS_PER_MS
+
+
+def _timestamp_ns(message: Message) -> int:
+    """The ns timestamp of one of our records, or Kafka's ms one for a record without it."""
+    raw = _header(message, HEADER_TIME)
+    kind, ms = message.timestamp()
+    if raw is None:
+        return ms * _NS_PER_MS
+    try:
+        stamp = int(raw)
+    except ValueError:
+        stamp = None
+    if stamp is None or (kind == TIMESTAMP_CREATE_TIME and stamp // _NS_PER_MS != ms):
+        raise CorruptRecord(reason=f"offset {message.offset()}: header {HEADER_TIME} does not match "
+                            "the record's timestamp")
+    return stamp
+
+
+def _bytes_before(partition: str, message: Message) -> int:
+    return _int_header(partition, message, HEADER_BYTES_BEFORE)
+
+
+def _payload_len(message: Message) -> int:
+    return max(0, len(message.value() or b"") - frame.HEADER_LEN)
+
+
+def _record(partition: str, message: Message) -> LogRecord:
+    try:
+        payload = frame.unseal(message.value() or b"")
+        stamp = _timestamp_ns(message)
+    except CorruptRecord as exc:
+        raise CorruptRecord(reason=f"partition {partition} offset {message.offset()}: {exc.params['reason']}") from exc
+    return LogRecord(message.offset(), stamp, payload)

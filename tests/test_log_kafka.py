@@ -1,0 +1,143 @@
+"""KafkaLog: the Log contract against a real broker (tests/kafka_fixture.py), plus what only
+Kafka brings: a broker killed mid-stream, damage seen through another producer, records
+other Kafka tools can decode, and an unreachable cluster."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from contract.log_contract import LogContract, values
+from kafka_fixture import damage_batch, unique_prefix
+
+from datatether.engine import frame
+from datatether.engine.errors import BackendUnavailable, CorruptRecord
+from datatether.engine.log_kafka import EVENT_SCHEMA, HEADER_SCHEMA, HEADER_TIME, KafkaLog
+from datatether.tools.kafka_broker import free_port
+
+pytestmark = pytest.mark.kafka
+
+
+class TestKafkaLogContract(LogContract):
+    @pytest.fixture
+    def make_log(self, kafka_broker):
+        self.broker = kafka_broker
+        prefix = unique_prefix()
+        return lambda: KafkaLog(kafka_broker.bootstrap, topic_prefix=prefix)
+
+    def corrupt(self, log, partition, offset):
+        damage_batch(self.broker, log.prefix + partition, offset)
+
+
+@pytest.fixture
+def log(kafka_broker):
+    with KafkaLog(kafka_broker.bootstrap, topic_prefix=unique_prefix()) as opened:
+        opened.ensure_partition("p")
+        yield opened
+
+
+def produce_raw(log: KafkaLog, partition: str, value: bytes, headers=None) -> None:
+    """Write one record as any other Kafka producer could (no KafkaLog involved)."""
+    producer = Producer({"bootstrap.servers": log.bootstrap})
+    producer.produce(log.prefix + partition, value=value, headers=headers)
+    assert producer.flush(30) == 0
+
+
+def test_broker_killed_between_appends_loses_nothing(kafka_broker, log):
+    """SIGKILL the broker, append while it is down, restart it: every record is there once,
+    offsets continue without a gap, and committed offsets survive."""
+    log.append("p", values(5, "before"))
+    log.commit("p", "applier", 3)
+    kafka_broker.kill()
+    landed = {}
+    # The idempotent producer holds this batch until the broker is back, then sends it once.
+    during = threading.Thread(target=lambda: landed.setdefault("first", log.append("p", values(3, "down"))))
+    during.start()
+    kafka_broker.restart()
+    during.join(120)
+    assert landed == {"first": 5}
+    assert log.append("p", values(2, "after")) == 8
+    records = log.read("p", 0)
+    assert [r.offset for r in records] == list(range(10))
+    assert [r.value for r in records] == values(5, "before") + values(3, "down") + values(2, "after")
+    assert log.committed("p", "applier") == 3
+
+
+def test_a_damaged_value_from_another_producer_raises_corrupt_record(log):
+    log.append("p", values(2))
+    sealed = bytearray(frame.seal(b"payload"))
+    sealed[-1] ^= 0x01
+    produce_raw(log, "p", bytes(sealed))
+    assert [r.value for r in log.read("p", 0, max_records=2)] == values(2)
+    with pytest.raises(CorruptRecord, match="offset 2"):
+        log.read("p", 2)
+    with pytest.raises(CorruptRecord):
+        log.read("p", 0)
+
+
+def test_a_foreign_record_is_corrupt_and_does_not_block_appends(log):
+    log.append("p", values(1))
+    produce_raw(log, "p", b"not a datatether frame")
+    with pytest.raises(CorruptRecord):
+        log.read("p", 1)
+    assert log.append("p", [b"next"]) == 2
+    assert log.read("p", 2)[0].value == b"next"
+
+
+def test_a_damaged_batch_on_the_broker_disk_fails_its_records_only(kafka_broker, log):
+    log.append("p", values(3, "a"))
+    log.append("p", values(2, "b"))  # a second batch
+    damage_batch(kafka_broker, log.prefix + "p", 1)
+    with pytest.raises(CorruptRecord, match="damaged"):
+        log.read("p", 2)
+    assert [r.value for r in log.read("p", 3)] == values(2, "b")
+
+
+def test_records_decode_with_a_plain_kafka_consumer(log):
+    """Other tools tail the stream: the value is a frame, the headers say what it holds."""
+    log.append("p", [b"event bytes"], timestamp_ns=1_234_567_891)
+    consumer = Consumer({"bootstrap.servers": log.bootstrap, "group.id": "outside-tool",
+                         "enable.auto.commit": False})
+    try:
+        consumer.assign([TopicPartition(log.prefix + "p", 0, 0)])
+        message = consumer.consume(1, timeout=30)[0]
+    finally:
+        consumer.close()
+    headers = dict(message.headers())
+    assert frame.unseal(message.value()) == b"event bytes"
+    assert headers[HEADER_SCHEMA] == EVENT_SCHEMA.encode()
+    assert int(headers[HEADER_TIME]) == 1_234_567_891
+    assert message.timestamp()[1] == 1_234
+
+
+def test_consumers_are_kafka_consumer_groups(log):
+    """Kafka's own tools see each consumer's position (next offset = committed + 1)."""
+    log.append("p", values(4))
+    log.commit("p", "applier", 2)
+    consumer = Consumer({"bootstrap.servers": log.bootstrap, "group.id": log.prefix + "p:applier"})
+    try:
+        [position] = consumer.committed([TopicPartition(log.prefix + "p", 0)], timeout=30)
+    finally:
+        consumer.close()
+    assert position.offset == 3
+
+
+def test_size_is_exactly_the_retained_payload_bytes(log):
+    log.append("p", [b"a" * 10, b"b" * 20])
+    log.append("p", [b"c" * 30])
+    assert log.size("p") == (60, 3)
+    log.truncate_before("p", 1)
+    assert log.size("p") == (50, 2)
+    reopened = KafkaLog(log.bootstrap, topic_prefix=log.prefix)
+    try:  # a new writer continues the byte counters from the topic
+        reopened.append("p", [b"d" * 5])
+        assert reopened.size("p") == (55, 3)
+    finally:
+        reopened.close()
+
+
+def test_an_unreachable_cluster_is_backend_unavailable():
+    with KafkaLog(f"127.0.0.1:{free_port()}", timeout_s=1) as unreachable:
+        with pytest.raises(BackendUnavailable):
+            unreachable.end_offset("p")
