@@ -1,0 +1,683 @@
+"""The applier: applies one connection's events to the target, in offset order, exactly
+once in effect.
+
+Order
+-----
+Events are read from the Log from ``applied + 1`` on and each must be the next one
+(engine/offsets.expect_next). None is skipped except as "Failures" below describes.
+
+Exactly-once effect: the commit rule
+------------------------------------
+Events fall in two classes.
+
+- *Data events* change the content or attributes of objects already named and never
+  which object a name refers to: Write, Truncate, Fallocate, SetAttr, SetXattr,
+  RemoveXattr, MirrorData, BlockWrite, BlockDiscard, and the no-ops TaskResult, Marker and
+  ReplicationSetDefinition.
+- Every other event is a *commit point*: the namespace operations (Create, Symlink, Link,
+  Rename, Unlink, Rmdir, MirrorFile), events that observe or publish state (MirrorFileEnd
+  checks a digest, TaskCommand runs a program, Barrier and BlockFlush make data durable)
+  and data-state changes (MirrorStart, MirrorEnd, Gap).
+
+The applied offset (apply/progress.py: one pwrite, which survives the process being
+killed) is committed **before and after every commit point**, and after every run of data
+events (at the latest at the end of each batch). So after a crash, what was applied past
+the committed offset is either a run of data events or one single commit point, wholly
+or partly applied. The restarted applier applies them again from the committed offset,
+and that is exact:
+
+- One event applied again, over its own whole or partial first application, ends in the
+  same state. Writes, truncates and fallocates use absolute offsets and sizes; attributes
+  and xattrs take absolute values; every namespace operation first checks the state it
+  expects: Create of an object of that kind already there only sets its metadata again
+  (and empties a file); Rename with the source gone and the destination present is done;
+  Unlink or Rmdir of a missing name is done; Link to the same inode is done; MirrorFile
+  empties or replaces the file before its data comes.
+- A run of data events applied again over a state where some prefix of it is already
+  applied ends as if applied once: no data event changes which object a path names, and
+  every byte, size and attribute ends with the value the last event of the run that sets
+  it gives (a truncate zeroes what it cuts off, so bytes a replayed earlier write puts
+  past it are cut again).
+
+Replaying more than that could rewrite history: a Rename followed by a Create at the old
+name, replayed from before the Rename, would move the new file over the old one. The
+commit before each commit point is what rules that out. Task commands, the one effect
+outside the target tree, run at most once (apply/tasks.py).
+
+Durability against the machine going down: a checkpoint every CHECKPOINT_S seconds while
+applying and after IDLE_CHECKPOINT_S seconds without events syncs the target file system
+and writes a synced progress record; a Barrier fsyncs its file and directory and makes the
+record durable. apply/progress.py says how an unclean machine stop is detected.
+
+Failures
+--------
+- OSError while applying (ENOSPC, EACCES, EIO ...): nothing is committed for that event;
+  target status Retrying (DT-A004); the same event is tried again after
+  ``settings.retry_delay_s``, holding every later one. Never skipped. The same holds for
+  a Log that cannot be read and for any unexpected exception (a bug must not lose data).
+- An event that can never be applied: a record failing its checksum or not decodable
+  (CorruptRecord), a path escaping the target (PathEscapes), an impossible operation
+  (InvalidEvent). The target data state becomes Mirror Required (a remirror repairs what
+  the event would have done), the event is logged (DT-A002), and only then, in one
+  durable record carrying that state, the offset moves past it.
+- An event naming an object the target lacks (apply/paths.Missing). In a mirror pass
+  (state Mirroring) that is expected for files the mirror has not reached yet: the event is
+  dropped, the mirror brings the file as it is then. Otherwise the target has diverged:
+  Mirror Required (DT-A003).
+- Events lost before the applier saw them (a Gap event; records removed by retention
+  before being applied): Mirror Required (DT-A007, DT-A008).
+
+Target data state: Not Ready until an applier first loads the target, then OK;
+MirrorStart makes it Mirroring; MirrorEnd makes it OK only if it is still Mirroring
+(anything that failed in the pass turned it Mirror Required, which stays until the next
+MirrorStart). Restore Required is set by failover, not here.
+
+Semantics
+---------
+- Paths are resolved under the target root by apply/paths.py (containment).
+- Symlinks: with ``settings.remap_link`` an absolute target inside the source set root is
+  rewritten to the same place under the target root; other targets are stored verbatim.
+  The applier never follows a link, so no link content can make it write outside.
+- Objects in the way are replaced: a Create, MirrorFile, Symlink, Link or Rename whose
+  destination holds an object of another kind (or a file hard-linked elsewhere on the
+  target only) removes it first, a directory with its subtree, so the target ends as the
+  source is. A checksum mirror (``whole`` false) of a file hard-linked on the target only
+  gives it its own copy first, so the other name keeps its content.
+- Creating operations create missing parent directories (0755); other events on a
+  missing object are divergence (above).
+- ``settings.ignore_delete_ops``: Unlink and Rmdir are not applied. Files renamed or
+  moved out of the set reach the target as Unlink/Rmdir (recursive), so they stay too.
+- Rmdir (not recursive) of a directory that still has entries on the target only (they
+  are orphans): the directory and its entries are kept (DT-A012).
+- Sparse files: a whole mirrored file is emptied, only its data blocks are written and
+  MirrorFileEnd truncates it to its size, so holes stay holes. MirrorFileEnd then checks
+  the blake3 digest (engine/digest.py; a mismatch is Mirror Required, DT-A006) and sets
+  the mtime last.
+- Directory times in a mirror pass: a directory's header (MirrorFile) sets its times at
+  once, right for a directory without children; creating children moves them, so the
+  producer sends a SetAttr with the directory's times after its last child
+  (engine/mirror.py does), which the applier applies like any SetAttr. No target-side
+  state is needed for it.
+- Fallocate modes that shift data (collapse, insert range) are refused (InvalidEvent).
+- Block events go to the device or image file mapped to the member name (``devices``).
+
+Message ids: DT-A001 loaded, DT-A002 event refused, DT-A003 target diverged, DT-A004
+retrying, DT-A005 resumed after retrying, DT-A006 digest mismatch, DT-A007 gap, DT-A008
+events removed before being applied, DT-A009..A011 tasks (apply/tasks.py), DT-A012
+directory kept, DT-A013/A014 progress (apply/progress.py), DT-A015 applied offset lost,
+DT-A016 delete ignored, DT-A017 mirror pass complete; state changes DT-S001.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+import time
+from typing import Callable, Mapping
+
+from datatether.engine import codec, logs
+from datatether.engine.digest import file_digest
+from datatether.engine import events as ev
+from datatether.engine.errors import CorruptRecord, InvalidEvent, NotFound, OffsetOutOfRange, PathEscapes
+from datatether.engine.log import Log, LogRecord
+from datatether.engine.offsets import NO_OFFSET, expect_next
+from datatether.engine.settings import Settings
+from datatether.engine.states import TargetDataState, TargetStatus
+
+from . import fsops
+from .handles import OpenFiles
+from .paths import Loc, Missing, TargetTree, remap_link
+from .progress import Progress
+from .tasks import TaskRunner
+
+log = logs.get(__name__)
+
+CHECKPOINT_S = 10.0
+IDLE_CHECKPOINT_S = 1.0
+CONSUMER_COMMIT_S = 1.0
+WAIT_SLICE_S = 0.5
+
+DATA_EVENTS = (ev.Write, ev.Truncate, ev.Fallocate, ev.SetAttr, ev.SetXattr, ev.RemoveXattr,
+               ev.MirrorData, ev.BlockWrite, ev.BlockDiscard, ev.TaskResult, ev.Marker,
+               ev.ReplicationSetDefinition)
+NO_OPS = (ev.TaskResult, ev.Marker, ev.ReplicationSetDefinition)
+_REFUSED = (PathEscapes, InvalidEvent, CorruptRecord)
+_IN_THE_WAY = (errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY, errno.EEXIST)
+
+
+class Applier:
+    """Applies the events of ``partition`` to ``target_root`` (see the module docstring).
+
+    ``source_root`` is the set root on the source (for RemapLink); ``devices`` maps block
+    device member names to the device or image file on the target. Not thread-safe except
+    ``pause``, ``resume`` and the ``stop_event`` of ``run``."""
+
+    def __init__(self, log_: Log, partition: str, target_root: str | os.PathLike, source_root: str,
+                 progress: Progress, settings: Settings, *, consumer: str = "applier",
+                 devices: Mapping[str, str] | None = None):
+        self.log = log_
+        self.partition = partition
+        self.consumer = consumer
+        self.source_root = source_root
+        self.progress = progress
+        self.settings = settings
+        self.tree = TargetTree(target_root)
+        self.files = OpenFiles(self.tree)
+        self.tasks = TaskRunner(log_, partition, self.tree.root, settings.task_commands)
+        self._device_paths = dict(devices or {})
+        self._device_fds: dict[str, int] = {}
+        self._sync_fd = os.open(self.tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._pause = threading.Event()
+        self._pending = False  # data events applied past the committed offset
+        self._durable = False  # the commit after the current event must be fsynced
+        now = time.monotonic()
+        self._last_effect = now
+        self._next_checkpoint = now + CHECKPOINT_S
+        self._next_consumer_commit = now
+        self._consumer_committed = NO_OFFSET
+        self._handlers: dict[type, Callable] = {
+            ev.Create: self._create, ev.Write: self._write, ev.Truncate: self._truncate,
+            ev.Fallocate: self._fallocate, ev.SetAttr: self._setattr, ev.SetXattr: self._setxattr,
+            ev.RemoveXattr: self._removexattr, ev.Rename: self._rename, ev.Link: self._link,
+            ev.Symlink: self._symlink, ev.Unlink: self._unlink, ev.Rmdir: self._rmdir,
+            ev.Barrier: self._barrier, ev.BlockWrite: self._block_write,
+            ev.BlockDiscard: self._block_discard, ev.BlockFlush: self._block_flush,
+            ev.MirrorStart: self._mirror_start, ev.MirrorFile: self._mirror_file,
+            ev.MirrorData: self._mirror_data, ev.MirrorFileEnd: self._mirror_file_end,
+            ev.MirrorEnd: self._mirror_end, ev.TaskCommand: self._task, ev.Gap: self._gap,
+            ev.TaskResult: self._noop, ev.Marker: self._noop, ev.ReplicationSetDefinition: self._noop,
+        }
+        self._last = progress.applied_offset
+        self._load()
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def _load(self) -> None:
+        p = self.progress
+        if p.fresh:
+            try:
+                committed = self.log.committed(self.partition, self.consumer)
+            except NotFound:
+                committed = NO_OFFSET
+            if committed != NO_OFFSET:
+                log.error("the target's applied offset was lost; resuming after the log's consumer offset",
+                          msgid="DT-A015", partition=self.partition, consumer_offset=committed)
+                p.set_data_state(TargetDataState.MIRROR_REQUIRED,
+                                 f"applied offset lost; resumed after consumer offset {committed}")
+                self._last = committed
+        if p.data_state is TargetDataState.NOT_READY:
+            p.set_data_state(TargetDataState.OK, "applier loaded")
+        p.commit(self._last, durable=True, synced=p.synced and not p.fresh)
+        log.info("applier loaded", msgid="DT-A001", partition=self.partition, target=self.tree.root,
+                 applied=self._last, target_data_state=p.data_state.value)
+        p.publish(force=True)
+
+    @property
+    def applied_offset(self) -> int:
+        """Offset of the last event applied and committed (NO_OFFSET when none)."""
+        return self.progress.applied_offset
+
+    def pause(self) -> None:
+        """Stop applying after the current batch (the queue grows on the target)."""
+        self._pause.set()
+
+    def resume(self) -> None:
+        self._pause.clear()
+
+    def close(self) -> None:
+        """Commit, sync the target and release everything (the Progress stays open)."""
+        self._commit_pending()
+        self.checkpoint()
+        self.files.close()
+        for fd in self._device_fds.values():
+            os.close(fd)
+        self._device_fds.clear()
+        self.tree.close()
+        os.close(self._sync_fd)
+        self.progress.publish(force=True)
+
+    def run(self, stop_event: threading.Event, max_events: int = 1000) -> None:
+        """Apply until ``stop_event`` is set: wait on the log, apply, retry failures."""
+        while not stop_event.is_set():
+            applied = self.run_once(max_events)
+            status = self.progress.status
+            if status is TargetStatus.RETRYING:
+                stop_event.wait(self.settings.retry_delay_s)
+            elif status is TargetStatus.PAUSED:
+                stop_event.wait(WAIT_SLICE_S)
+            elif applied == 0:
+                self._wait_for_events(stop_event)
+
+    def _wait_for_events(self, stop_event: threading.Event) -> None:
+        try:
+            self.log.wait(self.partition, self._last + 1, WAIT_SLICE_S)
+        except Exception as exc:  # noqa: BLE001 - the Log failing holds the queue, never crashes
+            self._hold(exc, self._last + 1)
+            return
+        self._housekeeping()
+
+    # -- one batch -----------------------------------------------------------------------
+
+    def run_once(self, max_events: int = 1000) -> int:
+        """Apply what the log has after the applied offset (at most ``max_events``).
+
+        Returns how many events were applied (refused ones count: the offset moved).
+        A failure holds the queue: status Retrying, the failed event is tried again by the
+        next call (``run`` waits the retry delay first)."""
+        if self._pause.is_set():
+            self.progress.set_status(TargetStatus.PAUSED)
+            return 0
+        applied = 0
+        offset = self._last + 1
+        try:
+            for record in self._read(max_events):
+                offset = record.offset
+                self._apply(record)
+                applied += 1
+        except Exception as exc:  # noqa: BLE001 - transient or unknown: hold the queue, never skip
+            self._commit_pending()
+            self._hold(exc, offset)
+            return applied
+        self._commit_pending()
+        if self.progress.status is not TargetStatus.OK:
+            if self.progress.status is TargetStatus.RETRYING:
+                log.info("resumed", msgid="DT-A005", partition=self.partition, applied=self._last)
+            self.progress.set_status(TargetStatus.OK)
+        self._housekeeping()
+        return applied
+
+    def _read(self, max_events: int) -> list[LogRecord | "_Corrupt"]:
+        start = self._last + 1
+        try:
+            return self.log.read(self.partition, start, max_records=max_events)
+        except CorruptRecord:
+            try:  # the damaged record may be further in the batch: take what is before it
+                return self.log.read(self.partition, start, max_records=1)
+            except CorruptRecord as exc:
+                return [_Corrupt(start, exc)]
+        except OffsetOutOfRange:
+            first = self.log.start_offset(self.partition)
+            if start >= first:
+                raise
+            self._lost_before(first)
+            return []
+
+    def _lost_before(self, first: int) -> None:
+        log.error("events were removed from the log before being applied", msgid="DT-A008",
+                  partition=self.partition, applied=self._last, log_start=first)
+        self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED,
+                                     f"events {self._last + 1}..{first - 1} were removed before being applied")
+        self._last = first - 1
+        self.progress.commit(self._last, durable=True)
+
+    def _apply(self, record) -> None:
+        expect_next(self._last, record.offset)
+        try:
+            event = record.event() if isinstance(record, _Corrupt) else codec.decode(record.value)
+            op = event.op
+            commit_point = not isinstance(op, DATA_EVENTS)
+            if commit_point:
+                self._commit_pending()
+            if not isinstance(op, NO_OPS):
+                self.progress.mark_dirty()
+                self._last_effect = time.monotonic()
+            try:
+                self._handlers[type(op)](record.offset, op)
+            except Missing as exc:
+                self._missing(op, exc)
+        except _REFUSED as exc:
+            self._refuse(record.offset, exc)
+            return
+        finally:
+            self.tree.release()
+        self._last = record.offset
+        self._pending = True
+        if not isinstance(op, NO_OPS):
+            self.progress.sample(event.time_ns, _touched(op), event.data_bytes())
+        if commit_point:
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        if self._pending or self._durable:
+            self.progress.commit(self._last, durable=self._durable)
+            self._pending = self._durable = False
+
+    def _refuse(self, offset: int, exc: Exception) -> None:
+        log.error("event refused; the target needs a remirror", msgid="DT-A002", partition=self.partition,
+                  offset=offset, error=getattr(exc, "msgid", type(exc).__name__), reason=str(exc))
+        self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"event {offset} refused: {exc}")
+        self._last = offset
+        self._pending = False
+        self.progress.commit(offset, durable=True)
+
+    def _missing(self, op, exc: Missing) -> None:
+        if self.progress.data_state is TargetDataState.MIRRORING:
+            log.debug("object not mirrored yet; event dropped", path=exc.path, kind=type(op).__name__)
+            return
+        self._diverged(f"{type(op).__name__}: {exc}")
+
+    def _diverged(self, reason: str) -> None:
+        log.warning("target diverged from the source", msgid="DT-A003", partition=self.partition,
+                    reason=reason)
+        self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, reason)
+
+    def _hold(self, exc: Exception, offset: int) -> None:
+        detail = f"event {offset}: {exc}"
+        if self.progress.status is not TargetStatus.RETRYING or self.progress.status_detail != detail:
+            log.warning("operation failed; retrying", msgid="DT-A004", partition=self.partition,
+                        offset=offset, error=repr(exc), retry_delay_s=self.settings.retry_delay_s,
+                        exc_info=not isinstance(exc, OSError))
+        self.progress.set_status(TargetStatus.RETRYING, detail)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if not self.progress.synced and (now >= self._next_checkpoint
+                                         or now - self._last_effect >= IDLE_CHECKPOINT_S):
+            self.checkpoint()
+        if now >= self._next_consumer_commit and self._consumer_committed != self.progress.applied_offset:
+            self._commit_consumer()
+        self.progress.publish()
+
+    def checkpoint(self) -> None:
+        """Make every applied effect durable, then record that (a synced progress record)."""
+        fsops.syncfs(self._sync_fd)
+        for fd in self._device_fds.values():
+            os.fsync(fd)
+        self.progress.commit(self._last, synced=True)
+        self._next_checkpoint = time.monotonic() + CHECKPOINT_S
+        self._commit_consumer()
+
+    def _commit_consumer(self) -> None:
+        """Advisory: tells retention and queue accounting how far the target is."""
+        applied = self.progress.applied_offset
+        if applied != NO_OFFSET:
+            self.log.commit(self.partition, self.consumer, applied)
+        self._consumer_committed = applied
+        self._next_consumer_commit = time.monotonic() + CONSUMER_COMMIT_S
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _existing(self, path: str, *, allow_root: bool = True) -> tuple[Loc, os.stat_result]:
+        loc = self.tree.locate(path, allow_root=allow_root)
+        st = fsops.lstat(loc)
+        if st is None:
+            raise Missing(path)
+        return loc, st
+
+    def _forget(self, path: str) -> None:
+        """The name ``path`` (and what is below it) is about to change."""
+        self.files.invalidate(path)
+        self.tree.invalidate(path)
+
+    def _remove(self, loc: Loc) -> None:
+        self._forget(loc.path)
+        fsops.remove(loc)
+
+    def _ensure(self, loc: Loc, kind: ev.FileKind, *, rdev: int = 0, link_target: str | None = None,
+                keep_data: bool = False) -> None:
+        """Make ``loc`` an object of ``kind`` (an empty file unless ``keep_data``), replacing
+        what is in the way; an object that is already right is kept."""
+        st = fsops.lstat(loc)
+        if st is not None and not self._fits(loc, st, kind, rdev, link_target):
+            if kind is ev.FileKind.FILE and keep_data and stat.S_ISREG(st.st_mode):
+                self._forget(loc.path)
+                fsops.copy_unlinked(loc)
+                return
+            self._remove(loc)
+            st = None
+        if st is None:
+            fsops.make(loc, kind, rdev, link_target)
+        elif kind is ev.FileKind.FILE and not keep_data and st.st_size:
+            os.ftruncate(self.files.get(loc.path), 0)
+
+    @staticmethod
+    def _fits(loc: Loc, st: os.stat_result, kind: ev.FileKind, rdev: int, link_target: str | None) -> bool:
+        if not fsops.is_kind(st, kind, rdev):
+            return False
+        if kind is ev.FileKind.FILE:
+            return st.st_nlink == 1  # a file hard-linked on the target only is not the source's
+        if kind is ev.FileKind.SYMLINK:
+            return os.readlink(loc.name, dir_fd=loc.dir_fd) == link_target
+        return True
+
+    def _link_text(self, target: str | None, path: str) -> str:
+        if not target or "\0" in target:
+            raise InvalidEvent(reason=f"symlink {path!r} has an empty or NUL-bearing target")
+        if self.settings.remap_link:
+            return remap_link(target, self.source_root, self.tree.root)
+        return target
+
+    @staticmethod
+    def _check_xattr_name(name: str, path: str) -> None:
+        if not name or "\0" in name:
+            raise InvalidEvent(reason=f"bad extended attribute name {name!r} on {path!r}")
+
+    def _same_inode(self, a: os.stat_result | None, b: os.stat_result | None) -> bool:
+        return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+    def _hardlink(self, existing: str, path: str) -> None:
+        eloc, est = self._existing(existing, allow_root=False)
+        if stat.S_ISDIR(est.st_mode):
+            raise InvalidEvent(reason=f"hard link {path!r} to the directory {existing!r}")
+        loc = self.tree.locate(path, create_parents=True)
+        st = fsops.lstat(loc)
+        if self._same_inode(st, est):
+            return
+        if st is not None:
+            self._remove(loc)
+        os.link(eloc.name, loc.name, src_dir_fd=eloc.dir_fd, dst_dir_fd=loc.dir_fd, follow_symlinks=False)
+
+    # -- replication events --------------------------------------------------------------
+
+    def _noop(self, offset: int, op) -> None:
+        pass
+
+    def _create(self, offset: int, op: ev.Create) -> None:
+        if op.kind is ev.FileKind.SYMLINK:
+            raise InvalidEvent(reason=f"Create of the symlink {op.path!r} (symlinks come as Symlink)")
+        loc = self.tree.locate(op.path, create_parents=True)
+        self._ensure(loc, op.kind, rdev=op.rdev)
+        fsops.set_meta(loc, mode=op.mode, uid=op.uid, gid=op.gid, atime_ns=op.atime_ns, mtime_ns=op.mtime_ns)
+
+    def _write(self, offset: int, op: ev.Write | ev.MirrorData) -> None:
+        fsops.pwrite_all(self.files.get(op.path), op.data, op.offset)
+
+    def _truncate(self, offset: int, op: ev.Truncate) -> None:
+        os.ftruncate(self.files.get(op.path), op.size)
+
+    def _fallocate(self, offset: int, op: ev.Fallocate) -> None:
+        fsops.fallocate(self.files.get(op.path), op.mode, op.offset, op.length, op.path)
+
+    def _setattr(self, offset: int, op: ev.SetAttr) -> None:
+        loc, _ = self._existing(op.path)
+        fsops.set_meta(loc, mode=op.mode, uid=op.uid, gid=op.gid, atime_ns=op.atime_ns, mtime_ns=op.mtime_ns)
+
+    def _setxattr(self, offset: int, op: ev.SetXattr) -> None:
+        self._check_xattr_name(op.name, op.path)
+        loc, _ = self._existing(op.path)
+        fsops.set_xattr(loc, op.name, op.value)
+
+    def _removexattr(self, offset: int, op: ev.RemoveXattr) -> None:
+        self._check_xattr_name(op.name, op.path)
+        loc, _ = self._existing(op.path)
+        fsops.remove_xattr(loc, op.name)
+
+    def _rename(self, offset: int, op: ev.Rename) -> None:
+        dst = self.tree.locate(op.dst, create_parents=True)
+        if op.src == op.dst:
+            return
+        try:
+            src = self.tree.locate(op.src)
+            src_st = fsops.lstat(src)
+        except Missing:
+            src_st = None
+        dst_st = fsops.lstat(dst)
+        if src_st is None:
+            if dst_st is not None:
+                return  # already renamed
+            raise Missing(op.src)
+        if self._same_inode(src_st, dst_st):
+            return  # two names of one inode: rename(2) leaves both, as on the source
+        if op.dst.startswith(op.src + "/"):
+            raise InvalidEvent(reason=f"rename of {op.src!r} into itself ({op.dst!r})")
+        self._forget(op.src)
+        self._forget(op.dst)
+        try:
+            os.rename(src.name, dst.name, src_dir_fd=src.dir_fd, dst_dir_fd=dst.dir_fd)
+        except OSError as exc:
+            if exc.errno not in _IN_THE_WAY:
+                raise
+            fsops.remove(dst)
+            os.rename(src.name, dst.name, src_dir_fd=src.dir_fd, dst_dir_fd=dst.dir_fd)
+
+    def _link(self, offset: int, op: ev.Link) -> None:
+        self._hardlink(op.existing, op.path)
+
+    def _symlink(self, offset: int, op: ev.Symlink) -> None:
+        target = self._link_text(op.target, op.path)
+        loc = self.tree.locate(op.path, create_parents=True)
+        self._ensure(loc, ev.FileKind.SYMLINK, link_target=target)
+        fsops.set_meta(loc, uid=op.uid, gid=op.gid, mtime_ns=op.mtime_ns)
+
+    def _deletes_ignored(self, op) -> bool:
+        if self.settings.ignore_delete_ops:
+            log.debug("delete ignored (ignore_delete_ops)", msgid="DT-A016", path=op.path)
+            return True
+        return False
+
+    def _unlink(self, offset: int, op: ev.Unlink) -> None:
+        if self._deletes_ignored(op):
+            return
+        try:
+            loc = self.tree.locate(op.path)
+        except Missing:
+            return  # its directory is gone: so is it
+        self._remove(loc)
+
+    def _rmdir(self, offset: int, op: ev.Rmdir) -> None:
+        if self._deletes_ignored(op):
+            return
+        try:
+            loc = self.tree.locate(op.path)
+        except Missing:
+            return
+        st = fsops.lstat(loc)
+        if st is None:
+            return
+        if op.recursive or not stat.S_ISDIR(st.st_mode):
+            self._remove(loc)
+            return
+        self._forget(op.path)
+        try:
+            os.rmdir(loc.name, dir_fd=loc.dir_fd)
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:
+                raise
+            log.warning("directory removed on the source still has entries on the target; kept",
+                        msgid="DT-A012", path=op.path)
+
+    def _barrier(self, offset: int, op: ev.Barrier) -> None:
+        loc, st = self._existing(op.path)
+        if stat.S_ISREG(st.st_mode):
+            os.fsync(self.files.get(op.path))
+        fsops.fsync_dir(loc.dir_fd)
+        self._durable = True
+
+    def _gap(self, offset: int, op: ev.Gap) -> None:
+        log.error("events were lost before reaching the log", msgid="DT-A007", partition=self.partition,
+                  offset=offset, reason=op.reason)
+        self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"gap at event {offset}: {op.reason}")
+
+    def _task(self, offset: int, op: ev.TaskCommand) -> None:
+        self.tasks.run(offset, op, self.progress)
+
+    # -- block events --------------------------------------------------------------------
+
+    def _device(self, name: str) -> int:
+        fd = self._device_fds.get(name)
+        if fd is None:
+            path = self._device_paths.get(name)
+            if path is None:
+                raise InvalidEvent(reason=f"block device {name!r} has no mapping on the target")
+            fd = self._device_fds[name] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return fd
+
+    def _block_write(self, offset: int, op: ev.BlockWrite) -> None:
+        fsops.pwrite_all(self._device(op.device), op.data, op.offset)
+
+    def _block_discard(self, offset: int, op: ev.BlockDiscard) -> None:
+        fsops.fallocate(self._device(op.device), fsops.FALLOC_FL_PUNCH_HOLE | fsops.FALLOC_FL_KEEP_SIZE,
+                        op.offset, op.length, op.device)
+
+    def _block_flush(self, offset: int, op: ev.BlockFlush) -> None:
+        os.fsync(self._device(op.device))
+        self._durable = True
+
+    # -- mirror events -------------------------------------------------------------------
+
+    def _mirror_start(self, offset: int, op: ev.MirrorStart) -> None:
+        self.progress.set_data_state(TargetDataState.MIRRORING, f"mirror {op.mirror_id} ({op.mode})")
+
+    def _mirror_file(self, offset: int, op: ev.MirrorFile) -> None:
+        if op.hardlink_of is not None:
+            try:
+                self._hardlink(op.hardlink_of, op.path)
+            except Missing:
+                self._diverged(f"MirrorFile {op.path!r}: its hard link {op.hardlink_of!r} is not on the target")
+            return
+        loc = self.tree.locate(op.path, create_parents=True, allow_root=True)
+        if loc.is_root:
+            if op.kind is not ev.FileKind.DIR:
+                raise InvalidEvent(reason=f"the set root mirrored as {op.kind.value}")
+        else:
+            link = self._link_text(op.link_target, op.path) if op.kind is ev.FileKind.SYMLINK else None
+            self._ensure(loc, op.kind, rdev=op.rdev, link_target=link, keep_data=not op.whole)
+        fsops.set_meta(loc, uid=op.uid, gid=op.gid)
+        for name in op.xattrs:
+            self._check_xattr_name(name, op.path)
+        fsops.replace_xattrs(loc, op.xattrs)
+        fsops.set_meta(loc, mode=op.mode, atime_ns=op.atime_ns, mtime_ns=op.mtime_ns)
+
+    def _mirror_data(self, offset: int, op: ev.MirrorData) -> None:
+        self._write(offset, op)
+
+    def _mirror_file_end(self, offset: int, op: ev.MirrorFileEnd) -> None:
+        fd = self.files.get(op.path)
+        os.ftruncate(fd, op.size)
+        # A separate O_NOATIME descriptor: reading back must not change the atime mirrored.
+        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+        try:
+            digest = file_digest(reader, op.size)
+        finally:
+            os.close(reader)
+        if digest != op.digest:
+            log.error("mirrored file differs from the source after being written", msgid="DT-A006",
+                      partition=self.partition, path=op.path, offset=offset)
+            self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"digest mismatch: {op.path}")
+        fsops.set_times(self.tree.locate(op.path), None, op.mtime_ns)
+
+    def _mirror_end(self, offset: int, op: ev.MirrorEnd) -> None:
+        if self.progress.data_state is TargetDataState.MIRRORING:
+            self.progress.set_data_state(TargetDataState.OK, f"mirror {op.mirror_id} complete")
+            log.info("mirror pass complete", msgid="DT-A017", partition=self.partition, mirror_id=op.mirror_id,
+                     files=op.files, sent_bytes=op.sent_bytes)
+
+
+def _touched(op) -> str | None:
+    """The file an event touched, for "last file touched" (a device for block events)."""
+    if isinstance(op, ev.Rename):
+        return op.dst
+    return getattr(op, "path", None) or getattr(op, "device", None)
+
+
+class _Corrupt:
+    """A record the log could not return intact; applying it means refusing it."""
+
+    def __init__(self, offset: int, error: CorruptRecord):
+        self.offset = offset
+        self._error = error
+
+    def event(self):
+        raise self._error

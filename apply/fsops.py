@@ -1,0 +1,258 @@
+"""Primitive operations on one target object, given as a ``Loc`` (parent descriptor + name).
+
+Every function acts on the named object itself and never follows it when it is a
+symlink (containment, see apply/paths.py). Functions are idempotent where the name says
+so (``remove`` of a missing object, ``remove_xattr`` of a missing attribute succeed).
+Failures are OSError (transient: the applier retries them) except PathEscapes and
+Missing, which say the event cannot be applied as it stands.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import stat
+
+from datatether.engine.errors import InvalidEvent, PathEscapes
+from datatether.engine.events import FileKind
+
+from .paths import Loc, Missing
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOC_FL_UNSHARE_RANGE = 0x40
+# Modes that shift data: applying one twice is not the same as once, so they are refused.
+_SHIFTING = FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE
+_KNOWN = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_UNSHARE_RANGE
+
+_UTIME_OMIT = (1 << 30) - 2
+_AT_SYMLINK_NOFOLLOW = 0x100
+_ZEROS = bytes(1 << 20)
+
+_IFMT = {
+    FileKind.FILE: stat.S_IFREG, FileKind.DIR: stat.S_IFDIR, FileKind.SYMLINK: stat.S_IFLNK,
+    FileKind.FIFO: stat.S_IFIFO, FileKind.CHAR: stat.S_IFCHR, FileKind.BLOCK: stat.S_IFBLK,
+    FileKind.SOCKET: stat.S_IFSOCK,
+}
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def _check(result: int) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def lstat(loc: Loc) -> os.stat_result | None:
+    """The object's own status, or None when nothing has that name."""
+    try:
+        return os.stat(loc.name, dir_fd=loc.dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def is_kind(st: os.stat_result, kind: FileKind, rdev: int = 0) -> bool:
+    if stat.S_IFMT(st.st_mode) != _IFMT[kind]:
+        return False
+    return kind not in (FileKind.CHAR, FileKind.BLOCK) or st.st_rdev == rdev
+
+
+def remove(loc: Loc) -> bool:
+    """Remove whatever has that name (a directory with its whole subtree). False if none."""
+    st = lstat(loc)
+    if st is None:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(loc.name, dir_fd=loc.dir_fd)
+    else:
+        try:
+            os.unlink(loc.name, dir_fd=loc.dir_fd)
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def make(loc: Loc, kind: FileKind, rdev: int = 0, link_target: str | None = None) -> None:
+    """Create a new object, private until ``set_meta`` gives it its real mode and owner."""
+    if kind is FileKind.FILE:
+        os.close(os.open(loc.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=loc.dir_fd))
+    elif kind is FileKind.DIR:
+        os.mkdir(loc.name, 0o700, dir_fd=loc.dir_fd)
+    elif kind is FileKind.SYMLINK:
+        os.symlink(link_target if link_target is not None else "", loc.name, dir_fd=loc.dir_fd)
+    elif kind is FileKind.FIFO:
+        os.mkfifo(loc.name, 0o600, dir_fd=loc.dir_fd)
+    else:
+        os.mknod(loc.name, 0o600 | _IFMT[kind], rdev, dir_fd=loc.dir_fd)
+
+
+def set_meta(loc: Loc, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+             atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
+    """Owner, then mode (a chown clears set-id bits), then times (the others change ctime
+    only, but a chmod through a fresh descriptor must not be the last word on times)."""
+    if uid is not None or gid is not None:
+        os.chown(loc.name, -1 if uid is None else uid, -1 if gid is None else gid,
+                 dir_fd=loc.dir_fd, follow_symlinks=False)
+    if mode is not None:
+        set_mode(loc, mode)
+    if atime_ns is not None or mtime_ns is not None:
+        set_times(loc, atime_ns, mtime_ns)
+
+
+def set_mode(loc: Loc, mode: int) -> None:
+    """chmod without following: Linux has no lchmod, so go through an O_PATH descriptor
+    of the object itself; a symlink's own mode means nothing on Linux and is left alone."""
+    fd = os.open(loc.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=loc.dir_fd)
+    try:
+        if not stat.S_ISLNK(os.fstat(fd).st_mode):
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode))
+    finally:
+        os.close(fd)
+
+
+def set_times(loc: Loc, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """utimensat without following; None leaves that time as it is (UTIME_OMIT)."""
+    times = (_Timespec * 2)(_timespec(atime_ns), _timespec(mtime_ns))
+    _check(_libc.utimensat(loc.dir_fd, os.fsencode(loc.name), times, _AT_SYMLINK_NOFOLLOW))
+
+
+def _timespec(ns: int | None) -> _Timespec:
+    if ns is None:
+        return _Timespec(0, _UTIME_OMIT)
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return _Timespec(sec, nsec)
+
+
+def set_xattr(loc: Loc, name: str, value: bytes) -> None:
+    os.setxattr(loc.proc_path, name, value, follow_symlinks=False)
+
+
+def remove_xattr(loc: Loc, name: str) -> None:
+    try:
+        os.removexattr(loc.proc_path, name, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
+
+
+def replace_xattrs(loc: Loc, wanted: dict[str, bytes]) -> None:
+    """Make the object's extended attributes exactly ``wanted``."""
+    for name in os.listxattr(loc.proc_path, follow_symlinks=False):
+        if name not in wanted:
+            remove_xattr(loc, name)
+    for name, value in wanted.items():
+        try:
+            if os.getxattr(loc.proc_path, name, follow_symlinks=False) == value:
+                continue
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+        set_xattr(loc, name, value)
+
+
+def open_regular(loc: Loc, flags: int = os.O_RDWR) -> int:
+    """Open the regular file at ``loc`` without following it and without opening anything
+    else (opening a FIFO or a device could block or act on hardware)."""
+    try:
+        probe = os.open(loc.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=loc.dir_fd)
+    except FileNotFoundError:
+        raise Missing(loc.path) from None
+    try:
+        mode = os.fstat(probe).st_mode
+        if stat.S_ISLNK(mode):
+            raise PathEscapes(path=loc.path, reason="it is a symlink on the target (never written through)")
+        if not stat.S_ISREG(mode):
+            raise Missing(loc.path, "is not a regular file on the target")
+        return os.open(f"/proc/self/fd/{probe}", flags | os.O_CLOEXEC)
+    finally:
+        os.close(probe)
+
+
+def copy_unlinked(loc: Loc) -> None:
+    """Give the file at ``loc`` its own inode with the same content (breaks a hard link
+    on the target that the source does not have), atomically by rename."""
+    src = open_regular(loc, os.O_RDONLY)
+    try:
+        tmp = os.open(f"/proc/self/fd/{loc.dir_fd}", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(src).st_size
+            copied = 0
+            while copied < size:
+                n = os.copy_file_range(src, tmp, size - copied, copied, copied)
+                if n == 0:
+                    break
+                copied += n
+            tmp_name = f".dt-unlinked-{os.getpid()}"
+            remove(Loc(loc.path, loc.dir_fd, tmp_name))  # left by a crash
+            os.link(f"/proc/self/fd/{tmp}", tmp_name, dst_dir_fd=loc.dir_fd, follow_symlinks=True)
+            os.rename(tmp_name, loc.name, src_dir_fd=loc.dir_fd, dst_dir_fd=loc.dir_fd)
+        finally:
+            os.close(tmp)
+    finally:
+        os.close(src)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int, path: str = "") -> None:
+    """fallocate(2) with the same flags as on the source; where the target file system
+    lacks it, the visible effect is reproduced (zeros written, or nothing to do)."""
+    if mode & _SHIFTING or mode & ~_KNOWN:
+        raise InvalidEvent(reason=f"fallocate mode {mode:#x} on {path!r} shifts data or is unknown; "
+                                  "it cannot be replayed safely")
+    if length <= 0:
+        return
+    try:
+        _check(_libc.fallocate(fd, mode, offset, length))
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        _fallocate_by_hand(fd, mode, offset, length)
+
+
+def _fallocate_by_hand(fd: int, mode: int, offset: int, length: int) -> None:
+    size = os.fstat(fd).st_size
+    if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+        end = min(offset + length, size) if mode & FALLOC_FL_KEEP_SIZE else offset + length
+        write_zeros(fd, offset, end)
+    elif not mode & FALLOC_FL_KEEP_SIZE and offset + length > size:
+        os.posix_fallocate(fd, offset, length)
+
+
+def write_zeros(fd: int, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        pos += os.pwrite(fd, memoryview(_ZEROS)[:min(len(_ZEROS), end - pos)], pos)
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def syncfs(fd: int) -> None:
+    _check(_libc.syncfs(fd))
+
+
+def fsync_dir(dir_fd: int) -> None:
+    """fsync a directory known by an O_PATH descriptor (which cannot be fsynced itself)."""
+    fd = os.open(f"/proc/self/fd/{dir_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,325 @@
+"""What the target has applied, and in what state its data is: stored with the target.
+
+The applied offset lives beside the target, not in the Log, so it moves together with
+the effects it covers whatever backend the Log is (the Log's consumer offset of the
+applier is only advisory: retention and queue accounting).
+
+Layout of ``<state_dir>/applied.bin``: two 512-byte slots, written alternately (slot =
+seq % 2) by one ``pwrite`` each. A slot (little-endian)::
+
+    0    4  magic b"DTAP"
+    4    2  layout version (1)
+    6    2  flags: bit 0 = synced (everything up to ``applied`` is on disk, nothing after)
+    8    8  seq, +1 per record written
+   16    8  applied offset (signed; -1 = nothing applied)
+   24    8  offset of a task command being run, -1 if none
+   32    1  target data state (_STATE_CODES)
+   33   16  boot id of the machine that wrote the record
+   49    2  length n of the state reason
+   51    n  state reason, UTF-8 (at most 400 bytes)
+  496   16  blake3 (first 16 bytes) of bytes 0..495
+
+A reader takes the valid slot with the highest seq, so a write torn by a crash (or
+read half-written by another process) falls back to the previous record.
+
+Durability: ``commit`` is one pwrite: it survives the process being killed, which is
+what the applier's replay rule needs (apply/applier.py). Surviving the machine going down
+is the job of ``checkpoint`` records (the caller syncs the target file system first, the
+record says so with the synced flag and is fsynced) and of ``mark_dirty``: before the
+first effect after a synced record, a record without the flag is fsynced. So on start,
+a record that is not synced and was written under another boot id means the machine went
+down while effects were still in its page cache: the target data state becomes Mirror
+Required (DT-A013), since replaying from an older offset over a partly persisted state
+would not be exact.
+
+``status.json`` beside it is a snapshot for readers in other processes (``dt status``):
+rewritten by rename, at most once a second and on every state change; advisory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import struct
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+
+import blake3
+
+from datatether.engine import logs
+from datatether.engine.errors import BackendUnavailable
+from datatether.engine.offsets import NO_OFFSET
+from datatether.engine.states import TargetDataState, TargetStatus
+
+log = logs.get(__name__)
+
+RECORD_FILE = "applied.bin"
+STATUS_FILE = "status.json"
+SLOT = 512
+MAGIC = b"DTAP"
+VERSION = 1
+FLAG_SYNCED = 1
+MAX_REASON = 400
+LATENCY_WINDOW_S = 60.0
+PUBLISH_EVERY_S = 1.0
+_HEAD = struct.Struct("<4sHHQqqB16sH")
+_DIGEST = 16
+_STATE_CODES = {
+    TargetDataState.OK: 0, TargetDataState.MIRRORING: 1, TargetDataState.MIRROR_REQUIRED: 2,
+    TargetDataState.RESTORE_REQUIRED: 3, TargetDataState.NOT_READY: 4,
+}
+_CODE_STATES = {code: state for state, code in _STATE_CODES.items()}
+
+
+def boot_id() -> bytes:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return uuid.UUID(f.read().strip()).bytes
+
+
+class _Record:
+    __slots__ = ("seq", "applied", "task_offset", "state", "reason", "synced", "boot")
+
+    def __init__(self, seq=0, applied=NO_OFFSET, task_offset=NO_OFFSET, state=TargetDataState.NOT_READY,
+                 reason="", synced=True, boot=b"\0" * 16):
+        self.seq, self.applied, self.task_offset = seq, applied, task_offset
+        self.state, self.reason, self.synced, self.boot = state, reason, synced, boot
+
+    def pack(self) -> bytes:
+        reason = self.reason.encode("utf-8", "replace")[:MAX_REASON]
+        head = _HEAD.pack(MAGIC, VERSION, FLAG_SYNCED if self.synced else 0, self.seq, self.applied,
+                          self.task_offset, _STATE_CODES[self.state], self.boot, len(reason))
+        body = (head + reason).ljust(SLOT - _DIGEST, b"\0")
+        return body + blake3.blake3(body).digest(_DIGEST)
+
+    @classmethod
+    def unpack(cls, slot: bytes) -> "_Record | None":
+        if len(slot) != SLOT or blake3.blake3(slot[:-_DIGEST]).digest(_DIGEST) != slot[-_DIGEST:]:
+            return None
+        magic, version, flags, seq, applied, task, code, boot, n = _HEAD.unpack_from(slot)
+        if magic != MAGIC or version != VERSION or code not in _CODE_STATES:
+            return None
+        reason = slot[_HEAD.size:_HEAD.size + n].decode("utf-8", "replace")
+        return cls(seq, applied, task, _CODE_STATES[code], reason, bool(flags & FLAG_SYNCED), boot)
+
+
+def _read_record(data: bytes) -> _Record | None:
+    slots = [_Record.unpack(data[i * SLOT:(i + 1) * SLOT]) for i in range(2)]
+    valid = [r for r in slots if r is not None]
+    return max(valid, key=lambda r: r.seq) if valid else None
+
+
+class Progress:
+    """The applied offset, target data state and target status of one connection's target.
+
+    One process at a time (an exclusive lock on the record file)."""
+
+    def __init__(self, state_dir: str | os.PathLike):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / RECORD_FILE
+        created = not path.exists()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise BackendUnavailable(backend=f"target state {self.state_dir}",
+                                     detail="another applier is using it") from None
+        if created:
+            _fsync_dir(self.state_dir)
+        self._boot = boot_id()
+        self.status = TargetStatus.OK
+        self.status_detail = ""
+        self._latency: deque[tuple[int, int]] = deque(maxlen=100_000)
+        self._last_applied_ns: int | None = None
+        self._last_file: str | None = None
+        self._events = 0
+        self._bytes = 0
+        self._published = 0.0
+        self._rec = self._load(os.pread(self._fd, 2 * SLOT, 0), created)
+
+    def _load(self, data: bytes, created: bool) -> _Record:
+        rec = _read_record(data)
+        self.fresh = rec is None
+        if rec is None:
+            rec = _Record(boot=self._boot)
+            if not created and data.strip(b"\0"):
+                rec.state = TargetDataState.MIRROR_REQUIRED
+                rec.reason = "the applied-offset record was unreadable"
+                log.error("progress record unreadable", msgid="DT-A014", path=str(self.state_dir))
+        elif not rec.synced and rec.boot != self._boot:
+            log.error("the machine stopped while events were being applied", msgid="DT-A013",
+                      applied=rec.applied, state_dir=str(self.state_dir))
+            rec.state = TargetDataState.MIRROR_REQUIRED
+            rec.reason = "the machine stopped while events were being applied"
+        return rec
+
+    # -- the durable record --------------------------------------------------------------
+
+    @property
+    def applied_offset(self) -> int:
+        return self._rec.applied
+
+    @property
+    def data_state(self) -> TargetDataState:
+        return self._rec.state
+
+    @property
+    def data_state_reason(self) -> str:
+        return self._rec.reason
+
+    @property
+    def task_offset(self) -> int:
+        """Offset of a task command that was started and whose offset is not committed."""
+        return self._rec.task_offset
+
+    @property
+    def synced(self) -> bool:
+        return self._rec.synced
+
+    def commit(self, offset: int, *, durable: bool = False, synced: bool = False) -> None:
+        """Record ``offset`` as applied (with the current data state). ``durable`` fsyncs the
+        record; ``synced`` says the caller synced the target's file system just before."""
+        self._rec.applied = offset
+        if offset >= self._rec.task_offset:
+            self._rec.task_offset = NO_OFFSET  # the task's own offset is committed: it is over
+        self._write(synced=synced, durable=durable or synced)
+
+    def mark_dirty(self) -> None:
+        """Call before changing the target after a synced record (see the module docstring)."""
+        if self._rec.synced:
+            self._write(synced=False, durable=True)
+
+    def begin_task(self, offset: int) -> None:
+        """Durably note that the task command at ``offset`` is about to run."""
+        self._rec.task_offset = offset
+        self._write(synced=False, durable=True)
+
+    def set_data_state(self, state: TargetDataState, reason: str = "") -> None:
+        """Change the target data state; it is stored by the next ``commit``."""
+        logs.transition(log, "target_data_state", self._rec.state, state, reason=reason,
+                        state_dir=str(self.state_dir))
+        changed = state != self._rec.state
+        self._rec.state = state
+        self._rec.reason = reason
+        if changed:
+            self.publish(force=True)
+
+    def _write(self, *, synced: bool, durable: bool) -> None:
+        self._rec.seq += 1
+        self._rec.synced = synced
+        self._rec.boot = self._boot
+        os.pwrite(self._fd, self._rec.pack(), (self._rec.seq % 2) * SLOT)
+        if durable:
+            os.fdatasync(self._fd)
+
+    # -- what readers see ----------------------------------------------------------------
+
+    def set_status(self, status: TargetStatus, detail: str = "") -> None:
+        logs.transition(log, "target_status", self.status, status, detail=detail,
+                        state_dir=str(self.state_dir))
+        changed = (status, detail) != (self.status, self.status_detail)
+        self.status, self.status_detail = status, detail
+        if changed:
+            self.publish(force=True)
+
+    def sample(self, capture_ns: int, path: str | None, nbytes: int, applied_ns: int | None = None) -> None:
+        """Record one applied event: recovery point latency (capture -> applied), last file."""
+        now = time.time_ns() if applied_ns is None else applied_ns
+        self._latency.append((now, max(0, now - capture_ns)))
+        self._last_applied_ns = now
+        if path is not None:
+            self._last_file = path
+        self._events += 1
+        self._bytes += nbytes
+
+    def snapshot(self) -> dict:
+        now = time.time_ns()
+        window = [lat for at, lat in self._latency if now - at <= LATENCY_WINDOW_S * 1e9]
+        return {
+            "applied_offset": self._rec.applied,
+            "target_data_state": self._rec.state.value,
+            "target_data_state_reason": self._rec.reason,
+            "target_status": self.status.value,
+            "target_status_detail": self.status_detail,
+            "last_applied_ns": self._last_applied_ns,
+            "last_file": self._last_file,
+            "recovery_point_latency_ms": latency_summary(window),
+            "applied_events": self._events,
+            "applied_bytes": self._bytes,
+            "pid": os.getpid(),
+            "updated_ns": now,
+        }
+
+    def publish(self, force: bool = False) -> None:
+        """Rewrite status.json (at most once a second unless ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._published < PUBLISH_EVERY_S:
+            return
+        self._published = now
+        path = self.state_dir / STATUS_FILE
+        tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.snapshot(), ensure_ascii=False, default=str))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read_snapshot(state_dir: str | os.PathLike) -> dict:
+        """The latest snapshot, for another process. The applied offset and data state come
+        from the durable record; a snapshot whose writer is gone says "Not Loaded"."""
+        state_dir = Path(state_dir)
+        try:
+            snap = json.loads((state_dir / STATUS_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            snap = {"target_status": TargetStatus.NOT_LOADED.value, "recovery_point_latency_ms": latency_summary([])}
+        try:
+            rec = _read_record((state_dir / RECORD_FILE).read_bytes()[:2 * SLOT])
+        except FileNotFoundError:
+            rec = None
+        rec = rec or _Record()
+        snap.update(applied_offset=rec.applied, target_data_state=rec.state.value,
+                    target_data_state_reason=rec.reason)
+        if not _alive(snap.get("pid")):
+            snap["target_status"] = TargetStatus.NOT_LOADED.value
+        return snap
+
+    def close(self) -> None:
+        self.status, self.status_detail = TargetStatus.NOT_LOADED, "applier stopped"
+        self.publish(force=True)
+        os.close(self._fd)
+
+
+def latency_summary(latencies_ns: list[int]) -> dict:
+    """current (the latest), p50 and p99 (nearest rank) in milliseconds, None when empty."""
+    if not latencies_ns:
+        return {"current": None, "p50": None, "p99": None, "samples": 0, "window_s": LATENCY_WINDOW_S}
+    ordered = sorted(latencies_ns)
+
+    def rank(p: float) -> float:
+        return ordered[max(0, math.ceil(p * len(ordered)) - 1)] / 1e6
+
+    return {"current": latencies_ns[-1] / 1e6, "p50": rank(0.50), "p99": rank(0.99),
+            "samples": len(ordered), "window_s": LATENCY_WINDOW_S}
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
