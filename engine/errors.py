@@ -138,3 +138,18 @@ class CaptureFailed(DtError):
 
     template = "capture {backend} on {root} failed: {detail}"
     msgid = "DT-E019"
+
+
+class ApplyFailed(DtError):
+    """The target kept failing an event (full or read-only disk, I/O errors): the job gave
+    up waiting, the target is Mirror Required and the events stay in the log."""
+
+    template = "the target could not apply the events: {detail} (target data state: Mirror Required)"
+    msgid = "DT-E020"
+
+
+class MirrorIncomplete(DtError):
+    """A mirror finished but some objects could not be mirrored (unreadable, too long)."""
+
+    template = "mirror incomplete, {count} object(s) not mirrored (target data state: Mirror Required): {shown}"
+    msgid = "DT-E021"
