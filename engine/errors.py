@@ -153,3 +153,11 @@ class MirrorIncomplete(DtError):
 
     template = "mirror incomplete, {count} object(s) not mirrored (target data state: Mirror Required): {shown}"
     msgid = "DT-E021"
+
+
+class RestoreFailed(DtError):
+    """Restore could not rebuild the state exactly (a corrupt or refused event on the way,
+    the target directory failing): nothing is left in the destination."""
+
+    template = "cannot restore {point}: {reason}"
+    msgid = "DT-E022"
