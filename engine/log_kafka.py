@@ -74,7 +74,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -86,7 +85,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from . import codec, frame, logs
 from .errors import (BackendUnavailable, CorruptRecord, InvalidName, NotFound, OffsetOutOfRange,
                      UsageError)
-from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, LogRecord, check_partition_name
+from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, Log, LogRecord, check_partition_name
 from .offsets import NO_OFFSET
 
 log = logs.get(__name__)
@@ -99,9 +98,18 @@ HEADER_BYTES_BEFORE = "dt-bytes-before"
 GROUP_SEPARATOR = ":"  # never in a partition name: groups are unambiguous
 MAX_RECORD_BYTES = 16 << 20  # largest payload one record may carry
 _BATCH_SLACK = 64 << 10  # room for Kafka's batch and header overhead above one payload
-POLL_S = 0.02  # how often wait() asks for the end offset
+POLL_S = 0.05  # how often wait() asks for the end offset
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{0,40}$")
 _GONE = {KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART}
+# Errors of a cluster in motion (a broker restarting, a leader or coordinator moving): the
+# same call succeeds a moment later, so they are retried until ``timeout_s``.
+_TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+              KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_LEADER_FOR_PARTITION,
+              KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_LEADER_EPOCH,
+              KafkaError.FENCED_LEADER_EPOCH, KafkaError.OFFSET_NOT_AVAILABLE,
+              KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
+              KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.NOT_ENOUGH_REPLICAS,
+              KafkaError.KAFKA_STORAGE_ERROR}
 _DAMAGED = {KafkaError._BAD_MSG, KafkaError._BAD_COMPRESSION}  # failed CRC32C, undecodable batch
 _NS_PER_MS = 1_000_000
 
@@ -115,7 +123,7 @@ class _Tail:
     appended: int  # payload bytes appended before offset ``end``
 
 
-class KafkaLog:
+class KafkaLog(Log):
     """A ``Log`` on a Kafka cluster. Use as a context manager or call ``close``.
 
     ``config`` holds extra client properties for every client (librdkafka names, for
@@ -153,11 +161,13 @@ class KafkaLog:
         self._reader = Consumer({
             **common, "group.id": f"{topic_prefix}reader", "enable.auto.commit": False,
             "enable.auto.offset.store": False, "auto.offset.reset": "error", "check.crcs": True,
+            # A new position waits for the fetch in flight: keep it short. The reader stops
+            # fetching once a read reaches the end, so an idle log does not poll the broker.
             "fetch.wait.max.ms": 10, "queued.max.messages.kbytes": 32768})
         self._closed = False
         self._read_lock = threading.Lock()
         self._reader_next: tuple[str, int] | None = None  # what the reader's queue holds next
-        self._append_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._append_locks: dict[str, threading.Lock] = {}
         self._tails: dict[str, _Tail] = {}
         log.info("log opened", msgid="DT-K101", bootstrap=bootstrap, prefix=topic_prefix)
 
@@ -185,16 +195,11 @@ class KafkaLog:
 
     def ensure_partition(self, partition: str) -> None:
         topic = self._topic(partition)
-        future = self._admin.create_topics(
-            [NewTopic(topic, 1, self._replication, config=self._topic_config)],
-            request_timeout=self._timeout_s)[topic]
-        try:
-            future.result()
-            log.info("partition created", msgid="DT-K103", topic=topic)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise self._unavailable(f"creating topic {topic}", exc) from exc
+        new = NewTopic(topic, 1, self._replication, config=self._topic_config)
+        self._call(lambda: self._admin.create_topics([new], request_timeout=self._timeout_s)[topic],
+                   f"creating topic {topic}", ignore={KafkaError.TOPIC_ALREADY_EXISTS})
         self._until(lambda: self._present(topic), f"topic {topic} to appear")
+        log.info("partition ensured", msgid="DT-K103", topic=topic)
 
     def drop_partition(self, partition: str) -> None:
         topic = self._topic(partition)
@@ -202,12 +207,12 @@ class KafkaLog:
         groups = list(self._groups(topic))
         # The topic first: Kafka drops the groups' offsets on it with it, so even a failed
         # group deletion below cannot resurrect offsets for a later topic of the same name.
-        self._wait(self._admin.delete_topics([topic], operation_timeout=self._timeout_s)[topic],
+        self._call(lambda: self._admin.delete_topics([topic], operation_timeout=self._timeout_s)[topic],
                    f"deleting topic {topic}", ignore={KafkaError.UNKNOWN_TOPIC_OR_PART})
-        if groups:
-            for group, future in self._admin.delete_consumer_groups(groups, request_timeout=self._timeout_s).items():
-                self._wait(future, f"deleting consumer group {group}", ignore={KafkaError.GROUP_ID_NOT_FOUND})
-        with self._append_locks[topic]:
+        for group in groups:
+            self._call(lambda: self._admin.delete_consumer_groups([group], request_timeout=self._timeout_s)[group],
+                       f"deleting consumer group {group}", ignore={KafkaError.GROUP_ID_NOT_FOUND})
+        with self._append_lock(topic):
             self._tails.pop(topic, None)
         with self._read_lock:
             if self._reader_next and self._reader_next[0] == topic:
@@ -230,7 +235,7 @@ class KafkaLog:
             raise UsageError(detail="append takes a sequence of values, not one bytes object")
         topic = self._topic(partition)
         stamp = time.time_ns() if timestamp_ns is None else int(timestamp_ns)
-        with self._append_locks[topic]:
+        with self._append_lock(topic):
             tail = self._tail(topic, partition)
             if not values:
                 return tail.end
@@ -278,7 +283,7 @@ class KafkaLog:
         """Kafka finds the ms; the ns headers settle the records of that one ms."""
         topic = self._topic(partition)
         low, high = self._watermarks(topic, partition)
-        first_ms = timestamp_ns // _NS_PER_MS
+        first_ms = max(0, timestamp_ns // _NS_PER_MS)  # Kafka reads negative times as special offsets
         # Every record before ``lower`` is older than first_ms; every one from ``upper`` on is
         # at least a ms newer, hence >= timestamp_ns. Timestamps never decrease (append).
         lower = max(low, self._offset_at_ms(topic, first_ms, high))
@@ -297,11 +302,10 @@ class KafkaLog:
         new_start = min(offset, high)
         if new_start <= low:
             return
-        future = self._admin.delete_records([TopicPartition(topic, 0, new_start)],
-                                            request_timeout=self._timeout_s,
-                                            operation_timeout=self._timeout_s)
-        for future in future.values():
-            self._wait(future, f"deleting records of {topic} below {new_start}")
+        where = TopicPartition(topic, 0, new_start)
+        self._call(lambda: self._admin.delete_records([where], request_timeout=self._timeout_s,
+                                                      operation_timeout=self._timeout_s)[where],
+                   f"deleting records of {topic} below {new_start}")
         log.info("log truncated", msgid="DT-K105", topic=topic, start=new_start)
 
     def size(self, partition: str) -> tuple[int, int]:
@@ -329,7 +333,7 @@ class KafkaLog:
             raise OffsetOutOfRange(offset=offset, start=NO_OFFSET, end=high)
         group = self._group(topic, consumer)
         request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0, offset + 1)])
-        result = self._wait(self._admin.alter_consumer_group_offsets(
+        result = self._call(lambda: self._admin.alter_consumer_group_offsets(
             [request], request_timeout=self._timeout_s)[group], f"committing offset of {group}")
         for tp in result.topic_partitions:
             if tp.error is not None:
@@ -356,22 +360,31 @@ class KafkaLog:
         self._check_open()
         return self.prefix + check_partition_name(partition)
 
+    def _append_lock(self, topic: str) -> threading.Lock:
+        return self._append_locks.setdefault(topic, threading.Lock())  # atomic: one lock per topic
+
     def _group(self, topic: str, consumer: str) -> str:
         return f"{topic}{GROUP_SEPARATOR}{consumer}"
 
     def _unavailable(self, what: str, exc: Exception) -> BackendUnavailable:
         return BackendUnavailable(backend=self._backend, detail=f"{what}: {exc}")
 
-    def _wait(self, future, what: str, ignore: frozenset | set = frozenset()):
-        """The result of an admin future; Kafka errors in ``ignore`` count as success."""
-        try:
-            return future.result(timeout=self._timeout_s)
-        except KafkaException as exc:
-            if exc.args[0].code() in ignore:
-                return None
-            raise self._unavailable(what, exc) from exc
-        except TimeoutError as exc:
-            raise self._unavailable(what, exc) from exc
+    def _call(self, submit, what: str, ignore: frozenset | set = frozenset()):
+        """Run one admin request (``submit()`` returns its future) and return its result;
+        transient errors are retried, errors in ``ignore`` count as success (None)."""
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                return submit().result(timeout=self._timeout_s)
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.code() in ignore:
+                    return None
+                if not _transient(error) or time.monotonic() > deadline:
+                    raise self._unavailable(what, exc) from exc
+            except TimeoutError as exc:
+                raise self._unavailable(what, exc) from exc
+            time.sleep(POLL_S)
 
     def _until(self, condition, what: str) -> None:
         deadline = time.monotonic() + self._timeout_s
@@ -392,20 +405,29 @@ class KafkaLog:
         return (found is not None and found.error is None and 0 in found.partitions
                 and found.partitions[0].leader >= 0)
 
-    def _watermarks(self, topic: str, partition: str, refreshed: bool = False) -> tuple[int, int]:
-        """(start, end) offsets of the topic; NotFound when it does not exist."""
-        try:
-            return self._reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=self._timeout_s,
-                                                      cached=False)
-        except KafkaException as exc:
-            if exc.args[0].code() not in _GONE:
+    def _watermarks(self, topic: str, partition: str) -> tuple[int, int]:
+        """(start, end) offsets of the topic; NotFound when it does not exist. Errors Kafka
+        calls retriable (a leader just elected, a broker restarting) are retried until
+        ``timeout_s``."""
+        deadline = time.monotonic() + self._timeout_s
+        refreshed = False
+        while True:
+            try:
+                return self._reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=self._timeout_s,
+                                                          cached=False)
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.code() in _GONE:
+                    if refreshed or not self._reader_knows(topic):
+                        raise NotFound(what="partition", name=partition) from exc
+                    refreshed = True
+                elif not _transient(error) or time.monotonic() > deadline:
+                    raise self._unavailable(f"reading the offsets of {topic}", exc) from exc
+                else:
+                    time.sleep(POLL_S)
+            except RuntimeError as exc:  # the reader was closed by another thread
+                self._check_open()
                 raise self._unavailable(f"reading the offsets of {topic}", exc) from exc
-            if not refreshed and self._reader_knows(topic):
-                return self._watermarks(topic, partition, refreshed=True)
-            raise NotFound(what="partition", name=partition) from exc
-        except RuntimeError as exc:  # the reader was closed by another thread
-            self._check_open()
-            raise self._unavailable(f"reading the offsets of {topic}", exc) from exc
 
     def _reader_knows(self, topic: str) -> bool:
         """Refresh the reader's metadata of ``topic`` (its cache may predate the topic's
@@ -476,7 +498,11 @@ class KafkaLog:
             if self._reader_next != (topic, start):
                 self._reader.assign([TopicPartition(topic, 0, start)])
             self._reader_next = None  # unknown unless this fetch ends cleanly
-            messages, ahead = self._consume(topic, partition, start, stop, max_bytes)
+            try:
+                messages, ahead = self._consume(topic, partition, start, stop, max_bytes)
+            except BaseException:
+                self._reader.unassign()
+                raise
             if more and not ahead:
                 self._reader_next = (topic, start + len(messages))
             else:
@@ -543,7 +569,7 @@ class KafkaLog:
 
     def _groups(self, topic: str):
         """Ids of the consumer groups named after ``topic`` (those this backend commits)."""
-        listing = self._wait(self._admin.list_consumer_groups(request_timeout=self._timeout_s),
+        listing = self._call(lambda: self._admin.list_consumer_groups(request_timeout=self._timeout_s),
                              "listing consumer groups")
         prefix = topic + GROUP_SEPARATOR
         return (group.group_id for group in listing.valid if group.group_id.startswith(prefix))
@@ -553,13 +579,17 @@ class KafkaLog:
         found = {}
         for group in groups:  # the client asks about one group per request
             request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])
-            result = self._wait(self._admin.list_consumer_group_offsets(
+            result = self._call(lambda: self._admin.list_consumer_group_offsets(
                 [request], request_timeout=self._timeout_s)[group], f"reading offsets of {group}",
                 ignore={KafkaError.GROUP_ID_NOT_FOUND})
             for tp in result.topic_partitions if result else ():
                 if tp.error is None and tp.offset != OFFSET_INVALID and tp.offset >= 0:
                     found[group[len(topic) + 1:]] = tp.offset - 1
         return found
+
+
+def _transient(error: KafkaError) -> bool:
+    return error.retriable() or error.code() in _TRANSIENT
 
 
 def _valid_name(name: str) -> bool:
