@@ -81,6 +81,7 @@ class Snapshot:
     reason: str
     copied_files: int | None = None   # linktree: files copied / hard-linked from the previous
     linked_files: int | None = None
+    data_state: str = "OK"   # the target data state at ``offset`` (a replay continues from it)
     folder: Path | None = None
 
     @property
@@ -142,7 +143,7 @@ def _read_meta(folder: Path) -> Snapshot:
 
 def take_snapshot(target_root: str | Path, snapshots_dir: str | Path, applied_offset: int,
                   applied_time_ns: int | None, *, reason: str = "manual", kind: str | None = None,
-                  now_ns: int | None = None) -> Snapshot:
+                  data_state: str = "OK", now_ns: int | None = None) -> Snapshot:
     """Snapshot ``target_root`` as the state at ``applied_offset``.
 
     The caller guarantees no event is applied meanwhile. ``kind`` None picks the best the
@@ -176,7 +177,8 @@ def take_snapshot(target_root: str | Path, snapshots_dir: str | Path, applied_of
                 raise UsageError(detail=f"unknown snapshot kind {chosen!r} (use one of {', '.join(KINDS)})")
             _syncfs(folder)
             snap = Snapshot(id=folder.name, offset=applied_offset, time_ns=applied_time_ns, taken_ns=taken,
-                            kind=chosen, reason=reason, copied_files=counts[0], linked_files=counts[1])
+                            kind=chosen, reason=reason, copied_files=counts[0], linked_files=counts[1],
+                            data_state=data_state)
             meta = {k: v for k, v in asdict(snap).items() if k != "folder"}
             write_atomic(folder / META, json.dumps(meta, indent=1).encode(), mode=0o644)
         except BaseException:

@@ -32,33 +32,35 @@ def corrupt_embedded(log, partition: str, offset: int) -> None:
     records[key] = bytes(damaged)
 
 
-def tree_state(root) -> dict:
-    """Everything restore and snapshots must keep, per relative path: type, mode, owner,
-    mtime, content or link target, extended attributes and which paths share an inode."""
+def tree_state(root, times: bool = True) -> dict:
+    """Everything restore and snapshots must keep, per relative path ('' is the root): type,
+    mode, owner, content or link target, extended attributes, which paths share an inode,
+    and (``times``) modification times. Times of objects an event did not set are the times
+    they were applied at, which a replay at another moment cannot reproduce."""
     import os
     import stat
     from pathlib import Path
 
     root = Path(root)
     state, inodes = {}, {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(folder, name)
-            rel = str(path.relative_to(root))
-            st = path.lstat()
-            entry = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid}
-            if stat.S_ISREG(st.st_mode):
-                entry["data"] = path.read_bytes()
-                entry["mtime"] = st.st_mtime_ns
-                inodes.setdefault(st.st_ino, []).append(rel)
-                entry["inode"] = st.st_ino
-            elif stat.S_ISLNK(st.st_mode):
-                entry["target"] = os.readlink(path)
-            else:
-                entry["mtime"] = st.st_mtime_ns
-            if not stat.S_ISLNK(st.st_mode):
-                entry["xattrs"] = {n: os.getxattr(path, n) for n in sorted(os.listxattr(path))}
-            state[rel] = entry
+    paths = [root]
+    for folder, dirs, names in os.walk(root):
+        paths += [Path(folder, name) for name in dirs + names]
+    for path in paths:
+        rel = "" if path == root else str(path.relative_to(root))
+        st = path.lstat()
+        entry = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid}
+        if times and not stat.S_ISLNK(st.st_mode):
+            entry["mtime"] = st.st_mtime_ns
+        if stat.S_ISREG(st.st_mode):
+            entry["data"] = path.read_bytes()
+            inodes.setdefault(st.st_ino, []).append(rel)
+            entry["inode"] = st.st_ino
+        elif stat.S_ISLNK(st.st_mode):
+            entry["target"] = os.readlink(path)
+        if not stat.S_ISLNK(st.st_mode):
+            entry["xattrs"] = {n: os.getxattr(path, n) for n in sorted(os.listxattr(path))}
+        state[rel] = entry
     for entry in state.values():  # hard links inside the tree (not to other trees) count
         group = inodes.get(entry.pop("inode", None), [])
         if len(group) > 1:
