@@ -53,6 +53,7 @@ log = logs.get(__name__)
 THROTTLE_POLL_S = 0.01  # how often a throttled append looks for room again
 MIRROR_SHARE = 0.5      # the part of the limit a throttled (mirror) append may fill
 _TRIM_AT = 1 << 16      # forget sizes of applied records once this many accumulated
+_FREE_SPACE = "minimum free space"
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,9 @@ class SourceQueue:
                 reason = self._no_room(size, share=MIRROR_SHARE)
                 if reason is None:
                     return self._append_locked(values)
-                if self._queued_bytes_locked() == 0 and self._no_room(size, share=1.0):
-                    raise QueueFull(queue="source", limit=self._limit_for(reason))
+                full = self._no_room(size, share=1.0)
+                if self._queued_bytes_locked() == 0 and full:
+                    raise self._full_error(full)
             if self._closed.wait(THROTTLE_POLL_S):
                 raise BackendUnavailable(backend=f"source queue of {self.partition}", detail="closed")
 
@@ -171,6 +173,10 @@ class SourceQueue:
             log.info("source queue recording again", msgid="DT-D002", partition=self.partition,
                      dropped_events=dropped)
         return dropped
+
+    def refusal(self) -> QueueFull:
+        """The error a producer raises for events ``offer`` dropped (names the limit hit)."""
+        return self._full_error(self._overflow or "")
 
     def close(self) -> None:
         """Wake throttled appends (they raise); offers and appends still work."""
@@ -249,13 +255,13 @@ class SourceQueue:
         if total is not None and self._queued_bytes_locked() + size > total * share:
             return f"queue limit of {total} bytes (memory {self.limits.memory_bytes} + disk {self.limits.disk_bytes})"
         if free_bytes(self._space_path) - size < self.limits.min_free_bytes:
-            return f"minimum free space of {self.limits.min_free_bytes} bytes on {os.fspath(self._space_path)}"
+            return f"{_FREE_SPACE} of {self.limits.min_free_bytes} bytes on {os.fspath(self._space_path)}"
         return None
 
-    def _limit_for(self, reason: str) -> int:
-        if reason.startswith("queue limit"):
-            return self.limits.total_bytes or 0
-        return self.limits.min_free_bytes
+    def _full_error(self, reason: str) -> QueueFull:
+        if reason.startswith(_FREE_SPACE):
+            return QueueFull(queue="source (minimum free space)", limit=self.limits.min_free_bytes)
+        return QueueFull(queue="source", limit=self.limits.total_bytes or 0)
 
     def _load_backlog(self) -> None:
         """Count records left unapplied by an earlier run (a restart resumes with them)."""

@@ -171,3 +171,12 @@ def test_sizes_of_applied_records_are_forgotten_without_changing_counts(elog, tm
     queue.append([b"yy"])  # the append trims what is applied
     assert len(queue._cum) < count
     assert (queue.stats().ops, queue.stats().bytes) == (6, 5 * 3 + 2)
+
+
+def test_refusal_names_the_limit_hit(elog, tmp_path):
+    by_size = make(elog, tmp_path, Applied(), memory=10)
+    by_size.offer([b"x" * 11])
+    assert by_size.refusal().params == {"queue": "source", "limit": 10}
+    by_space = make(elog, tmp_path, Applied(), memory=1 << 40, disk=None, min_free=free_bytes(tmp_path) + MiB)
+    by_space.offer([b"x"])
+    assert by_space.refusal().params["queue"] == "source (minimum free space)"
