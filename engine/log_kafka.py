@@ -11,7 +11,9 @@ Log                         Kafka
 partition ``P``             topic ``<prefix>P`` with exactly one Kafka partition, so the
                             order of records is total; created and deleted through the
                             admin client, never implicitly (auto-creation is off in every
-                            client this backend opens)
+                            client this backend opens). Kafka refuses a name that differs
+                            from an existing topic's only by '.' versus '_' (their metrics
+                            would collide): ensure_partition raises InvalidName for it
 offset                      the Kafka offset (dense: no transactions, no compaction)
 record value                ``frame.seal(payload)``, the checksummed frame of engine/frame.py
 record timestamp            Kafka CreateTime in ms; the exact ns value in a header
@@ -60,13 +62,20 @@ between the appending process and the reader).
 
 Retention
 ---------
-Topics are created with time and size retention from the constructor (``retention_s``,
-``retention_bytes``: the product's history window); both default to unlimited, so only
-``truncate_before`` removes records. Kafka's own retention deletes whole segments by age or
-size regardless of consumers; a consumer that falls behind it gets OffsetOutOfRange.
-Kafka expires committed offsets of a group without members after
+The product's history window and byte bound are enforced by engine/retention.py through
+``truncate_before``, as for every backend: it never drops a record some consumer has not
+processed. Topics are therefore created with Kafka's own time and size retention off
+(``retention.ms=-1``, ``retention.bytes=-1``; a cluster default such as 7 days would
+otherwise delete unconsumed records). ``retention_s`` and ``retention_bytes`` set them
+anyway, as an outer bound an operator may want on a shared cluster; Kafka then deletes
+whole segments regardless of consumers, and a consumer that falls behind gets
+OffsetOutOfRange (never a silent jump), i.e. its connection needs a remirror.
+Kafka expires the committed offsets of a group without members after
 ``offsets.retention.minutes`` (7 days by default): clusters that hold paused consumers
 longer should raise it (the project's test broker keeps them a year).
+
+Requirements: Kafka 3.6 or later (topics are created with ``message.timestamp.after.max.ms``
+so that a source clock ahead of the broker's is not refused), KRaft or ZooKeeper alike.
 """
 
 from __future__ import annotations
@@ -128,7 +137,8 @@ class KafkaLog(Log):
 
     ``config`` holds extra client properties for every client (librdkafka names, for
     example ``**{"security.protocol": "SSL"}``). ``replication_factor=-1`` takes the
-    cluster's default for new topics.
+    cluster's default for new topics. ``timeout_s`` bounds each call against the cluster
+    (metadata, offsets, admin requests, reads); ``delivery_timeout_s`` bounds an append.
     """
 
     def __init__(self, bootstrap: str, *, topic_prefix: str = "dt.", retention_s: int | None = None,
@@ -196,8 +206,14 @@ class KafkaLog(Log):
     def ensure_partition(self, partition: str) -> None:
         topic = self._topic(partition)
         new = NewTopic(topic, 1, self._replication, config=self._topic_config)
-        self._call(lambda: self._admin.create_topics([new], request_timeout=self._timeout_s)[topic],
-                   f"creating topic {topic}", ignore={KafkaError.TOPIC_ALREADY_EXISTS})
+        try:
+            self._call(lambda: self._admin.create_topics([new], request_timeout=self._timeout_s)[topic],
+                       f"creating topic {topic}", ignore={KafkaError.TOPIC_ALREADY_EXISTS})
+        except BackendUnavailable as exc:
+            cause = exc.__cause__.args[0] if isinstance(exc.__cause__, KafkaException) else None
+            if cause is not None and cause.code() == KafkaError.TOPIC_EXCEPTION:  # invalid or colliding name
+                raise InvalidName(name=partition, reason=cause.str()) from exc
+            raise
         self._until(lambda: self._present(topic), f"topic {topic} to appear")
         log.info("partition ensured", msgid="DT-K103", topic=topic)
 

@@ -12,7 +12,7 @@ from contract.log_contract import LogContract, values
 from kafka_fixture import damage_batch, unique_prefix
 
 from datatether.engine import frame
-from datatether.engine.errors import BackendUnavailable, CorruptRecord
+from datatether.engine.errors import BackendUnavailable, CorruptRecord, InvalidName
 from datatether.engine.log_kafka import EVENT_SCHEMA, HEADER_SCHEMA, HEADER_TIME, KafkaLog
 from datatether.tools.kafka_broker import free_port
 
@@ -141,3 +141,11 @@ def test_an_unreachable_cluster_is_backend_unavailable():
     with KafkaLog(f"127.0.0.1:{free_port()}", timeout_s=1) as unreachable:
         with pytest.raises(BackendUnavailable):
             unreachable.end_offset("p")
+
+
+def test_names_kafka_would_confuse_are_invalid(log):
+    """Kafka treats '.' and '_' alike in topic names (metrics); the second name is refused."""
+    log.ensure_partition("a.b")
+    with pytest.raises(InvalidName, match="collides"):
+        log.ensure_partition("a_b")
+    assert log.partitions() == ["a.b", "p"]
