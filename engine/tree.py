@@ -165,7 +165,10 @@ class Tree:
 
     def entry(self, rel: str) -> Entry | None:
         """The object at ``rel`` now, or None when there is none (or it cannot be seen)."""
-        path = self._abs_bytes(rel)
+        # The root is named through "/." so a root given as a path through a link to a
+        # directory (a daemon reads a source beneath its capture mount through
+        # /proc/self/fd/N) is seen as that directory; every entry below is never followed.
+        path = self._abs_bytes(rel) if rel else self._root_bytes + b"/."
         if len(path) > MAX_PATH:
             return None
         try:
