@@ -14,6 +14,7 @@ from kafka_fixture import damage_batch, unique_prefix
 from datatether.engine import frame
 from datatether.engine.errors import BackendUnavailable, CorruptRecord, InvalidName
 from datatether.engine.log_kafka import EVENT_SCHEMA, HEADER_SCHEMA, HEADER_TIME, KafkaLog
+from datatether.engine.retention import apply_retention
 from datatether.tools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
@@ -149,3 +150,14 @@ def test_names_kafka_would_confuse_are_invalid(log):
     with pytest.raises(InvalidName, match="collides"):
         log.ensure_partition("a_b")
     assert log.partitions() == ["a.b", "p"]
+
+
+def test_the_product_retention_policy_runs_on_kafka(log):
+    """engine/retention.py drives truncate_before: consumed history outside the window goes,
+    the unconsumed queue stays, whatever its age."""
+    old = values(4, "old", size=100)
+    log.append("p", old, timestamp_ns=1_000_000_000)
+    log.append("p", values(2, "new"))
+    log.commit("p", "applier", 1)
+    assert apply_retention(log, "p", window_s=3600, max_bytes=None) == 2
+    assert log.size("p") == (sum(map(len, old[2:] + values(2, "new"))), 4)
