@@ -302,7 +302,7 @@ class Applier:
             if start >= first:
                 raise
             self._lost_before(first)
-            return []
+            return self._read(max_events)
 
     def _lost_before(self, first: int) -> None:
         log.error("events were removed from the log before being applied", msgid="DT-A008",

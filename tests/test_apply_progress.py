@@ -1,0 +1,130 @@
+"""The applied-offset record: torn writes, unclean machine stops, the status snapshot."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from datatether.apply import progress as progress_mod
+from datatether.apply.progress import RECORD_FILE, SLOT, Progress, latency_summary
+from datatether.engine.errors import BackendUnavailable
+from datatether.engine.offsets import NO_OFFSET
+from datatether.engine.states import TargetDataState, TargetStatus
+
+
+def test_a_new_store_is_not_ready_and_empty(tmp_path):
+    p = Progress(tmp_path)
+    assert (p.applied_offset, p.data_state, p.fresh, p.task_offset) == \
+        (NO_OFFSET, TargetDataState.NOT_READY, True, NO_OFFSET)
+    p.close()
+
+
+def test_commits_survive_reopening_with_state_and_reason(tmp_path):
+    p = Progress(tmp_path)
+    p.set_data_state(TargetDataState.MIRROR_REQUIRED, "gap: overflow")
+    p.commit(41)
+    p.commit(42)
+    p.close()
+    p = Progress(tmp_path)
+    assert (p.applied_offset, p.data_state, p.data_state_reason, p.fresh) == \
+        (42, TargetDataState.MIRROR_REQUIRED, "gap: overflow", False)
+    p.close()
+
+
+def test_a_torn_record_falls_back_to_the_previous_one(tmp_path):
+    p = Progress(tmp_path)
+    p.commit(7)
+    p.commit(8)  # seq 2: slot 0
+    p.close()
+    with open(tmp_path / RECORD_FILE, "r+b") as f:
+        f.seek(100)
+        f.write(b"torn")
+    p = Progress(tmp_path)
+    assert p.applied_offset == 7 and p.data_state is TargetDataState.NOT_READY
+    p.close()
+
+
+def test_an_unreadable_record_means_mirror_required(tmp_path):
+    (tmp_path / RECORD_FILE).write_bytes(os.urandom(2 * SLOT))
+    p = Progress(tmp_path)
+    assert p.fresh and p.applied_offset == NO_OFFSET and p.data_state is TargetDataState.MIRROR_REQUIRED
+    p.close()
+
+
+def reboot(monkeypatch) -> None:
+    monkeypatch.setattr(progress_mod, "boot_id", lambda: b"another boot id!")
+
+
+def test_machine_stop_while_dirty_means_mirror_required(tmp_path, monkeypatch):
+    p = Progress(tmp_path)
+    p.set_data_state(TargetDataState.OK)
+    p.commit(3, synced=True)
+    p.mark_dirty()
+    p.commit(5)
+    p.close()
+    reboot(monkeypatch)
+    p = Progress(tmp_path)
+    assert p.applied_offset == 5 and p.data_state is TargetDataState.MIRROR_REQUIRED
+    p.close()
+
+
+def test_machine_stop_after_a_checkpoint_keeps_the_state(tmp_path, monkeypatch):
+    p = Progress(tmp_path)
+    p.set_data_state(TargetDataState.OK)
+    p.commit(5, synced=True)
+    p.close()
+    reboot(monkeypatch)
+    p = Progress(tmp_path)
+    assert p.applied_offset == 5 and p.data_state is TargetDataState.OK and p.synced
+    p.mark_dirty()
+    assert not p.synced
+    p.close()
+
+
+def test_a_task_stays_in_flight_until_its_own_offset_is_committed(tmp_path):
+    p = Progress(tmp_path)
+    p.commit(9)
+    p.begin_task(10)
+    p.commit(9)
+    p.close()
+    p = Progress(tmp_path)
+    assert p.task_offset == 10
+    p.commit(10)
+    assert p.task_offset == NO_OFFSET
+    p.close()
+
+
+def test_one_process_at_a_time(tmp_path):
+    p = Progress(tmp_path)
+    with pytest.raises(BackendUnavailable):
+        Progress(tmp_path)
+    p.close()
+
+
+def test_snapshot_for_other_processes(tmp_path):
+    p = Progress(tmp_path)
+    p.set_data_state(TargetDataState.OK)
+    for i, latency_ms in enumerate([5, 1, 3, 2, 4]):
+        p.sample(capture_ns=10**18, path=f"f{i}", nbytes=10, applied_ns=10**18 + latency_ms * 10**6)
+    p.commit(4)
+    p.set_status(TargetStatus.RETRYING, "event 5: [Errno 28] No space left on device")
+    snap = Progress.read_snapshot(tmp_path)
+    assert snap["applied_offset"] == 4 and snap["target_data_state"] == "OK"
+    assert snap["target_status"] == "Retrying" and "No space" in snap["target_status_detail"]
+    assert snap["last_file"] == "f4" and snap["applied_events"] == 5 and snap["applied_bytes"] == 50
+    p.close()
+    assert Progress.read_snapshot(tmp_path)["target_status"] == "Not Loaded"
+
+
+def test_latency_summary_nearest_rank():
+    assert latency_summary([])["p50"] is None
+    s = latency_summary([m * 10**6 for m in [5, 1, 3, 2, 4]])
+    assert (s["current"], s["p50"], s["p99"], s["samples"]) == (4.0, 3.0, 5.0, 5)
+    hundred = latency_summary([m * 10**6 for m in range(1, 101)])
+    assert (hundred["p50"], hundred["p99"]) == (50.0, 99.0)
+
+
+def test_snapshot_of_a_target_never_loaded(tmp_path):
+    snap = Progress.read_snapshot(tmp_path / "nothing")
+    assert snap["target_status"] == "Not Loaded" and snap["applied_offset"] == NO_OFFSET
