@@ -5,8 +5,10 @@ both broker and controller, on loopback, with a real log directory).
 
 or from Python (tests)::
 
-    with kafka_broker.start(tmp_dir) as broker:
+    with kafka_broker.start(tmp_dir) as broker:   # a Broker; leaving the block stops it
         KafkaLog(broker.bootstrap)
+        broker.kill()       # SIGKILL, as a crash
+        broker.restart()    # same dir, same port: clients reconnect
 
 How it gets there:
 1. **Jars**: ``mvn dependency:copy-dependencies`` on tools/kafka/pom.xml gathers Kafka and its
