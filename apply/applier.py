@@ -44,10 +44,13 @@ name, replayed from before the Rename, would move the new file over the old one.
 commit before each commit point is what rules that out. Task commands, the one effect
 outside the target tree, run at most once (apply/tasks.py).
 
-Durability against the machine going down: a checkpoint every CHECKPOINT_S seconds while
-applying and after IDLE_CHECKPOINT_S seconds without events syncs the target file system
-and writes a synced progress record; a Barrier fsyncs its file and directory and makes the
-record durable. apply/progress.py says how an unclean machine stop is detected.
+Durability against the machine going down: once no event has changed the target for
+IDLE_CHECKPOINT_S seconds, a checkpoint syncs the target file system and writes a synced
+progress record (and ``close`` does). Checkpoints while events keep coming would buy
+nothing: the record is marked dirty again before the next effect, and a machine stop while
+it is dirty makes the target Mirror Required whatever was synced before (apply/progress.py).
+A Barrier fsyncs its file and its directory and makes the record durable, so what the
+source application made durable is durable on the target too.
 
 Failures
 --------
@@ -105,7 +108,9 @@ Message ids: DT-A001 loaded, DT-A002 event refused, DT-A003 target diverged, DT-
 retrying, DT-A005 resumed after retrying, DT-A006 digest mismatch, DT-A007 gap, DT-A008
 events removed before being applied, DT-A009..A011 tasks (apply/tasks.py), DT-A012
 directory kept, DT-A013/A014 progress (apply/progress.py), DT-A015 applied offset lost,
-DT-A016 delete ignored, DT-A017 mirror pass complete; state changes DT-S001.
+DT-A016 delete ignored, DT-A017 mirror pass complete, DT-A018 advisory consumer offset
+not committed, DT-A019 status snapshot not written (apply/progress.py); state changes
+DT-S001.
 """
 
 from __future__ import annotations
@@ -134,7 +139,6 @@ from .tasks import TaskRunner
 
 log = logs.get(__name__)
 
-CHECKPOINT_S = 10.0
 IDLE_CHECKPOINT_S = 1.0
 CONSUMER_COMMIT_S = 1.0
 WAIT_SLICE_S = 0.5
@@ -174,7 +178,6 @@ class Applier:
         self._durable = False  # the commit after the current event must be fsynced
         now = time.monotonic()
         self._last_effect = now
-        self._next_checkpoint = now + CHECKPOINT_S
         self._next_consumer_commit = now
         self._consumer_committed = NO_OFFSET
         self._handlers: dict[type, Callable] = {
@@ -248,15 +251,13 @@ class Applier:
             elif status is TargetStatus.PAUSED:
                 stop_event.wait(WAIT_SLICE_S)
             elif applied == 0:
-                self._wait_for_events(stop_event)
+                self._wait_for_events()
 
-    def _wait_for_events(self, stop_event: threading.Event) -> None:
+    def _wait_for_events(self) -> None:
         try:
             self.log.wait(self.partition, self._last + 1, WAIT_SLICE_S)
         except Exception as exc:  # noqa: BLE001 - the Log failing holds the queue, never crashes
             self._hold(exc, self._last + 1)
-            return
-        self._housekeeping()
 
     # -- one batch -----------------------------------------------------------------------
 
@@ -276,17 +277,24 @@ class Applier:
                 offset = record.offset
                 self._apply(record)
                 applied += 1
-        except Exception as exc:  # noqa: BLE001 - transient or unknown: hold the queue, never skip
             self._commit_pending()
-            self._hold(exc, offset)
+            self._housekeeping()
+        except Exception as exc:  # noqa: BLE001 - transient or unknown: hold the queue, never skip
+            self._hold(self._commit_what_is_done(exc), offset)
             return applied
-        self._commit_pending()
         if self.progress.status is not TargetStatus.OK:
             if self.progress.status is TargetStatus.RETRYING:
                 log.info("resumed", msgid="DT-A005", partition=self.partition, applied=self._last)
             self.progress.set_status(TargetStatus.OK)
-        self._housekeeping()
         return applied
+
+    def _commit_what_is_done(self, exc: Exception) -> Exception:
+        """After a failure: commit the events applied before it; returns the error to report."""
+        try:
+            self._commit_pending()
+        except OSError as commit_exc:  # the state directory fails too: that is the news
+            return commit_exc
+        return exc
 
     def _read(self, max_events: int) -> list[LogRecord | "_Corrupt"]:
         start = self._last + 1
@@ -373,8 +381,7 @@ class Applier:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        if not self.progress.synced and (now >= self._next_checkpoint
-                                         or now - self._last_effect >= IDLE_CHECKPOINT_S):
+        if not self.progress.synced and now - self._last_effect >= IDLE_CHECKPOINT_S:
             self.checkpoint()
         if now >= self._next_consumer_commit and self._consumer_committed != self.progress.applied_offset:
             self._commit_consumer()
@@ -386,16 +393,21 @@ class Applier:
         for fd in self._device_fds.values():
             os.fsync(fd)
         self.progress.commit(self._last, synced=True)
-        self._next_checkpoint = time.monotonic() + CHECKPOINT_S
         self._commit_consumer()
 
     def _commit_consumer(self) -> None:
         """Advisory: tells retention and queue accounting how far the target is."""
         applied = self.progress.applied_offset
-        if applied != NO_OFFSET:
-            self.log.commit(self.partition, self.consumer, applied)
-        self._consumer_committed = applied
         self._next_consumer_commit = time.monotonic() + CONSUMER_COMMIT_S
+        if applied == NO_OFFSET:
+            return
+        try:
+            self.log.commit(self.partition, self.consumer, applied)
+        except Exception as exc:  # noqa: BLE001 - advisory; the applied offset is the Progress
+            log.warning("consumer offset not committed", msgid="DT-A018", partition=self.partition,
+                        error=repr(exc))
+            return
+        self._consumer_committed = applied
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -15,6 +15,8 @@ import os
 import shutil
 import stat
 
+import blake3
+
 from datatether.engine.errors import InvalidEvent, PathEscapes
 from datatether.engine.events import FileKind
 
@@ -197,8 +199,9 @@ def copy_unlinked(loc: Loc) -> None:
                 if n == 0:
                     break
                 copied += n
-            tmp_name = f".dt-unlinked-{os.getpid()}"
-            remove(Loc(loc.path, loc.dir_fd, tmp_name))  # left by a crash
+            # Named after the file, so applying the event again removes what a crash left.
+            tmp_name = ".dt-unlinked-" + blake3.blake3(os.fsencode(loc.name)).hexdigest(16)
+            remove(Loc(loc.path, loc.dir_fd, tmp_name))
             os.link(f"/proc/self/fd/{tmp}", tmp_name, dst_dir_fd=loc.dir_fd, follow_symlinks=True)
             os.rename(tmp_name, loc.name, src_dir_fd=loc.dir_fd, dst_dir_fd=loc.dir_fd)
         finally:

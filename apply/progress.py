@@ -33,7 +33,8 @@ Required (DT-A013), since replaying from an older offset over a partly persisted
 would not be exact.
 
 ``status.json`` beside it is a snapshot for readers in other processes (``dt status``):
-rewritten by rename, at most once a second and on every state change; advisory.
+rewritten by rename, at most once a second and on every state change; advisory (a
+failure to write it is logged, DT-A019, never raised).
 """
 
 from __future__ import annotations
@@ -263,8 +264,11 @@ class Progress:
         self._published = now
         path = self.state_dir / STATUS_FILE
         tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.snapshot(), ensure_ascii=False, default=str))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.snapshot(), ensure_ascii=False, default=str))
+            os.replace(tmp, path)
+        except OSError as exc:  # advisory: a full state disk must not stop the applier
+            log.warning("status snapshot not written", msgid="DT-A019", path=str(path), error=str(exc))
 
     @staticmethod
     def read_snapshot(state_dir: str | os.PathLike) -> dict:

@@ -396,6 +396,10 @@ def test_applying_any_event_a_second_time_changes_nothing(t):
 def test_applied_offset_survives_a_restart(t):
     t.apply(file_("f"), ev.Write("f", 0, b"x"))
     t.close()
+    assert t.log.committed(PARTITION, "applier") == 1  # the advisory consumer offset
+    p = Progress(t.state)
+    assert p.synced and p.applied_offset == 1  # closing synced the target first
+    p.close()
     a = t.applier()
     assert a.applied_offset == 1 and a.run_once() == 0
     t.apply(ev.Write("f", 1, b"y"))
