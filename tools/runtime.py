@@ -82,7 +82,7 @@ class State:
 
 
 def open_state(state_dir: str | os.PathLike, **overrides) -> State:
-    path = Path(state_dir)
+    path = Path(state_dir).absolute()
     path.mkdir(parents=True, exist_ok=True)
     settings = Settings.load(path, **overrides)
     return State(dir=path, settings=settings, log=open_log(path, settings),
@@ -293,3 +293,39 @@ def drained(job: Job) -> ApplyOutcome:
         return runner.outcome()
     finally:
         runner.close()
+
+
+# -- terminal progress ---------------------------------------------------------------------
+
+class ProgressBar:
+    """A tqdm bar of a mirror's processed bytes, on a terminal only (never with --json)."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self._bar = None
+        self._enabled = enabled
+        self._desc = desc
+
+    @classmethod
+    def for_args(cls, args, desc: str) -> "ProgressBar":
+        import sys
+        return cls(not getattr(args, "json", False) and sys.stderr.isatty(), desc)
+
+    def __call__(self, stats) -> None:
+        if not self._enabled:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+            self._bar = tqdm(total=stats.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=self._desc, leave=False)
+        self._bar.update(stats.processed_bytes - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,214 @@
+"""Orphans: objects in the target's copy of a set that the source set does not have.
+
+An object on the target is an orphan when
+- its path is selected by the set's rules (or is a directory the rules walk through)
+  and nothing exists at that path on the source, or
+- no rule selects it at all: outside every include rule, e.g. a file that does not
+  match an included wildcard (the reference: "those files that fall outside the
+  wildcard inclusion rule will be considered orphans").
+It is never an orphan when an *exclude* rule is what keeps it out of the set: excluded
+wildcards are left alone, wherever they are. Everything inside an orphan directory is
+an orphan too, except what exclude rules cover.
+
+Actions: ``preview`` (list only), ``delete``, or ``move`` to a folder outside both the
+target and the source set (the relative path is kept below it; a folder inside the
+target set is refused, as the reference warns it would move files again and again).
+``older_than_s`` keeps orphans modified within that many seconds. An orphan directory
+goes when it is empty after its own orphans went (other entries keep it).
+
+Every orphan acted on is logged (DT-M020) and a summary closes the run (DT-M021), as
+the reference keeps them in the target's log. The target is only touched through
+apply/paths.TargetTree (file descriptors of the target root, no symlink is followed),
+so an orphan pass can never remove anything outside the target root.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from datatether.engine import logs
+from datatether.engine.errors import UsageError
+from datatether.engine.events import Rule
+from datatether.engine.rules import RuleSet
+from datatether.engine.tree import DirEnd, Entry, Tree
+
+from . import fsops
+from .paths import Loc, TargetTree
+
+log = logs.get(__name__)
+
+ACTIONS = ("preview", "delete", "move")
+
+
+@dataclass
+class OrphanResult:
+    action: str
+    files: int = 0             # orphans that are not directories
+    dirs: int = 0
+    bytes: int = 0
+    paths: list[str] = field(default_factory=list)   # set-relative, in walk order
+    kept_recent: int = 0       # orphans left because they were modified too recently
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return self.files + self.dirs
+
+
+def check_move_to(move_to: str, target_root: str, source_root: str) -> str:
+    """The move folder, refused when inside the target set or the source set."""
+    dest = os.path.realpath(move_to)
+    for root, what in ((target_root, "the target set"), (source_root, "the source set")):
+        real = os.path.realpath(root)
+        if dest == real or dest.startswith(real.rstrip("/") + "/"):
+            raise UsageError(detail=f"the orphan folder {move_to} is inside {what} ({root}); "
+                                    "choose a folder outside it")
+    return dest
+
+
+class _Classifier:
+    """Decides, path by path, whether a target object is an orphan (module docstring)."""
+
+    def __init__(self, rset, source_exists: Callable[[str], bool]):
+        self._set = rset
+        self._exists = source_exists
+        self._excluded = RuleSet([Rule(r.path, True, r.recursive) for r in rset.rules if not r.include])
+
+    def excluded(self, abs_path: str, is_dir: bool) -> bool:
+        return not self._set.matches(abs_path, is_dir) and self._excluded.matches(abs_path, is_dir)
+
+    def orphan(self, rel: str, is_dir: bool, in_orphan_dir: bool) -> bool:
+        path = os.path.join(self._set.root, rel)
+        if self.excluded(path, is_dir):
+            return False
+        if in_orphan_dir:
+            return True
+        wanted = self._set.matches(path, is_dir) or (is_dir and self._set.must_traverse(path))
+        return not wanted or not self._exists(rel)
+
+
+def process_orphans(target_root: str, rset, source_exists: Callable[[str], bool], *,
+                    action: str = "preview", move_to: str | None = None, older_than_s: int = 0,
+                    now_ns: int | None = None, stop: threading.Event | None = None) -> OrphanResult:
+    """Find (and with ``delete``/``move``, remove) the orphans of ``rset`` under ``target_root``.
+
+    ``rset`` is an engine/replset.ReplicationSet (``root``, ``rules``, ``matches``,
+    ``must_traverse``); ``source_exists(rel)`` says whether the source has the path.
+    """
+    if action not in ACTIONS:
+        raise UsageError(detail=f"unknown orphan action {action!r} (use {', '.join(ACTIONS)})")
+    if action == "move":
+        if not move_to:
+            raise UsageError(detail="moving orphans needs a folder to move them to")
+        move_to = check_move_to(move_to, target_root, rset.root)
+    cutoff = (time.time_ns() if now_ns is None else now_ns) - older_than_s * 1_000_000_000
+    result = OrphanResult(action=action)
+    classify = _Classifier(rset, source_exists)
+    view = Tree(target_root)
+    tree = TargetTree(target_root) if action != "preview" else None
+    stack: list[bool] = []  # per open directory: is it an orphan?
+    try:
+        for item in view.walk(dir_ends=True):
+            if stop is not None and stop.is_set():
+                break
+            if isinstance(item, DirEnd):
+                if stack.pop() and item.rel:
+                    _finish_dir(item.entry, result, tree, move_to, cutoff)
+                continue
+            in_orphan_dir = bool(stack) and stack[-1]
+            is_orphan = item.rel != "" and classify.orphan(item.rel, item.is_dir, in_orphan_dir)
+            if item.is_dir:
+                stack.append(is_orphan)
+            elif is_orphan:
+                _one(item, result, tree, move_to, cutoff)
+    finally:
+        if tree is not None:
+            tree.close()
+    log.info("orphans processed", msgid="DT-M021", target=target_root, action=action, files=result.files,
+             dirs=result.dirs, bytes=result.bytes, kept_recent=result.kept_recent, failed=len(result.failed))
+    return result
+
+
+def _one(entry: Entry, result: OrphanResult, tree: TargetTree | None, move_to: str | None, cutoff: int) -> None:
+    if entry.mtime_ns > cutoff:
+        result.kept_recent += 1
+        return
+    if tree is not None and not _act(tree, entry, move_to, result):
+        return
+    result.files += 1
+    result.bytes += entry.size
+    result.paths.append(entry.rel)
+    log.info("orphan", msgid="DT-M020", action=result.action, path=entry.rel, bytes=entry.size)
+
+
+def _finish_dir(entry: Entry, result: OrphanResult, tree: TargetTree | None, move_to: str | None,
+                cutoff: int) -> None:
+    """An orphan directory, after its entries: it goes if nothing is left in it."""
+    if entry.mtime_ns > cutoff:
+        result.kept_recent += 1
+        return
+    if tree is not None and not _act(tree, entry, move_to, result):
+        return
+    result.dirs += 1
+    result.paths.append(entry.rel)
+    log.info("orphan", msgid="DT-M020", action=result.action, path=entry.rel, bytes=0)
+
+
+def _act(tree: TargetTree, entry: Entry, move_to: str | None, result: OrphanResult) -> bool:
+    """Delete or move one object; False (and noted) when it stays."""
+    try:
+        loc = tree.locate(entry.rel)
+        try:
+            if move_to is not None:
+                _move(loc, entry, os.path.join(move_to, entry.rel))
+            elif entry.is_dir:
+                tree.invalidate(entry.rel)
+                os.rmdir(loc.name, dir_fd=loc.dir_fd)
+            else:
+                os.unlink(loc.name, dir_fd=loc.dir_fd)
+        finally:
+            tree.release()
+    except OSError as exc:
+        if entry.is_dir and exc.errno == errno.ENOTEMPTY:
+            return False  # excluded or recent entries keep it
+        result.failed.append(f"{entry.rel}: {exc.strerror}")
+        log.warning("orphan not removed", msgid="DT-M022", path=entry.rel, error=exc.strerror)
+        return False
+    return True
+
+
+def _move(loc: Loc, entry: Entry, dest: str) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if entry.is_dir:
+        # Its entries were moved one by one; recreate it there, then remove it here.
+        os.makedirs(dest, exist_ok=True)
+        os.chmod(dest, entry.mode)
+        os.rmdir(loc.name, dir_fd=loc.dir_fd)
+        return
+    try:
+        os.rename(loc.name, dest, src_dir_fd=loc.dir_fd)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    _copy(loc, entry, dest)
+    os.unlink(loc.name, dir_fd=loc.dir_fd)
+
+
+def _copy(loc: Loc, entry: Entry, dest: str) -> None:
+    """Another file system: copy the object itself (never what a link points to)."""
+    if entry.is_file:
+        shutil.copy2(loc.proc_path, dest, follow_symlinks=False)
+    elif entry.link_target is not None:
+        os.symlink(entry.link_target, dest)
+    else:
+        os.mknod(dest, stat.S_IFMT(fsops.lstat(loc).st_mode) | entry.mode, entry.rdev)
+    os.chown(dest, entry.uid, entry.gid, follow_symlinks=False)
+    os.utime(dest, ns=(entry.atime_ns, entry.mtime_ns), follow_symlinks=False)

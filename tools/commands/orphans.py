@@ -1,0 +1,69 @@
+"""dt orphans: find, remove or move files on TARGET that SOURCE does not have.
+
+  preview   list the orphans (exit 1 when there are some, 0 when none)
+  remove    delete them, or with --move-to DIR move them below DIR (outside the set)
+
+Only objects the set's rules would carry count: files matching an --exclude pattern are
+never orphans; files outside the source set are. --older-than DURATION (30s, 15m, 2h,
+7d) keeps orphans modified more recently than that (default: settings.orphans_older_than_s).
+Each orphan handled is written to the log (message id DT-M020), with a summary (DT-M021).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from ...apply.orphans import process_orphans
+from ...engine.errors import EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, UsageError
+from .. import output, runtime
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``30s``, ``15m``, ``2h``, ``7d``, ``1w`` or a plain number of seconds."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text or "")
+    if not match:
+        raise UsageError(detail=f"bad duration {text!r}: use a number with s, m, h, d or w (e.g. 7d)")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser("orphans", parents=[common], help="preview or remove orphan files on TARGET",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["preview", "remove"])
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("--move-to", metavar="DIR", help="move orphans below DIR instead of deleting them")
+    p.add_argument("--older-than", metavar="DURATION", type=parse_duration,
+                   help="only orphans not modified for this long (30s, 15m, 2h, 7d)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="as for dt mirror: excluded names are never orphans")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    with runtime.open_state(args.state) as state:
+        job = runtime.adhoc_job(state, args.source, args.target, args.exclude)
+        runtime.drained(job)
+        action = "preview" if args.action == "preview" else ("move" if args.move_to else "delete")
+        older = args.older_than if args.older_than is not None else state.settings.orphans_older_than_s
+        result = process_orphans(job.conn.target_root, job.rset, job.scan().exists, action=action,
+                                 move_to=args.move_to, older_than_s=older)
+    summary = {"action": action, "orphans": result.count, "files": result.files, "directories": result.dirs,
+               "bytes": result.bytes, "kept_recent": result.kept_recent, "failed": len(result.failed)}
+    if args.json:
+        output.emit_json({**summary, "paths": result.paths, "failures": result.failed})
+    else:
+        if result.paths:
+            output.table([{"path": p} for p in result.paths], ["path"])
+            print()
+        output.pairs(summary | {"bytes": output.human_bytes(result.bytes)})
+        for failure in result.failed:
+            print(f"failed: {failure}")
+    if result.failed:
+        return EXIT_ERROR
+    if action == "preview" and result.count:
+        return EXIT_DIFFERENT
+    return EXIT_OK
