@@ -328,10 +328,11 @@ class ApiClient:
                                        f"(read) and {ADMIN_GROUP} (act)") from exc
         self._reader = self._sock.makefile("rb")
 
-    def call(self, op: str, timeout_s: float | None = DEFAULT_TIMEOUT_S, **args) -> Any:
+    def call(self, op: str, args: dict | None = None, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Any:
+        """Call ``op`` with ``args``; wait at most ``timeout_s`` for the answer (None: no limit)."""
         self._sock.settimeout(timeout_s)
         try:
-            self._sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            self._sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
             line = self._reader.readline(MAX_LINE + 1)
         except socket.timeout as exc:
             raise BackendUnavailable(backend="daemon", detail=f"no answer to {op} within {timeout_s} s") from exc

@@ -109,8 +109,8 @@ def call_as(uid: int, gids: list[int], sock: Path, op: str) -> dict:
 
 def test_calls_answer_results_and_errors(server):
     with ApiClient(server.path) as client:
-        assert client.call("status", echo="é") == {"replication_status": "Replicating", "echo": "é"}
-        assert client.call("task", name="t") == "done"
+        assert client.call("status", {"echo": "é"}) == {"replication_status": "Replicating", "echo": "é"}
+        assert client.call("task", {"name": "t"}) == "done"
         with pytest.raises(RemoteError) as missing:
             client.call("missing")
         assert missing.value.msgid == NotFound.msgid and "nope" in missing.value.message
