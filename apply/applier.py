@@ -82,10 +82,12 @@ Semantics
   rewritten to the same place under the target root; other targets are stored verbatim.
   The applier never follows a link, so no link content can make it write outside.
 - Objects in the way are replaced: a Create, MirrorFile, Symlink, Link or Rename whose
-  destination holds an object of another kind (or a file hard-linked elsewhere on the
-  target only) removes it first, a directory with its subtree, so the target ends as the
-  source is. A checksum mirror (``whole`` false) of a file hard-linked on the target only
-  gives it its own copy first, so the other name keeps its content.
+  destination holds an object of another kind (or, for a new or whole file, a file with
+  other hard links on the target) removes it first, a directory with its subtree, so the
+  target ends as the source is. A checksum mirror (``whole`` false) of a file with other
+  hard links on the target gives it its own copy first, so the other names keep their
+  content, and makes the target Mirror Required: the header does not say whether the
+  source has those links, so the next pass checks them (it links again what must be).
 - Creating operations create missing parent directories (0755); other events on a
   missing object are divergence (above).
 - ``settings.ignore_delete_ops``: Unlink and Rmdir are not applied. Files renamed or
@@ -231,15 +233,17 @@ class Applier:
 
     def close(self) -> None:
         """Commit, sync the target and release everything (the Progress stays open)."""
-        self._commit_pending()
-        self.checkpoint()
-        self.files.close()
-        for fd in self._device_fds.values():
-            os.close(fd)
-        self._device_fds.clear()
-        self.tree.close()
-        os.close(self._sync_fd)
-        self.progress.publish(force=True)
+        try:
+            self._commit_pending()
+            self.checkpoint()
+        finally:
+            self.files.close()
+            for fd in self._device_fds.values():
+                os.close(fd)
+            self._device_fds.clear()
+            self.tree.close()
+            os.close(self._sync_fd)
+            self.progress.publish(force=True)
 
     def run(self, stop_event: threading.Event, max_events: int = 1000) -> None:
         """Apply until ``stop_event`` is set: wait on the log, apply, retry failures."""
@@ -349,7 +353,8 @@ class Applier:
 
     def _commit_pending(self) -> None:
         if self._pending or self._durable:
-            self.progress.commit(self._last, durable=self._durable)
+            # Still synced when only no-op events came since the last checkpoint.
+            self.progress.commit(self._last, durable=self._durable, synced=self.progress.synced)
             self._pending = self._durable = False
 
     def _refuse(self, offset: int, exc: Exception) -> None:
@@ -367,6 +372,9 @@ class Applier:
         self._diverged(f"{type(op).__name__}: {exc}")
 
     def _diverged(self, reason: str) -> None:
+        if self.progress.data_state is TargetDataState.MIRROR_REQUIRED:
+            log.debug("target diverged again", partition=self.partition, reason=reason)
+            return  # the first reason is the one worth showing; the remirror covers both
         log.warning("target diverged from the source", msgid="DT-A003", partition=self.partition,
                     reason=reason)
         self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, reason)
@@ -393,6 +401,7 @@ class Applier:
         for fd in self._device_fds.values():
             os.fsync(fd)
         self.progress.commit(self._last, synced=True)
+        self._pending = self._durable = False
         self._commit_consumer()
 
     def _commit_consumer(self) -> None:
@@ -436,6 +445,10 @@ class Applier:
             if kind is ev.FileKind.FILE and keep_data and stat.S_ISREG(st.st_mode):
                 self._forget(loc.path)
                 fsops.copy_unlinked(loc)
+                # Whether the source has this link too is unknown here (a later header may
+                # link it again, or a mirror may have judged the other name by the old
+                # link): a new pass re-checks every link rather than trusting this one.
+                self._diverged(f"{loc.path!r} was hard-linked on the target; given its own copy")
                 return
             self._remove(loc)
             st = None

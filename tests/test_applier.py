@@ -318,12 +318,15 @@ def test_checksum_mirror_changes_blocks_in_place(t):
     assert t.state_now is TargetDataState.OK
 
 
-def test_checksum_mirror_gives_a_target_only_hard_link_its_own_copy(t):
+def test_checksum_mirror_gives_a_hard_linked_file_its_own_copy_and_asks_for_a_new_pass(t):
     t.apply(file_("a"), ev.Write("a", 0, b"1111"), ev.Link("a", "b"))
     t.apply(ev.MirrorStart("m", "checksum"), *mirror_file("a", {0: b"1111", 2: b"22"}, 4, whole=False),
             ev.MirrorEnd("m", 0, 0, 1))
     assert (t.root / "a").read_bytes() == b"1122" and (t.root / "b").read_bytes() == b"1111"
-    assert t.state_now is TargetDataState.OK
+    assert t.state_now is TargetDataState.MIRROR_REQUIRED  # the next pass re-checks the links
+    t.apply(ev.MirrorStart("m2", "checksum"),
+            ev.MirrorFile("b", FileKind.FILE, 0o644, 0, 0, T0, T0, 4, hardlink_of="a"), ev.MirrorEnd("m2", 0, 0, 1))
+    assert os.stat(t.root / "a").st_ino == os.stat(t.root / "b").st_ino and t.state_now is TargetDataState.OK
 
 
 def test_digest_mismatch_marks_mirror_required_through_the_end_of_the_pass(t):
