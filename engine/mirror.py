@@ -490,10 +490,9 @@ class Mirror:
         self._count(src.size, sent=0)
         if src.is_dir and MTIME in p.aspects:
             self._dirs[-1].touched = True
-        if p.action == "none":
-            return
-        self._differs(src, dst, p)
-        if self.dry_run:
+        if p.aspects:
+            self._differs(src, dst, p)  # also when not acted on: verification reports it
+        if p.action == "none" or self.dry_run:
             return
         if p.action == "meta":
             self._meta(src, dst, p)
