@@ -521,7 +521,10 @@ class Applier:
 
     def _setxattr(self, offset: int, op: ev.SetXattr) -> None:
         self._check_xattr_name(op.name, op.path)
-        loc, _ = self._existing(op.path)
+        loc, st = self._existing(op.path)
+        if stat.S_ISLNK(st.st_mode) and op.name.startswith("user."):
+            # Linux refuses user attributes on symlinks: retrying could never succeed.
+            raise InvalidEvent(reason=f"user extended attribute {op.name!r} on the symlink {op.path!r}")
         fsops.set_xattr(loc, op.name, op.value)
 
     def _removexattr(self, offset: int, op: ev.RemoveXattr) -> None:

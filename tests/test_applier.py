@@ -170,6 +170,11 @@ def test_xattrs(t):
     assert t.state_now is TargetDataState.OK
 
 
+def test_user_xattr_on_a_symlink_is_refused_not_retried_forever(t):
+    t.apply(ev.Symlink("l", "x", 0, 0, T0), ev.SetXattr("l", "user.a", b"1"), file_("after"))
+    assert t.state_now is TargetDataState.MIRROR_REQUIRED and (t.root / "after").exists()
+
+
 def test_rename_files_over_existing_and_directories(t):
     t.apply(file_("a"), ev.Write("a", 0, b"A"), file_("b"), ev.Write("b", 0, b"B"),
             ev.Rename("a", "b"),
