@@ -265,9 +265,10 @@ class Tree:
             yield DirEnd(parent)
 
     def size(self) -> tuple[int, int]:
-        """(bytes of regular files, objects) that belong to the view."""
+        """(bytes of regular files, objects) that belong to the view. What cannot be read
+        is left for the walk that uses the view to report."""
         total = count = 0
-        for item in self.walk():
+        for item in Tree(self.root, self.matcher).walk():
             if item.included:
                 count += 1
                 total += item.size

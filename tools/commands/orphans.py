@@ -36,7 +36,7 @@ def register(subparsers, common) -> None:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("target", metavar="TARGET")
     p.add_argument("--move-to", metavar="DIR", help="move orphans below DIR instead of deleting them")
-    p.add_argument("--older-than", metavar="DURATION", type=parse_duration,
+    p.add_argument("--older-than", metavar="DURATION",
                    help="only orphans not modified for this long (30s, 15m, 2h, 7d)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="as for dt mirror: excluded names are never orphans")
@@ -44,11 +44,12 @@ def register(subparsers, common) -> None:
 
 
 def run(args) -> int:
+    older = None if args.older_than is None else parse_duration(args.older_than)
     with runtime.open_state(args.state) as state:
         job = runtime.adhoc_job(state, args.source, args.target, args.exclude)
         runtime.drained(job)
         action = "preview" if args.action == "preview" else ("move" if args.move_to else "delete")
-        older = args.older_than if args.older_than is not None else state.settings.orphans_older_than_s
+        older = state.settings.orphans_older_than_s if older is None else older
         result = process_orphans(job.conn.target_root, job.rset, job.scan().exists, action=action,
                                  move_to=args.move_to, older_than_s=older)
     summary = {"action": action, "orphans": result.count, "files": result.files, "directories": result.dirs,

@@ -1,0 +1,201 @@
+"""`dt mirror`, `dt verify`, `dt orphans` as a user runs them: real processes, exit codes,
+--json, bad input (unreadable files, a target inside the source, a full target disk)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from datatether.apply.paths import remap_link
+from datatether.apply.progress import Progress
+
+from conftest import need
+from trees import diff_trees, make_odd_tree
+
+
+def dt(state, *args, check_rc=None, env=None, prefix=()):
+    proc = subprocess.run([*prefix, sys.executable, "-m", "datatether.tools", *args, "--state", str(state)],
+                          capture_output=True, text=True, errors="surrogateescape", env=env, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def dt_json(state, *args, check_rc=0):
+    return json.loads(dt(state, *args, "--json", check_rc=check_rc).stdout)
+
+
+@pytest.fixture
+def paths(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "config.toml").write_text("retry_delay_s = 0.2\n")
+    return tmp_path / "src", tmp_path / "dst", state
+
+
+def data_state(state):
+    [target] = (state / "targets").iterdir()
+    return Progress.read_snapshot(target)["target_data_state"]
+
+
+def test_mirror_then_verify_an_odd_tree(paths, tmp_path):
+    src, dst, state = paths
+    make_odd_tree(src, outside=tmp_path / "outside")
+    report = dt_json(state, "mirror", str(src), str(dst))
+    assert report["target_data_state"] == "OK" and report["problems"] == [] and report["percent"] == 100.0
+    assert diff_trees(src, dst, holes=True, link_map=lambda t: remap_link(t, str(src), str(dst))) == []
+    result = dt_json(state, "verify", str(src), str(dst), "--checksum")
+    assert result["identical"] and result["differences"] == []
+    assert "identical" in dt(state, "verify", str(src), str(dst), check_rc=0).stdout
+    again = dt_json(state, "mirror", str(src), str(dst), "--diff")
+    assert again["sent_objects"] == 0 and again["connection"] == report["connection"]
+
+
+def test_verify_finds_a_silent_corruption_and_remirror_repairs_it(paths):
+    src, dst, state = paths
+    src.mkdir()
+    (src / "data.bin").write_bytes(os.urandom(300_000))
+    dt(state, "mirror", str(src), str(dst), check_rc=0)
+    st = os.stat(dst / "data.bin")
+    with open(dst / "data.bin", "r+b") as f:
+        f.seek(200_000)
+        f.write(b"\0garbage\0")
+    os.utime(dst / "data.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    dt(state, "verify", str(src), str(dst), check_rc=0)  # same size and time: only checksums see it
+    found = dt_json(state, "verify", str(src), str(dst), "--checksum", check_rc=1)
+    [diff] = found["differences"]
+    assert diff["path"] == "data.bin" and diff["blocks"] == [3] and not found["identical"]
+    dt(state, "verify", str(src), str(dst), "--checksum", "--remirror", check_rc=1)
+    dt(state, "verify", str(src), str(dst), "--checksum", check_rc=0)
+    assert (dst / "data.bin").read_bytes() == (src / "data.bin").read_bytes()
+    log = next(state.glob("* verify.log")).read_text()
+    assert log.count("=== BEGIN verification") == 4 and "options=checksum,remirror" in log
+
+
+@pytest.mark.parametrize("flags, sent", [((), 2), (("--diff",), 1), (("--newer",), 1),
+                                          (("--checksum",), 1), (("--checksum-all",), 1)])
+def test_mirror_flags_choose_the_mode(paths, flags, sent):
+    src, dst, state = paths
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / name).write_bytes(os.urandom(70_000))
+    dt(state, "mirror", str(src), str(dst), check_rc=0)
+    with open(src / "a", "r+b") as f:
+        f.write(b"changed")
+    report = dt_json(state, "mirror", str(src), str(dst), *flags)
+    expected_mode = {(): "full", ("--diff",): "diff", ("--newer",): "newer", ("--checksum",): "checksum",
+                     ("--checksum-all",): "checksum-all"}[flags]
+    assert report["mode"] == expected_mode
+    # full sends both files, the others only the changed one (the root is equal already).
+    assert report["sent_objects"] == sent
+    assert report["sent_bytes"] == (140_000 if not flags else 70_000 if "checksum" not in flags[0] else 65536)
+    assert diff_trees(src, dst) == []
+
+
+def test_excluded_names_are_neither_mirrored_nor_orphans(paths):
+    src, dst, state = paths
+    src.mkdir()
+    (src / "keep").write_text("k")
+    (src / "scratch.tmp").write_text("t")
+    dt(state, "mirror", str(src), str(dst), "--exclude", "*.tmp", check_rc=0)
+    assert sorted(os.listdir(dst)) == ["keep"]
+    (dst / "local.tmp").write_text("made on the target")
+    (dst / "stale").write_text("gone from the source")
+    preview = dt_json(state, "orphans", "preview", str(src), str(dst), "--exclude", "*.tmp", check_rc=1)
+    assert preview["paths"] == ["stale"] and preview["orphans"] == 1
+    dt(state, "orphans", "remove", str(src), str(dst), "--exclude", "*.tmp", check_rc=0)
+    assert sorted(os.listdir(dst)) == ["keep", "local.tmp"]
+    dt(state, "orphans", "preview", str(src), str(dst), "--exclude", "*.tmp", check_rc=0)
+
+
+def test_orphans_move_and_age(paths, tmp_path):
+    src, dst, state = paths
+    src.mkdir()
+    (src / "keep").write_text("k")
+    dt(state, "mirror", str(src), str(dst), check_rc=0)
+    (dst / "old").write_text("old orphan")
+    os.utime(dst / "old", (1, 1))
+    (dst / "new").write_text("new orphan")
+    moved = tmp_path / "moved"
+    out = dt_json(state, "orphans", "remove", str(src), str(dst), "--older-than", "7d", "--move-to", str(moved))
+    assert out["paths"] == ["old"] and out["kept_recent"] == 1 and (moved / "old").read_text() == "old orphan"
+    bad = dt(state, "orphans", "remove", str(src), str(dst), "--move-to", str(dst / "inside"), check_rc=2)
+    assert "inside the target set" in bad.stderr
+    assert "bad duration" in dt(state, "orphans", "preview", str(src), str(dst), "--older-than", "soon",
+                                check_rc=2).stderr
+
+
+def test_bad_sources_and_targets_are_refused_with_a_message(paths, tmp_path):
+    src, dst, state = paths
+    missing = dt(state, "mirror", str(tmp_path / "nope"), str(dst), check_rc=2)
+    assert "source directory not found" in missing.stderr and "Traceback" not in missing.stderr
+    src.mkdir()
+    inside = dt(state, "mirror", str(src), str(src / "replica"), check_rc=2)
+    assert "inside the source" in inside.stderr
+    same = dt(state, "mirror", str(src), str(src), check_rc=2)
+    assert "is the source itself" in same.stderr
+    (tmp_path / "file").write_text("x")
+    assert "not a directory" in dt(state, "mirror", str(tmp_path / "file"), str(dst), check_rc=2).stderr
+    err = json.loads(dt(state, "verify", str(tmp_path / "nope"), str(dst), "--json", check_rc=2).stderr)
+    assert err["error"] == "DT-E002"
+
+
+def test_unreadable_files_are_reported_the_rest_is_mirrored_and_the_target_needs_a_mirror(paths):
+    """Run without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH so root obeys file modes."""
+    src, dst, state = paths
+    need(shutil.which("setpriv") is not None, "setpriv", "apt-get install util-linux")
+    src.mkdir()
+    (src / "readable").write_text("fine")
+    (src / "locked").write_text("secret")
+    os.chmod(src / "locked", 0)
+    (src / "closed").mkdir()
+    (src / "closed" / "inner").write_text("x")
+    os.chmod(src / "closed", 0)
+    drop = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--")
+    proc = dt(state, "mirror", str(src), str(dst), check_rc=2, prefix=drop)
+    assert "2 object(s) not mirrored" in proc.stderr
+    assert "locked: cannot read: Permission denied" in proc.stderr and "closed: cannot list" in proc.stderr
+    assert (dst / "readable").read_text() == "fine" and not (dst / "locked").exists()
+    assert data_state(state) == "Mirror Required"
+    verdict = dt(state, "verify", str(src), str(dst), check_rc=2, prefix=drop)
+    assert "locked" in verdict.stderr
+    dt(state, "mirror", str(src), str(dst), check_rc=0)  # with full privileges it completes
+    assert data_state(state) == "OK" and diff_trees(src, dst) == []
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 16 MiB ext4 file system, loop-mounted."""
+    need(os.geteuid() == 0 and shutil.which("mkfs.ext4") is not None, "root and mkfs.ext4",
+         "run the tests as root on Linux with e2fsprogs")
+    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True)
+    need(mounted.returncode == 0, "loop mounts", "a machine (or privileged container) where mount -o loop works")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_target_disk_fails_clearly_leaves_mirror_required_then_recovers(paths, small_fs):
+    src, _, state = paths
+    dst = small_fs / "replica"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(os.urandom(1 << 20))
+    ballast = small_fs / "ballast"
+    with open(ballast, "wb") as f:
+        f.write(b"\0" * (9 << 20))
+    proc = dt(state, "mirror", str(src), str(dst), check_rc=2)
+    assert "No space left on device" in proc.stderr and "Mirror Required" in proc.stderr
+    assert data_state(state) == "Mirror Required"
+    ballast.unlink()
+    dt(state, "mirror", str(src), str(dst), check_rc=0)
+    assert data_state(state) == "OK" and diff_trees(src, dst, compare_root=False) == []
