@@ -300,6 +300,15 @@ class _Dir:
     touched: bool = False
 
 
+@dataclass
+class _Links:
+    """The names of one multiply linked inode in the set: the first one met is sent as a
+    file, the others as links to it."""
+
+    first: str
+    replaced: bool = False  # this pass sent the first name's content: re-link every other name
+
+
 class Mirror:
     """One mirror (or verification) pass of ``source`` onto ``target``.
 
@@ -330,7 +339,7 @@ class Mirror:
         self.stats = MirrorStats(mode=self.mode.value)
         self._batch: list[bytes] = []
         self._dirs: list[_Dir] = []
-        self._links: dict[tuple[int, int], str] = {}
+        self._links: dict[tuple[int, int], _Links] = {}
         self._recheck: list[str] = []
         self._last_key: tuple[bytes, ...] | None = None
         self._unsaved = 0
@@ -440,7 +449,7 @@ class Mirror:
             # Its times are set after its last child; a resumed pass may add children.
             self._dirs.append(_Dir(item, touched=True))
         elif item.is_file and item.nlink > 1:
-            self._links.setdefault((item.dev, item.ino), item.rel)
+            self._links.setdefault((item.dev, item.ino), _Links(item.rel))
 
     def _run_group(self, group: list[Entry | DirEnd]) -> None:
         if not group:
@@ -479,9 +488,12 @@ class Mirror:
         src.included = item.included
         self.stats.objects += 1
         dst = self.target.entry(src.rel)
-        first = self._first_link(src)
-        linked = first is not None and self._same_target_inode(dst, first)
+        group = self._link_group(src)
+        first = group.first if group is not None and group.first != src.rel else None
+        linked = first is not None and not group.replaced and self._same_target_inode(dst, first)
         p = plan(src, dst, self.opts, hardlink_of=first, linked=linked)
+        if group is not None and first is None and p.action == "whole":
+            group.replaced = not self.dry_run  # a new file: link every other name to it again
         if src.rel == "" and p.action != "none":
             p = Plan(p.aspects, "meta")  # the target root is the replica: only attributes change
         if src.is_file and p.action in ("whole", "blocks"):
@@ -565,6 +577,14 @@ class Mirror:
         self._differs(src, dst, Plan(aspects, p.action), blocks=blocks)
         if self.dry_run:
             self._count(src.size, sent=0)
+            return
+        group = self._link_group(src)
+        if group is not None and group.first == src.rel and dst.nlink > 1:
+            # Changing it in place would change (or, as the applier keeps target-only links
+            # apart, split) the other names the target has: it gets a new file instead and
+            # every other name of the group is linked to it again.
+            group.replaced = True
+            self._send_whole(src, fd, large)
             return
         with self._chunk_lock(src, fd, large):
             self._emit(self._header(src, whole=False))
@@ -666,12 +686,11 @@ class Mirror:
 
     # -- hard links --------------------------------------------------------------------
 
-    def _first_link(self, src: Entry) -> str | None:
-        """The earlier path of this inode in the set, recording this one if it is first."""
+    def _link_group(self, src: Entry) -> _Links | None:
+        """The link group of a multiply linked file (created with ``src`` first)."""
         if not src.is_file or src.nlink < 2:
             return None
-        first = self._links.setdefault((src.dev, src.ino), src.rel)
-        return None if first == src.rel else first
+        return self._links.setdefault((src.dev, src.ino), _Links(src.rel))
 
     def _same_target_inode(self, dst: Entry | None, first: str) -> bool:
         other = self.target.entry(first)

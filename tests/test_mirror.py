@@ -359,3 +359,18 @@ def test_copy_with_cp_and_mirror_agree_on_what_identical_means(env, tmp_path):
     assert stats.sent_bytes == 0 and stats.differences == 0, stats
     assert outcome.data_state == "OK"
     shutil.rmtree(dst)
+
+
+@pytest.mark.parametrize("mode", [MirrorMode.FULL, MirrorMode.CHECKSUM, MirrorMode.CHECKSUM_ALL])
+def test_hard_links_survive_a_remirror_of_changed_content(env, mode):
+    state, src, dst = env
+    (src / "one").write_bytes(os.urandom(3 * DIGEST_BLOCK))
+    os.link(src / "one", src / "two")
+    (src / "sub").mkdir()
+    os.link(src / "one", src / "sub" / "three")
+    mirror(state, src, dst)
+    _patch(src / "one", DIGEST_BLOCK, b"changed", keep_time=False)
+    stats, outcome = mirror(state, src, dst, mode)
+    assert outcome.data_state == "OK"
+    assert diff_trees(src, dst) == []
+    assert os.stat(dst / "two").st_ino == os.stat(dst / "sub" / "three").st_ino == os.stat(dst / "one").st_ino
