@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from dataclasses import fields
 from importlib import resources
 
@@ -41,8 +42,21 @@ def _load(name: str) -> dict:
 SCHEMAS: dict[int, dict] = {1: _load("event.v1.avsc"), 2: _load("event.avsc")}
 _NAMESPACE = "datatether.event."
 _BYTES_FIELDS = set(ev.PATH_FIELDS) | {"target", "link_target", "root", "name"}
-_compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-_decompressor = zstandard.ZstdDecompressor()
+# zstandard's (de)compressor objects must not be used by two threads at once (capture,
+# mirror and applier threads encode and decode concurrently): one pair per thread.
+_zstd = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    if not hasattr(_zstd, "compressor"):
+        _zstd.compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    return _zstd.compressor
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_zstd, "decompressor"):
+        _zstd.decompressor = zstandard.ZstdDecompressor()
+    return _zstd.decompressor
 
 
 def _op_to_avro(op) -> tuple[str, dict]:
@@ -88,7 +102,7 @@ def encode(event: ev.Event) -> bytes:
     body = buf.getvalue()
     flags = 0
     if len(body) > COMPRESS_ABOVE:
-        packed = _compressor.compress(body)
+        packed = _compressor().compress(body)
         if len(packed) < len(body):
             body, flags = packed, _FLAG_ZSTD
     return bytes((CURRENT_VERSION, flags)) + body
@@ -101,7 +115,7 @@ def decode(blob: bytes) -> ev.Event:
     version, flags, body = blob[0], blob[1], blob[2:]
     try:
         if flags & _FLAG_ZSTD:
-            body = _decompressor.decompress(body)
+            body = _decompressor().decompress(body)
         rec = fastavro.schemaless_reader(io.BytesIO(body), SCHEMAS[version], SCHEMAS[CURRENT_VERSION],
                                          return_record_name=True)
         name, op_body = rec["op"]

@@ -91,3 +91,28 @@ def test_frame_detects_any_flipped_bit():
         damaged[i] ^= 0x10
         with pytest.raises(CorruptRecord):
             frame.unseal(bytes(damaged))
+
+
+def test_encoding_from_many_threads_at_once():
+    """The daemon's capture, mirror and applier threads share the codec."""
+    import threading
+
+    from datatether.engine.events import Event, Write
+
+    events = [Event(Write(f"f{i}", i, bytes([i % 251]) * (700 + i)), i) for i in range(200)]
+    failures = []
+
+    def work():
+        try:
+            for _ in range(20):
+                for e in events:
+                    assert codec.decode(codec.encode(e)) == e
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
