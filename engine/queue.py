@@ -151,16 +151,19 @@ class SourceQueue:
             return self._append_locked(values)
 
     def append_when_room(self, values: Sequence[bytes]) -> int:
-        """Append once the queue is below ``MIRROR_SHARE`` of its limit (mirror data)."""
+        """Append once the queue is below ``MIRROR_SHARE`` of its limit (mirror data).
+
+        A batch larger than that share goes into an empty queue (a producer cannot always
+        split its batches; waiting would never end); a lack of free space fails."""
         size = sum(len(v) for v in values)
         while True:
             with self._lock:
                 reason = self._no_room(size, share=MIRROR_SHARE)
-                if reason is None:
+                empty = self._queued_bytes_locked() == 0
+                if reason is None or (empty and not reason.startswith(_FREE_SPACE)):
                     return self._append_locked(values)
-                full = self._no_room(size, share=1.0)
-                if self._queued_bytes_locked() == 0 and full:
-                    raise self._full_error(full)
+                if empty:
+                    raise self._full_error(reason)
             if self._closed.wait(THROTTLE_POLL_S):
                 raise BackendUnavailable(backend=f"source queue of {self.partition}", detail="closed")
 

@@ -100,10 +100,16 @@ def test_throttled_append_waits_for_the_applier(elog, tmp_path):
     assert done == [1]
 
 
-def test_throttled_append_fails_when_an_empty_queue_has_no_room(elog, tmp_path):
+def test_a_batch_larger_than_the_limit_goes_into_an_empty_queue(elog, tmp_path):
     queue = make(elog, tmp_path, Applied(), memory=100)
-    with pytest.raises(QueueFull):
-        queue.append_when_room([b"m" * 101])
+    assert queue.append_when_room([b"m" * 101]) == 0
+
+
+def test_throttled_append_fails_when_an_empty_queue_has_no_free_space(elog, tmp_path):
+    queue = make(elog, tmp_path, Applied(), memory=1 << 30, disk=None, min_free=free_bytes(tmp_path) + MiB)
+    with pytest.raises(QueueFull) as full:
+        queue.append_when_room([b"m"])
+    assert "minimum free space" in full.value.message
     assert elog.end_offset(PART) == 0
 
 
