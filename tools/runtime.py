@@ -10,9 +10,13 @@ its parts live:
     <state>/targets/<partition>/     the applier's progress (apply/progress.py)
     <state>/mirrors/<partition>.json the position of a paused or interrupted mirror
 
-``apply_while(job, produce)`` runs the applier of the job's target in a thread while
-``produce(log)`` appends (a mirror, a verification that remirrors), then until every
-appended event is applied. The producer appends through the source queue
+``apply_while(job, produce)`` runs the applier of the job's target while
+``produce(log, locks)`` appends (a mirror, a verification that remirrors), then until
+every appended event is applied. The applier runs in a process of its own (spawned; it
+reads the log through a read-only view, dies with its parent, and the parent commits
+its advisory consumer offset at the end), because in one interpreter every system call
+of either side waits for the other to release the interpreter lock; ``separate_process=
+False`` keeps it in a thread (cheaper to start, for small jobs or low latency). The producer appends through the source queue
 (engine/queue.py), so it waits for room rather than fill the disk holding the log. An
 applier that keeps failing the same event (a full or read-only target, I/O errors) is
 given up after APPLY_ATTEMPTS tries: the target data state becomes Mirror Required with
@@ -23,6 +27,7 @@ raised; the events stay in the log, so the next run applies them first.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -185,81 +190,231 @@ class ApplyOutcome:
     data_state_reason: str
 
 
+def _outcome(applier: Applier, progress: Progress, log_: Log, partition: str) -> ApplyOutcome:
+    return ApplyOutcome(applied=applier.applied_offset, end=log_.end_offset(partition),
+                        data_state=progress.data_state.value, data_state_reason=progress.data_state_reason)
+
+
+def _apply_until(applier: Applier, progress: Progress, log_: Log, partition: str, settings: Settings,
+                 done: Callable[[int], bool], abort, published: Callable[[int], None] = lambda a: None) -> str | None:
+    """Apply until ``done(applied)`` or ``abort`` is set. An event failing APPLY_ATTEMPTS
+    times in a row is given up: Mirror Required, and its failure is returned."""
+    attempts = 0
+    while not abort.is_set():
+        applied = applier.run_once()
+        published(applier.applied_offset)
+        if progress.status is TargetStatus.RETRYING:
+            attempts += 1
+            if attempts >= APPLY_ATTEMPTS:
+                detail = progress.status_detail
+                progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"applying failed: {detail}"[:400])
+                log.error("applier gave up", msgid="DT-M032", partition=partition, detail=detail)
+                return detail
+            abort.wait(settings.retry_delay_s)
+            continue
+        attempts = 0
+        if done(applier.applied_offset):
+            return None
+        if applied == 0:
+            log_.wait(partition, applier.applied_offset + 1, 0.2)
+    return None
+
+
 class _ApplierThread:
-    """The job's applier, applying in a thread until told the producer is done."""
+    """The job's applier in a thread of this process (for callers that need no second
+    process: draining before a comparison, or a producer that appends little)."""
 
     def __init__(self, job: Job, on_failure: Callable[[], None] | None):
         self.job = job
         self.progress = Progress(job.target_state_dir)
         self.applier = Applier(job.state.log, job.partition, job.conn.target_root, job.rset.root,
                                self.progress, job.state.settings)
-        self.produced = threading.Event()   # the producer appended its last event
-        self.abort = threading.Event()
-        self.error: str | None = None
+        self._produced = threading.Event()
+        self._abort = threading.Event()
+        self._error: str | None = None
         self._on_failure = on_failure
-        self._thread = threading.Thread(target=self._loop, name=f"applier-{job.partition}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"applier-{job.partition}", daemon=True)
+
+    @property
+    def applied(self) -> int:
+        return self.applier.applied_offset
+
+    def _until(self, done: Callable[[int], bool]) -> None:
+        log_ = self.job.state.log
+        self._error = _apply_until(self.applier, self.progress, log_, self.job.partition,
+                                   self.job.state.settings, done, self._abort)
+        if self._error is not None and self._on_failure is not None:
+            self._on_failure()
 
     def drain(self) -> None:
         """Apply what earlier runs left in the log, before anything compares the target."""
-        self.produced.set()
-        self._loop()
-        self.produced.clear()
+        end = self.job.state.log.end_offset(self.job.partition)
+        self._until(lambda applied: applied >= end - 1)
         self._raise()
-
-    def start(self) -> None:
         self._thread.start()
 
-    def _caught_up(self) -> bool:
-        return self.applier.applied_offset >= self.job.state.log.end_offset(self.job.partition) - 1
-
-    def _loop(self) -> None:
-        settings, attempts = self.job.state.settings, 0
+    def _run(self) -> None:
         log_ = self.job.state.log
-        while not self.abort.is_set():
-            applied = self.applier.run_once()
-            if self.progress.status is TargetStatus.RETRYING:
-                attempts += 1
-                if attempts >= APPLY_ATTEMPTS:
-                    self._give_up(self.progress.status_detail)
-                    return
-                self.abort.wait(settings.retry_delay_s)
-                continue
-            attempts = 0
-            if self.produced.is_set() and self._caught_up():
-                return
-            if applied == 0:
-                log_.wait(self.job.partition, self.applier.applied_offset + 1, 0.2)
-
-    def _give_up(self, detail: str) -> None:
-        self.error = detail
-        self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"applying failed: {detail}"[:400])
-        log.error("applier gave up", msgid="DT-M032", partition=self.job.partition, detail=detail)
-        if self._on_failure is not None:
-            self._on_failure()
+        self._until(lambda applied: self._produced.is_set() and applied >= log_.end_offset(self.job.partition) - 1)
 
     def _raise(self) -> None:
-        if self.error is not None:
-            raise ApplyFailed(detail=self.error)
+        if self._error is not None:
+            raise ApplyFailed(detail=self._error)
 
     def finish(self) -> ApplyOutcome:
-        self.produced.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._produced.set()
+        self._thread.join()
         self._raise()
         return self.outcome()
 
     def outcome(self) -> ApplyOutcome:
-        return ApplyOutcome(applied=self.applier.applied_offset,
-                            end=self.job.state.log.end_offset(self.job.partition),
-                            data_state=self.progress.data_state.value,
-                            data_state_reason=self.progress.data_state_reason)
+        return _outcome(self.applier, self.progress, self.job.state.log, self.job.partition)
 
     def close(self) -> None:
-        self.abort.set()
+        self._abort.set()
         if self._thread.is_alive():
             self._thread.join()
         self.applier.close()
         self.progress.close()
+
+
+class _ReaderLog:
+    """The Log as the applier process sees it: it reads; the consumer offset, advisory,
+    is committed by the parent (which holds the log for writing) when the run ends."""
+
+    def __init__(self, inner: Log):
+        self._inner = inner
+
+    def commit(self, partition: str, consumer: str, offset: int) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def open_reader_log(state_dir: Path, settings: Settings) -> Log:
+    """The job's Log opened for reading beside the process that writes it."""
+    if settings.log == "embedded":
+        from ..engine.log_embedded import EmbeddedLog
+        return EmbeddedLog.open_readonly(state_dir / "log")
+    return open_log(state_dir, settings)
+
+
+def _die_with_parent() -> None:
+    """The applier process must not outlive its parent (a SIGKILLed `dt mirror` would
+    leave it holding the target's progress lock)."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def _applier_process(spec: dict, conn, applied, final_end, abort) -> None:
+    """Body of the applier process (see ``_ApplierProcess``)."""
+    import signal
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    logs.configure(json=spec["log_json"], level=spec["log_level"])
+    settings, partition = spec["settings"], spec["partition"]
+    reader = progress = applier = None
+    try:
+        reader = _ReaderLog(open_reader_log(Path(spec["state_dir"]), settings))
+        progress = Progress(spec["target_state_dir"])
+        applier = Applier(reader, partition, spec["target_root"], spec["source_root"], progress, settings)
+
+        def publish(offset: int) -> None:
+            applied.value = offset
+
+        end = reader.end_offset(partition)
+        for phase, done in (("drained", lambda a: a >= end - 1),
+                            ("done", lambda a: final_end.value >= 0 and a >= final_end.value - 1)):
+            error = _apply_until(applier, progress, reader, partition, settings, done, abort, publish)
+            outcome = _outcome(applier, progress, reader, partition).__dict__
+            if error is not None:
+                conn.send(("gave_up", error, outcome))
+                return
+            if abort.is_set():
+                return
+            conn.send((phase, None, outcome))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("failed", f"{type(exc).__name__}: {exc}", None))
+    finally:
+        for part in (applier, progress, reader):
+            if part is not None:
+                part.close()
+
+
+class _ApplierProcess:
+    """The job's applier in a process of its own: the target's role. Applying then never
+    competes with the producer for one interpreter lock (in one process, every system
+    call of one side waits for the other to yield the lock: about 3x slower)."""
+
+    def __init__(self, job: Job, on_failure: Callable[[], None] | None):
+        import multiprocessing
+        import queue
+        import structlog
+        ctx = multiprocessing.get_context("spawn")
+        self.job = job
+        self._conn, child = ctx.Pipe()
+        self._applied = ctx.Value("q", -1, lock=False)
+        self._final_end = ctx.Value("q", -1, lock=False)
+        self._abort = ctx.Event()
+        config = structlog.get_config()
+        spec = {"settings": job.state.settings, "partition": job.partition, "state_dir": str(job.state.dir),
+                "target_state_dir": str(job.target_state_dir), "target_root": job.conn.target_root,
+                "source_root": job.rset.root,
+                "log_json": isinstance(config["processors"][-1], structlog.processors.JSONRenderer),
+                "log_level": logging.getLevelName(config["wrapper_class"].get_effective_level(None)).lower()}
+        self._proc = ctx.Process(target=_applier_process, args=(spec, child, self._applied, self._final_end,
+                                                                self._abort), name=f"dt-applier-{job.partition}")
+        self._proc.start()
+        child.close()
+        self._messages: queue.Queue = queue.Queue()
+        self._on_failure = on_failure
+        self._listener = threading.Thread(target=self._listen, daemon=True)
+        self._listener.start()
+
+    @property
+    def applied(self) -> int:
+        return self._applied.value
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                self._messages.put(("failed", "the applier process ended unexpectedly", None))
+                return
+            if message[0] == "gave_up" and self._on_failure is not None:
+                self._on_failure()
+            self._messages.put(message)
+
+    def _expect(self, phase: str) -> ApplyOutcome:
+        kind, detail, outcome = self._messages.get()
+        if kind == phase:
+            return ApplyOutcome(**outcome)
+        if kind == "gave_up":
+            raise ApplyFailed(detail=detail)
+        raise ApplyFailed(detail=detail or f"unexpected {kind}")
+
+    def drain(self) -> None:
+        self._expect("drained")
+
+    def finish(self) -> ApplyOutcome:
+        self._final_end.value = self.job.state.log.end_offset(self.job.partition)
+        outcome = self._expect("done")
+        if outcome.applied >= 0:
+            self.job.state.log.commit(self.job.partition, "applier", outcome.applied)
+        return outcome
+
+    def close(self) -> None:
+        self._abort.set()
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
 
 
 def source_queue(job: Job, applied: Callable[[], int]) -> SourceQueue:
@@ -268,14 +423,15 @@ def source_queue(job: Job, applied: Callable[[], int]) -> SourceQueue:
 
 
 def apply_while(job: Job, produce: Callable[[Log, PathLocks], T], *,
-                on_apply_failure: Callable[[], None] | None = None) -> tuple[T, ApplyOutcome]:
+                on_apply_failure: Callable[[], None] | None = None,
+                separate_process: bool = True) -> tuple[T, ApplyOutcome]:
     """Drain the job's log, run ``produce(log, locks)`` with the applier applying beside
-    it, and return its result once everything it appended is applied."""
-    runner = _ApplierThread(job, on_apply_failure)
+    it (in a process of its own unless ``separate_process`` is False), and return its
+    result once everything it appended is applied."""
+    runner = (_ApplierProcess if separate_process else _ApplierThread)(job, on_apply_failure)
     try:
         runner.drain()
-        queue = source_queue(job, lambda: runner.applier.applied_offset)
-        runner.start()
+        queue = source_queue(job, lambda: runner.applied)
         try:
             result = produce(queue.throttled(), PathLocks())
         finally:
