@@ -480,7 +480,7 @@ class Mirror:
             self._recheck.append(item.rel)
 
     def _object(self, item: Entry, *, large: bool) -> None:
-        src = self.source.entry(item.rel) if not large else item  # large: rechecked per chunk
+        src = self.source.refresh(item) if not large else item  # large: rechecked per chunk
         if item.is_dir:
             self._dirs.append(_Dir(src or item))
         if src is None:
@@ -540,7 +540,7 @@ class Mirror:
         """Every data extent of the file; holes are only counted (see module docstring)."""
         with self._chunk_lock(src, fd, large):
             self._emit(self._header(src, whole=True))
-        extents = list(data_extents(fd, src.size))
+        extents = list(data_extents(fd, src.size, src.allocated))
         digests: list[bytes] = []
         buf = bytearray(CHUNK)
         view = memoryview(buf)

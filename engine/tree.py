@@ -94,6 +94,7 @@ class Entry:
     link_target: str | None = None
     xattrs: dict[str, bytes] = field(default_factory=dict)
     included: bool = True  # False: a directory walked only because something below belongs
+    allocated: int = 0     # bytes of storage (st_blocks * 512)
 
     @property
     def key(self) -> tuple[bytes, ...]:
@@ -196,7 +197,21 @@ class Tree:
                      atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
                      ino=st.st_ino, dev=st.st_dev, nlink=st.st_nlink,
                      rdev=st.st_rdev if kind in (FileKind.CHAR, FileKind.BLOCK) else 0,
-                     link_target=link_target, xattrs=read_xattrs(path), included=included)
+                     link_target=link_target, xattrs=read_xattrs(path), included=included,
+                     allocated=st.st_blocks * 512)
+
+    def refresh(self, entry: Entry) -> Entry | None:
+        """``entry`` as the object is now: the same object when its lstat (inode, ctime,
+        size, mtime) is unchanged, since any change of content, attributes or xattrs
+        moves ctime; else a fresh entry (None when gone)."""
+        try:
+            st = os.lstat(self._abs_bytes(entry.rel))
+        except OSError:
+            return self.entry(entry.rel)
+        if (st.st_ino, st.st_ctime_ns, st.st_mtime_ns) == (entry.ino, entry.ctime_ns, entry.mtime_ns) \
+                and (entry.kind is not FileKind.FILE or st.st_size == entry.size):
+            return entry
+        return self._entry(entry.rel, self._abs_bytes(entry.rel), st, entry.included)
 
     def open(self, rel: str) -> int:
         """A read-only descriptor of the regular file at ``rel`` (never through a symlink)."""
@@ -290,12 +305,17 @@ def read_xattrs(path: bytes | str) -> dict[str, bytes]:
     return out
 
 
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+def data_extents(fd: int, size: int, allocated: int | None = None) -> Iterator[tuple[int, int]]:
     """``(start, end)`` ranges of ``fd`` below ``size`` that hold data; holes are left out.
 
-    Filesystems without SEEK_DATA report the whole file as one extent, which is correct,
-    only not sparse.
+    ``allocated`` (st_blocks * 512), when it covers the size, says there is no hole worth
+    looking for. Filesystems without SEEK_DATA report the whole file as one extent, which
+    is correct, only not sparse.
     """
+    if allocated is not None and allocated >= size:
+        if size:
+            yield 0, size
+        return
     pos = 0
     while pos < size:
         try:
