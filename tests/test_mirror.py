@@ -374,3 +374,51 @@ def test_hard_links_survive_a_remirror_of_changed_content(env, mode):
     assert outcome.data_state == "OK"
     assert diff_trees(src, dst) == []
     assert os.stat(dst / "two").st_ino == os.stat(dst / "sub" / "three").st_ino == os.stat(dst / "one").st_ino
+
+
+def test_writes_captured_during_a_mirror_land_in_order_and_the_replica_ends_identical(env):
+    """A capture stand-in writes the source under the path locks and appends each write,
+    as capture backends do, while the mirror reads and appends the same files."""
+    import random
+    import threading
+
+    from datatether.engine import codec
+    from datatether.engine.events import Event, Write
+
+    state, src, dst = env
+    names = ["big", "small-a", "small-b"]
+    (src / "big").write_bytes(os.urandom(3 * mirror_mod.LARGE_FILE))
+    for name in names[1:]:
+        (src / name).write_bytes(os.urandom(200_000))
+    job = job_of(state, src, dst)
+    rnd = random.Random(7)
+
+    def capture(log, locks, stop, count):
+        while not stop.is_set() or count[0] < 200:
+            name = rnd.choice(names)
+            size = os.path.getsize(src / name)
+            offset, data = rnd.randrange(0, size - 4096), rnd.randbytes(4096)
+            with locks.hold(name):
+                fd = os.open(src / name, os.O_WRONLY)
+                os.pwrite(fd, data, offset)
+                os.close(fd)
+                log.append(job.partition, [codec.encode(Event(Write(name, offset, data), 0, "test"))])
+            count[0] += 1
+
+    def produce(log, locks):
+        stop, count = threading.Event(), [0]
+        writer = threading.Thread(target=capture, args=(log, locks, stop, count))
+        writer.start()
+        try:
+            m = Mirror(job.source_view(), job.target_view(), log, job.partition, state.settings, locks,
+                       mode=MirrorMode.FULL, position_path=job.position_path)
+            stats = m.run()
+        finally:
+            stop.set()
+            writer.join()
+        return stats, count[0]
+
+    (stats, writes), outcome = runtime.apply_while(job, produce)
+    assert writes >= 200 and outcome.data_state == "OK", (stats.problems, outcome)
+    for name in names:
+        assert (dst / name).read_bytes() == (src / name).read_bytes(), name
