@@ -1,0 +1,596 @@
+"""FUSE capture: a stacking filesystem mounted over the protected directory itself.
+
+``FuseCapture.start`` opens the directory (O_PATH) *before* mounting a FUSE filesystem
+on the same path. Applications keep their paths; every request reaches ``CaptureFs``,
+which performs it on the real tree through that descriptor (``dir_fd=``/``*at`` calls,
+never following a final symlink) and, once it succeeded, hands its events to the sink
+under the path lock, before the caller gets its answer (engine/capture.py's contract).
+
+What becomes an event (paths relative to the mount root, only what ``matches`` selects):
+write -> Write (absolute offset, split at settings.max_write_buffer); truncate, ftruncate
+and open(O_TRUNC) -> Truncate; create, mknod, mkdir -> Create; symlink -> Symlink;
+unlink -> Unlink; rmdir -> Rmdir; chmod, chown, utimens -> SetAttr; setxattr,
+removexattr -> SetXattr, RemoveXattr; fallocate -> Fallocate; fsync, fsyncdir ->
+Barrier. Reads, opens, closes and listings produce nothing. Shared writable mmap works:
+dirty pages reach ``write`` on msync, munmap and close and become Writes like any other.
+
+Replication semantics (the reference's "Replication capabilities"):
+- rename within the set -> Rename (also over an existing object); into the set from an
+  excluded part -> the object is recreated there (capture/fuse_recreate.py); out of the
+  set -> Unlink, or Rmdir(recursive) for a directory. RENAME_NOREPLACE is honoured;
+  RENAME_EXCHANGE and RENAME_WHITEOUT are refused with EINVAL (the log has no atomic swap).
+- link with both names in the set -> Link; a new name in the set for a file outside it
+  -> the file is recreated under the new name, without a link on the target.
+- chmod/chown through a symlink: the kernel resolves the link, so the event names the
+  object it reached (when that object is in the set).
+- Ignore Delete Operations (settings.ignore_delete_ops): unlink, rmdir and moves out of
+  the set still happen on the source; no event is sent for them.
+- The set's root is the mountpoint: it cannot be renamed or removed through the mount
+  (the kernel refuses with EBUSY). Doing it from outside means unmounting, which stops
+  the capture: a gap, so the next start needs a mirror.
+
+Failures: a sink that raises does not fail the operation, which already happened: the
+Emitter reports a gap and the connection becomes Mirror Required. A handler that fails
+answers with its errno; an unexpected exception is logged (DT-F010) and answered with
+EIO; the mount stays up. If the process dies, ``auto_unmount`` removes the mount so
+applications keep working on the real directory, uncaptured, until the next start
+(which must mirror).
+
+Ownership: the daemon runs as root. Created objects are given to the calling user (and
+to the parent's group under a set-group-ID directory), and permission bits that the
+daemon's own umask removed are put back, so objects look as if the caller made them.
+The kernel checks permissions (default_permissions) before a request gets here.
+
+Known limits: the kernel caches hard links as one inode per name (libfuse's high-level
+API is path based; the real files stay linked, attributes seen through the other name
+may lag by the attribute timeout); when a directory moves, rules that select differently
+beneath its old and new place are not re-evaluated entry by entry, nor are entries
+selected beneath a directory the rules do not select (the next verification finds such
+differences); a link into the set is not linked to other names of the inode in the set.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import subprocess
+import threading
+import time
+from typing import Iterable
+
+from datatether.engine import logs
+from datatether.engine.capture import Emitter, GapReport, Matches, Sink, everything, no_gap_report
+from datatether.engine.errors import CaptureFailed
+from datatether.engine.events import (Barrier, Fallocate, Link, Operation, RemoveXattr, Rename,
+                                      Rmdir, SetAttr, SetXattr, Truncate, Unlink, Write)
+from datatether.engine.pathlocks import PathLocks
+from datatether.engine.settings import Settings
+
+from . import fuse_libc
+from .fuse_recreate import create_op, recreate, symlink_op, sys_path
+from .fuse_session import MAX_WRITE_LIMIT, Session, Tuning, caller
+
+log = logs.get(__name__)
+
+ORIGIN = "fuse"
+FSNAME = "datatether"
+# The kernel computes O_APPEND offsets and sends them; the real descriptor must write at
+# exactly that offset or the event would name another one. O_DIRECT would demand aligned
+# buffers of the real filesystem that requests do not have.
+_OPEN_DROP = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+_OPEN_ADD = os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MIN_WRITE = 128 << 10
+
+
+def _rel(path: bytes) -> str:
+    """Event path of a libfuse path (b"/a/b" -> "a/b", b"/" -> "")."""
+    return os.fsdecode(path[1:])
+
+
+def _readdir_type(entry: os.DirEntry) -> int:
+    """File-type bits of a directory entry from its d_type (0 when unknown)."""
+    if entry.is_dir(follow_symlinks=False):
+        return stat.S_IFDIR
+    if entry.is_symlink():
+        return stat.S_IFLNK
+    if entry.is_file(follow_symlinks=False):
+        return stat.S_IFREG
+    return 0
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for all threads)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+class CaptureFs:
+    """The handlers: each operation on the real tree under ``root_fd``, then its events.
+
+    Mutating handlers hold the path lock of every path they touch from before the change
+    until the sink returned, so a mirror reading the same path cannot interleave.
+    """
+
+    def __init__(self, root_fd: int, emitter: Emitter, settings: Settings, matches: Matches,
+                 locks: PathLocks, umask: int):
+        self._root = root_fd
+        self._emitter = emitter
+        self._matches = matches
+        self._locks = locks
+        self._chunk = settings.max_write_buffer
+        self._keep_deleted = settings.ignore_delete_ops
+        self._umask = umask
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _emit(self, ops: Iterable[Operation]) -> None:
+        self._emitter.emit(ops)
+
+    def _lstat(self, path: bytes) -> os.stat_result:
+        return os.stat(sys_path(_rel(path)), dir_fd=self._root, follow_symlinks=False)
+
+    def _proc(self, path: bytes) -> bytes:
+        """A path reaching the object itself for calls without dir_fd (the xattr calls, used
+        with follow_symlinks=False): /proc/self/fd/<root>/<rel>. The magic link lands on
+        the real directory under the mount; nothing in it crosses into the mount."""
+        return b"/proc/self/fd/%d%s" % (self._root, path if path != b"/" else b"/.")
+
+    def _settle(self, path: bytes, mode: int, fd: int | None = None) -> os.stat_result:
+        """Give a new object to the caller and restore the bits the daemon's umask took;
+        return its final attributes."""
+        rel = sys_path(_rel(path))
+        st = os.fstat(fd) if fd is not None else os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+        changed = False
+        lost = mode & self._umask & 0o777 & ~st.st_mode
+        if lost and not stat.S_ISLNK(st.st_mode):
+            new_mode = stat.S_IMODE(st.st_mode) | lost
+            os.fchmod(fd, new_mode) if fd is not None else os.chmod(rel, new_mode, dir_fd=self._root)
+            changed = True
+        uid, gid, _ = caller()
+        parent = os.path.dirname(rel) or b"."
+        if os.stat(parent, dir_fd=self._root).st_mode & stat.S_ISGID:
+            gid = st.st_gid  # the object took the directory's group, as it must
+        if (uid, gid) != (st.st_uid, st.st_gid):
+            os.chown(rel, uid, gid, dir_fd=self._root, follow_symlinks=False)
+            changed = True
+        if not changed:
+            return st
+        return os.fstat(fd) if fd is not None else os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+
+    def _removal(self, rel: str, is_dir: bool) -> Operation:
+        return Rmdir(rel, recursive=True) if is_dir else Unlink(rel)
+
+    # -- attributes and listings (no events) ------------------------------------------------
+
+    def getattr(self, path, fh):
+        if fh is not None:
+            return os.fstat(fh)
+        if path is None:
+            raise OSError(errno.ENOENT, "unlinked")
+        return self._lstat(path)
+
+    def readlink(self, path):
+        return os.readlink(sys_path(_rel(path)), dir_fd=self._root)
+
+    def access(self, path, mask):
+        if not os.access(sys_path(_rel(path)), mask, dir_fd=self._root, follow_symlinks=False):
+            raise OSError(errno.EACCES, "access")
+
+    def statfs(self, path):
+        return os.statvfs(self._root)
+
+    def getxattr(self, path, name):
+        return os.getxattr(self._proc(path), name, follow_symlinks=False)
+
+    def listxattr(self, path):
+        return [os.fsencode(n) for n in os.listxattr(self._proc(path), follow_symlinks=False)]
+
+    def opendir(self, path):
+        return os.open(sys_path(_rel(path)), _DIR_FLAGS, dir_fd=self._root)
+
+    def readdir(self, path, fh):
+        yield b".", 0, stat.S_IFDIR
+        yield b"..", 0, stat.S_IFDIR
+        with os.scandir(fh) as entries:
+            for entry in entries:
+                yield os.fsencode(entry.name), entry.inode(), _readdir_type(entry)
+
+    def releasedir(self, path, fh):
+        os.close(fh)
+
+    # -- file data ---------------------------------------------------------------------------
+
+    def open(self, path, flags):
+        if not flags & os.O_TRUNC:
+            return os.open(sys_path(_rel(path)), (flags & ~_OPEN_DROP) | _OPEN_ADD, dir_fd=self._root)
+        rel = _rel(path)
+        with self._locks.hold(rel):
+            fd = os.open(sys_path(rel), (flags & ~_OPEN_DROP) | _OPEN_ADD, dir_fd=self._root)
+            if self._matches(rel, False):
+                self._emit([Truncate(rel, 0)])
+        return fd
+
+    def create(self, path, mode, flags):
+        rel = _rel(path)
+        with self._locks.hold(rel):
+            fd = os.open(sys_path(rel), (flags & ~_OPEN_DROP) | _OPEN_ADD | os.O_CREAT | os.O_EXCL,
+                         mode, dir_fd=self._root)
+            try:
+                st = self._settle(path, mode, fd)
+            except OSError:
+                os.close(fd)
+                raise
+            if self._matches(rel, False):
+                self._emit([create_op(rel, st)])
+        return fd
+
+    def read(self, path, size, offset, fh):
+        return os.pread(fh, size, offset)
+
+    def write(self, path, data, offset, fh):
+        rel = None if path is None else _rel(path)
+        if rel is None or not self._matches(rel, False):
+            return os.pwrite(fh, data, offset)  # unlinked meanwhile, or not in the set
+        with self._locks.hold(rel):
+            n = os.pwrite(fh, data, offset)
+            chunk = self._chunk
+            if n <= chunk:
+                self._emit([Write(rel, offset, data if n == len(data) else data[:n])])
+            else:
+                view = memoryview(data)
+                self._emit([Write(rel, offset + i, bytes(view[i:min(i + chunk, n)]))
+                            for i in range(0, n, chunk)])
+        return n
+
+    def flush(self, path, fh):
+        return 0
+
+    def release(self, path, fh):
+        os.close(fh)
+
+    def fsync(self, path, datasync, fh):
+        self._barrier(path, fh, datasync)
+
+    def fsyncdir(self, path, datasync, fh):
+        self._barrier(path, fh, datasync)
+
+    def _barrier(self, path, fh, datasync):
+        (os.fdatasync if datasync else os.fsync)(fh)
+        if path is not None:
+            rel = _rel(path)
+            if self._matches(rel, stat.S_ISDIR(os.fstat(fh).st_mode)):
+                self._emit([Barrier(rel)])
+
+    def truncate(self, path, size, fh):
+        rel = None if path is None else _rel(path)
+        with self._locks.hold(rel or ""):
+            if fh is not None:
+                os.ftruncate(fh, size)
+            else:
+                fd = os.open(sys_path(rel), os.O_WRONLY | _OPEN_ADD | os.O_NONBLOCK, dir_fd=self._root)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+            if rel is not None and self._matches(rel, False):
+                self._emit([Truncate(rel, size)])
+
+    def fallocate(self, path, mode, offset, length, fh):
+        rel = None if path is None else _rel(path)
+        with self._locks.hold(rel or ""):
+            fuse_libc.fallocate(fh, mode, offset, length)
+            if rel is not None and self._matches(rel, False):
+                self._emit([Fallocate(rel, mode, offset, length)])
+
+    # -- attributes ----------------------------------------------------------------------------
+
+    def _set_attr(self, path, fh, change, op: SetAttr | None = None) -> None:
+        """Run ``change(fh or None)`` under the lock and emit ``op`` (built after the change
+        when None is given: see utimens)."""
+        rel = None if path is None else _rel(path)
+        with self._locks.hold(rel or ""):
+            change()
+            if rel is None:
+                return
+            st = os.fstat(fh) if fh is not None else self._lstat(path)
+            if self._matches(rel, stat.S_ISDIR(st.st_mode)):
+                self._emit([op(rel, st)])
+
+    def chmod(self, path, mode, fh):
+        def change():
+            if fh is not None:
+                os.fchmod(fh, mode)
+                return
+            try:
+                os.chmod(sys_path(_rel(path)), mode, dir_fd=self._root, follow_symlinks=False)
+            except (NotImplementedError, ValueError):  # a symlink: Linux has no lchmod
+                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode") from None
+        self._set_attr(path, fh, change, lambda rel, st: SetAttr(rel, mode=stat.S_IMODE(st.st_mode)))
+
+    def chown(self, path, uid, gid, fh):
+        def change():
+            if fh is not None:
+                os.fchown(fh, uid, gid)
+            else:
+                os.chown(sys_path(_rel(path)), uid, gid, dir_fd=self._root, follow_symlinks=False)
+        self._set_attr(path, fh, change, lambda rel, st: SetAttr(
+            rel, uid=None if uid == -1 else st.st_uid, gid=None if gid == -1 else st.st_gid))
+
+    def utimens(self, path, times, fh):
+        def change():
+            if fh is not None:
+                fuse_libc.futimens(fh, times)
+            else:
+                fuse_libc.utimensat(self._root, sys_path(_rel(path)), times)
+        omit_a = times is not None and times[0][1] == fuse_libc.UTIME_OMIT
+        omit_m = times is not None and times[1][1] == fuse_libc.UTIME_OMIT
+        self._set_attr(path, fh, change, lambda rel, st: SetAttr(
+            rel, atime_ns=None if omit_a else st.st_atime_ns, mtime_ns=None if omit_m else st.st_mtime_ns))
+
+    def setxattr(self, path, name, value, flags):
+        rel = _rel(path)
+        with self._locks.hold(rel):
+            os.setxattr(self._proc(path), name, value, flags, follow_symlinks=False)
+            if self._matches(rel, stat.S_ISDIR(self._lstat(path).st_mode)):
+                self._emit([SetXattr(rel, os.fsdecode(name), value)])
+
+    def removexattr(self, path, name):
+        rel = _rel(path)
+        with self._locks.hold(rel):
+            os.removexattr(self._proc(path), name, follow_symlinks=False)
+            if self._matches(rel, stat.S_ISDIR(self._lstat(path).st_mode)):
+                self._emit([RemoveXattr(rel, os.fsdecode(name))])
+
+    # -- names -----------------------------------------------------------------------------------
+
+    def mknod(self, path, mode, rdev):
+        rel = _rel(path)
+        with self._locks.hold(rel):
+            os.mknod(sys_path(rel), mode, rdev, dir_fd=self._root)
+            st = self._settle(path, mode)
+            if self._matches(rel, False):
+                self._emit([create_op(rel, st)])
+
+    def mkdir(self, path, mode):
+        rel = _rel(path)
+        with self._locks.hold(rel):
+            os.mkdir(sys_path(rel), mode, dir_fd=self._root)
+            st = self._settle(path, mode)
+            if self._matches(rel, True):
+                self._emit([create_op(rel, st)])
+
+    def symlink(self, target, path):
+        rel = _rel(path)
+        with self._locks.hold(rel):
+            os.symlink(target, sys_path(rel), dir_fd=self._root)
+            st = self._settle(path, 0)
+            if self._matches(rel, False):
+                self._emit([symlink_op(rel, target, st)])
+
+    def unlink(self, path):
+        rel = _rel(path)
+        with self._locks.hold(rel):
+            os.unlink(sys_path(rel), dir_fd=self._root)
+            if not self._keep_deleted and self._matches(rel, False):
+                self._emit([Unlink(rel)])
+
+    def rmdir(self, path):
+        rel = _rel(path)
+        with self._locks.hold(rel):
+            os.rmdir(sys_path(rel), dir_fd=self._root)
+            if not self._keep_deleted and self._matches(rel, True):
+                self._emit([Rmdir(rel)])
+
+    def rename(self, old, new, flags):
+        if flags & ~fuse_libc.RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, "RENAME_EXCHANGE and RENAME_WHITEOUT are not supported")
+        src, dst = _rel(old), _rel(new)
+        with self._locks.hold(src, dst):
+            is_dir = stat.S_ISDIR(self._lstat(old).st_mode)
+            was_in, now_in = self._matches(src, is_dir), self._matches(dst, is_dir)
+            replaced = self._replaced(new) if now_in and not was_in else None
+            if flags:
+                fuse_libc.renameat2(self._root, sys_path(src), self._root, sys_path(dst), flags)
+            else:
+                os.rename(sys_path(src), sys_path(dst), src_dir_fd=self._root, dst_dir_fd=self._root)
+            if was_in and now_in:
+                self._emit([Rename(src, dst)])
+            elif now_in:
+                if replaced is not None and self._matches(dst, replaced):
+                    self._emit([self._removal(dst, replaced)])
+                self._recreate(dst)
+            elif was_in and not self._keep_deleted:
+                self._emit([self._removal(src, is_dir)])
+
+    def _replaced(self, path: bytes) -> bool | None:
+        """Is there a directory (True), another object (False) or nothing (None) at path?"""
+        try:
+            return stat.S_ISDIR(self._lstat(path).st_mode)
+        except FileNotFoundError:
+            return None
+
+    def link(self, existing, new):
+        src, dst = _rel(existing), _rel(new)
+        with self._locks.hold(src, dst):
+            os.link(sys_path(src), sys_path(dst), src_dir_fd=self._root, dst_dir_fd=self._root,
+                    follow_symlinks=False)
+            if not self._matches(dst, False):
+                return
+            if self._matches(src, False):
+                self._emit([Link(src, dst)])
+            else:
+                self._recreate(dst)
+
+    def _recreate(self, rel: str) -> None:
+        for batch in recreate(self._root, rel, self._matches, self._chunk):
+            self._emit(batch)
+
+
+class FuseCapture:
+    """A live FUSE capture of ``root`` (the replication set's root directory).
+
+    ``FuseCapture(root, sink, settings, matches=..., locks=..., on_gap=...)``:
+    - ``sink(events)``: see engine/capture.py (called under ``locks``; may raise).
+    - ``matches(rel_path, is_dir)``: the set's rules on event paths ("" is the root).
+    - ``locks``: the PathLocks shared with the mirror of the same connection.
+    - ``on_gap(reason)``: called when the sink failed (the connection needs a mirror).
+    - ``tuning``: kernel caching and threads (fuse_session.Tuning); max_write defaults
+      to settings.max_write_buffer, at least 128 KiB and at most 1 MiB.
+
+    ``start()`` mounts and returns once requests are served; ``stop()`` unmounts (lazily
+    when busy), waits up to ``stop_grace_s`` for open files to be closed, then aborts the
+    connection (remaining open descriptors fail with ENOTCONN) so it never hangs.
+    """
+
+    origin = ORIGIN
+
+    def __init__(self, root: str | os.PathLike, sink: Sink, settings: Settings | None = None, *,
+                 matches: Matches = everything, locks: PathLocks | None = None,
+                 on_gap: GapReport = no_gap_report, tuning: Tuning | None = None,
+                 start_timeout_s: float = 10.0, stop_grace_s: float = 5.0):
+        self.root = os.path.abspath(os.fspath(root))
+        self.settings = settings or Settings()
+        self.emitter = Emitter(sink, ORIGIN, on_gap)
+        self.matches = matches
+        self.locks = locks or PathLocks()
+        max_write = min(max(self.settings.max_write_buffer, _MIN_WRITE), MAX_WRITE_LIMIT)
+        self.tuning = tuning or Tuning(max_write=max_write)
+        self.start_timeout_s = start_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self._root_fd: int | None = None
+        self._session: Session | None = None
+        self._thread: threading.Thread | None = None
+        self._dev: int | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def gaps(self) -> int:
+        return self.emitter.gaps
+
+    def __enter__(self) -> "FuseCapture":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _fail(self, detail: str) -> CaptureFailed:
+        return CaptureFailed(backend=ORIGIN, root=self.root, detail=detail)
+
+    def start(self) -> None:
+        if self.running:
+            raise self._fail("already running")
+        self._clear_stale_mount()
+        try:
+            root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._fail(f"cannot open the directory: {exc.strerror}") from None
+        fs = CaptureFs(root_fd, self.emitter, self.settings, self.matches, self.locks, process_umask())
+        options = ["allow_other", "default_permissions", f"fsname={FSNAME}", f"subtype={FSNAME}",
+                   "auto_unmount"]
+        session = Session(fs, self.root, options, self.tuning)
+        try:
+            session.mount()
+        except OSError as exc:
+            os.close(root_fd)
+            raise self._fail(f"{exc.strerror} (libfuse's reason is on stderr)") from None
+        self._root_fd, self._session = root_fd, session
+        self._thread = threading.Thread(target=self._serve, name=f"fuse-capture {self.root}", daemon=True)
+        self._thread.start()
+        if not session.ready.wait(self.start_timeout_s) or not self._await_mounted():
+            self.stop()
+            raise self._fail(f"mount did not come up within {self.start_timeout_s} s")
+        log.info("capture started", msgid="DT-F020", root=self.root, max_write=self.tuning.max_write)
+
+    def _serve(self) -> None:
+        try:
+            self._session.serve()
+        except BaseException as exc:  # the thread must end cleanly for stop() to join it
+            log.error("fuse loop failed", msgid="DT-F021", root=self.root, error=repr(exc))
+
+    def _await_mounted(self) -> bool:
+        """Wait until the path shows the mount (the kernel answered INIT before that)."""
+        deadline = time.monotonic() + self.start_timeout_s
+        under = os.fstat(self._root_fd).st_dev
+        while time.monotonic() < deadline:
+            dev = os.stat(self.root).st_dev
+            if dev != under:
+                self._dev = dev
+                return True
+            time.sleep(0.01)
+        return False
+
+    def stop(self) -> None:
+        if self._session is None:
+            return
+        if self.running:
+            self._unmount()
+            self._thread.join(self.stop_grace_s)
+            if self._thread.is_alive():
+                log.warning("open files keep the unmounted capture busy: aborting the connection",
+                            msgid="DT-F022", root=self.root, grace_s=self.stop_grace_s)
+                self._abort()
+                self._thread.join()
+        os.close(self._root_fd)
+        self._root_fd = self._session = self._thread = None
+        log.info("capture stopped", msgid="DT-F023", root=self.root, gaps=self.gaps)
+
+    def _unmount(self) -> None:
+        done = subprocess.run(["fusermount3", "-u", "-q", self.root], capture_output=True, text=True)
+        if done.returncode != 0 and self._is_our_mount():
+            log.info("capture busy, unmounting lazily", msgid="DT-F024", root=self.root,
+                     reason=done.stderr.strip())
+            subprocess.run(["fusermount3", "-u", "-z", "-q", self.root], capture_output=True)
+
+    def _abort(self) -> None:
+        """End the kernel connection (fusectl), failing whatever still uses it."""
+        connections = "/sys/fs/fuse/connections"
+        if not os.listdir(connections):
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", connections], capture_output=True)
+        dev = self._dev
+        with open(f"{connections}/{(os.major(dev) << 20) | os.minor(dev)}/abort", "w") as f:
+            f.write("1")
+
+    def _mounts(self) -> list[tuple[str, str]]:
+        """(mount point, file system type) of every mount this process sees."""
+        result = []
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split(" - ")
+                point = _unescape(fields[0].split()[4])
+                result.append((point, fields[1].split()[0]))
+        return result
+
+    def _is_our_mount(self) -> bool:
+        return (self.root, f"fuse.{FSNAME}") in self._mounts()
+
+    def _clear_stale_mount(self) -> None:
+        """A capture that died without unmounting leaves a dead mount (ENOTCONN) on the
+        directory: remove it; a live one belongs to another capture and is refused."""
+        if not self._is_our_mount():
+            return
+        try:
+            os.stat(self.root)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                log.warning("removing a dead capture mount", msgid="DT-F025", root=self.root)
+                subprocess.run(["fusermount3", "-u", "-z", "-q", self.root], capture_output=True)
+                return
+        raise self._fail("another capture is already mounted there")
+
+
+def _unescape(field: str) -> str:
+    """Mount points in mountinfo escape space, tab, newline and backslash as \\ooo."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]),
+                              field.encode("utf-8", "surrogateescape")))

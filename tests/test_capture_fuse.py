@@ -1,0 +1,425 @@
+"""FuseCapture on real FUSE mounts: pass-through to the directory it is mounted over, the
+events each operation produces (order, paths, data), replication-set semantics of renames
+and links, mmap, a failing sink, unmounting while busy, odd names and ownership."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from datatether.capture import fuse_libc
+from datatether.capture.fuse import FuseCapture
+from datatether.engine.capture import Capture
+from datatether.engine.errors import CaptureFailed
+from datatether.engine.events import (Barrier, Create, Fallocate, FileKind, Link, RemoveXattr, Rename,
+                                      Rmdir, SetAttr, SetXattr, Symlink, Truncate, Unlink, Write)
+from datatether.engine.settings import Settings
+
+pytestmark = pytest.mark.fuse
+CHILD_TIMEOUT_S = 60
+
+
+class Recorder:
+    """A sink that keeps what it receives (thread-safe), or raises while ``failing``."""
+
+    def __init__(self):
+        self.events = []
+        self.failing = False
+        self._lock = threading.Lock()
+
+    def __call__(self, events):
+        if self.failing:
+            raise RuntimeError("queue full")
+        with self._lock:
+            self.events.extend(events)
+
+    def ops(self, kind=None):
+        with self._lock:
+            return [e.op for e in self.events if kind is None or isinstance(e.op, kind)]
+
+    def take(self):
+        with self._lock:
+            ops, self.events = [e.op for e in self.events], []
+        return ops
+
+
+def outside_excl(rel: str, is_dir: bool) -> bool:
+    """The replication set of these tests: everything but the subtree ``excl``."""
+    return rel != "excl" and not rel.startswith("excl/")
+
+
+@pytest.fixture
+def source(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "before.txt").write_bytes(b"there before the mount\n")
+    (root / "excl").mkdir()
+    (root / "excl" / "outside.bin").write_bytes(b"x" * 5000)
+    return root
+
+
+@pytest.fixture
+def real(source):
+    """A descriptor of the real directory, opened before anything is mounted over it."""
+    fd = os.open(source, os.O_PATH | os.O_DIRECTORY)
+    yield fd
+    os.close(fd)
+
+
+def read_real(real_fd, rel) -> bytes:
+    fd = os.open(rel, os.O_RDONLY, dir_fd=real_fd)
+    try:
+        return os.read(fd, 1 << 24)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def capture(fuse_available, source, real):
+    recorder = Recorder()
+    gaps = []
+    cap = FuseCapture(source, recorder, Settings(max_write_buffer=4096), matches=outside_excl,
+                      on_gap=gaps.append, stop_grace_s=1.0)
+    cap.recorder, cap.gap_reasons = recorder, gaps
+    cap.start()
+    yield cap
+    cap.stop()
+
+
+def test_mounts_over_the_directory_keeping_its_files_visible(capture, source):
+    assert isinstance(capture, Capture) and capture.running
+    assert os.stat(source).st_dev != os.fstat(capture._root_fd).st_dev
+    assert sorted(os.listdir(source)) == ["before.txt", "excl"]
+    assert (source / "before.txt").read_bytes() == b"there before the mount\n"
+    st_real = os.stat("before.txt", dir_fd=capture._root_fd)
+    assert os.stat(source / "before.txt").st_ino == st_real.st_ino  # use_ino
+    assert capture.recorder.ops() == []  # reading is not a change
+
+
+def test_file_operations_become_events_in_order(capture, source, real):
+    f = source / "f.txt"
+    with open(f, "wb") as out:
+        out.write(b"hello world")
+        out.flush()
+        os.fsync(out.fileno())
+    os.truncate(f, 5)
+    os.chmod(f, 0o640)
+    os.chown(f, 1234, 5678)
+    os.utime(f, ns=(1_000_000_123, 2_000_000_456))
+    os.setxattr(f, "user.note", b"v1")
+    os.removexattr(f, "user.note")
+    fd = os.open(f, os.O_RDWR)
+    os.posix_fallocate(fd, 0, 8192)
+    os.close(fd)
+    with open(f, "wb"):
+        pass  # O_TRUNC on an existing file
+    os.unlink(f)
+    ops = capture.recorder.take()
+    created = ops[0]
+    assert isinstance(created, Create) and created.path == "f.txt" and created.kind == FileKind.FILE
+    assert ops[1:] == [
+        Write("f.txt", 0, b"hello world"),
+        Barrier("f.txt"),
+        Truncate("f.txt", 5),
+        SetAttr("f.txt", mode=0o640),
+        SetAttr("f.txt", uid=1234, gid=5678),
+        SetAttr("f.txt", atime_ns=1_000_000_123, mtime_ns=2_000_000_456),
+        SetXattr("f.txt", "user.note", b"v1"),
+        RemoveXattr("f.txt", "user.note"),
+        Fallocate("f.txt", 0, 0, 8192),
+        Truncate("f.txt", 0),
+        Unlink("f.txt"),
+    ]
+    assert not (source / "f.txt").exists()
+
+
+def test_writes_land_in_the_real_directory_at_their_offsets(capture, source, real):
+    f = source / "data.bin"
+    with open(f, "wb") as out:
+        out.write(b"a" * 10)
+    fd = os.open(f, os.O_WRONLY)
+    os.pwrite(fd, b"ZZ", 3)
+    os.pwrite(fd, b"end", 20)  # leaves a hole
+    os.close(fd)
+    with open(f, "ab") as out:  # O_APPEND: the event must carry the real offset
+        out.write(b"+")
+    expected = b"aaaZZaaaaa" + b"\0" * 10 + b"end+"
+    assert read_real(real, "data.bin") == expected
+    writes = capture.recorder.ops(Write)
+    assert [(w.offset, w.data) for w in writes] == [(0, b"a" * 10), (3, b"ZZ"), (20, b"end"), (23, b"+")]
+
+
+def test_large_writes_are_split_at_the_maximum_write_buffer(capture, source, real):
+    payload = os.urandom(128 << 10)
+    fd = os.open(source / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.pwrite(fd, payload, 4096 * 3)
+    os.close(fd)
+    writes = capture.recorder.ops(Write)
+    assert all(len(w.data) <= 4096 for w in writes)
+    assert [w.offset for w in writes] == list(range(4096 * 3, 4096 * 3 + len(payload), 4096))
+    assert b"".join(w.data for w in writes) == payload
+    assert read_real(real, "big")[4096 * 3:] == payload
+
+
+def test_directories_nodes_and_symlinks(capture, source):
+    os.mkdir(source / "d", 0o750)
+    os.mkfifo(source / "d" / "fifo", 0o600)
+    os.symlink("../before.txt", source / "d" / "ln")
+    os.lchown(source / "d" / "ln", 42, 43)
+    with pytest.raises(OSError) as err:
+        os.rmdir(source / "d")
+    assert err.value.errno == errno.ENOTEMPTY
+    os.unlink(source / "d" / "fifo")
+    os.unlink(source / "d" / "ln")
+    os.rmdir(source / "d")
+    ops = capture.recorder.take()
+    assert [type(op) for op in ops] == [Create, Create, Symlink, SetAttr, Unlink, Unlink, Rmdir]
+    assert (ops[0].path, ops[0].kind, ops[0].mode) == ("d", FileKind.DIR, 0o750)
+    assert (ops[1].path, ops[1].kind, ops[1].mode) == ("d/fifo", FileKind.FIFO, 0o600)
+    assert (ops[2].path, ops[2].target) == ("d/ln", "../before.txt")
+    assert ops[3] == SetAttr("d/ln", uid=42, gid=43)
+    assert ops[4:] == [Unlink("d/fifo"), Unlink("d/ln"), Rmdir("d")]
+
+
+def test_operations_in_the_excluded_subtree_produce_no_events(capture, source, real):
+    (source / "excl" / "new").write_bytes(b"not replicated")
+    os.mkdir(source / "excl" / "sub")
+    os.unlink(source / "excl" / "new")
+    assert capture.recorder.ops() == []
+    assert read_real(real, "excl/outside.bin") == b"x" * 5000
+
+
+def test_renames_within_into_and_out_of_the_set(capture, source):
+    (source / "a").write_bytes(b"A")
+    (source / "b").write_bytes(b"B")
+    capture.recorder.take()
+    os.rename(source / "a", source / "a2")                # within
+    os.rename(source / "b", source / "a2")                # within, over an existing file
+    os.rename(source / "a2", source / "excl" / "gone")    # out of the set
+    os.rename(source / "excl" / "outside.bin", source / "in.bin")  # into the set
+    ops = capture.recorder.take()
+    assert ops[:3] == [Rename("a", "a2"), Rename("b", "a2"), Unlink("a2")]
+    created, rest = ops[3], ops[4:]
+    assert isinstance(created, Create) and created.path == "in.bin" and created.kind == FileKind.FILE
+    assert b"".join(op.data for op in rest if isinstance(op, Write)) == b"x" * 5000
+    assert Truncate("in.bin", 5000) in rest
+    st = os.lstat(source / "in.bin")
+    assert rest[-1] == SetAttr("in.bin", atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)
+
+
+def test_directory_moved_into_the_set_is_recreated_and_out_of_it_removed(capture, source):
+    tree = source / "excl" / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f").write_bytes(b"content")
+    os.symlink("sub/f", tree / "ln")
+    os.setxattr(tree / "sub" / "f", "user.k", b"v")
+    os.rename(tree, source / "tree")
+    ops = capture.recorder.take()
+    assert [(type(op).__name__, getattr(op, "path", None)) for op in ops] == [
+        ("Create", "tree"), ("Symlink", "tree/ln"), ("Create", "tree/sub"), ("Create", "tree/sub/f"),
+        ("Write", "tree/sub/f"), ("Truncate", "tree/sub/f"), ("SetXattr", "tree/sub/f"),
+        ("SetAttr", "tree/sub/f"), ("SetAttr", "tree/sub"), ("SetAttr", "tree"),
+    ]
+    assert ops[1].target == "sub/f" and ops[4].data == b"content"
+    os.rename(source / "tree", source / "excl" / "back")
+    assert capture.recorder.take() == [Rmdir("tree", recursive=True)]
+
+
+def test_rename_flags(capture, source):
+    (source / "p").write_bytes(b"p")
+    (source / "q").write_bytes(b"q")
+    capture.recorder.take()
+    real_root = os.open(source, os.O_PATH | os.O_DIRECTORY)  # the mount, this time
+    try:
+        with pytest.raises(OSError) as err:
+            fuse_libc.renameat2(real_root, b"p", real_root, b"q", fuse_libc.RENAME_NOREPLACE)
+        assert err.value.errno == errno.EEXIST
+        with pytest.raises(OSError) as err:
+            fuse_libc.renameat2(real_root, b"p", real_root, b"q", fuse_libc.RENAME_EXCHANGE)
+        assert err.value.errno == errno.EINVAL
+        fuse_libc.renameat2(real_root, b"p", real_root, b"r", fuse_libc.RENAME_NOREPLACE)
+    finally:
+        os.close(real_root)
+    assert capture.recorder.take() == [Rename("p", "r")]
+    assert (source / "q").read_bytes() == b"q" and (source / "r").read_bytes() == b"p"
+
+
+def test_hard_links(capture, source, real):
+    (source / "orig").write_bytes(b"same inode")
+    capture.recorder.take()
+    os.link(source / "orig", source / "twin")
+    os.link(source / "excl" / "outside.bin", source / "linked-in")
+    ops = capture.recorder.take()
+    assert ops[0] == Link("orig", "twin")
+    assert isinstance(ops[1], Create) and ops[1].path == "linked-in"
+    assert b"".join(op.data for op in ops if isinstance(op, Write)) == b"x" * 5000
+    assert os.stat("orig", dir_fd=real).st_ino == os.stat("twin", dir_fd=real).st_ino
+    with open(source / "twin", "r+b") as f:
+        f.write(b"S")
+    assert capture.recorder.take() == [Write("twin", 0, b"S")]
+    assert read_real(real, "orig") == b"Same inode"
+
+
+def test_chmod_through_a_symlink_names_the_file_it_reaches(capture, source):
+    (source / "target").write_bytes(b"t")
+    os.symlink("target", source / "link")
+    capture.recorder.take()
+    os.chmod(source / "link", 0o600)
+    assert capture.recorder.take() == [SetAttr("target", mode=0o600)]
+
+
+def test_ignore_delete_operations_keeps_deletes_off_the_log(fuse_available, source, real):
+    recorder = Recorder()
+    settings = Settings(ignore_delete_ops=True)
+    with FuseCapture(source, recorder, settings, matches=outside_excl):
+        (source / "doomed").write_bytes(b"d")
+        os.mkdir(source / "dir")
+        os.mkdir(source / "leaving")
+        recorder.take()
+        os.unlink(source / "doomed")
+        os.rmdir(source / "dir")
+        os.rename(source / "leaving", source / "excl" / "left")
+        assert recorder.take() == []
+    assert not os.path.exists(source / "doomed") and not os.path.exists(source / "dir")
+
+
+def test_shared_writable_mmap_reaches_the_log(capture, source, real):
+    # In a child process: touching a mapped page of this mount faults into the filesystem,
+    # whose handlers need the GIL that an mmap store in this process would be holding.
+    path = source / "mapped"
+    with open(path, "wb") as f:
+        f.write(b"\0" * 3 * mmap.PAGESIZE)
+    capture.recorder.take()
+    subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import mmap
+        with open({str(path)!r}, "r+b") as f:
+            with mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                m[10:15] = b"first"
+                m.flush()
+                m[2 * mmap.PAGESIZE:2 * mmap.PAGESIZE + 6] = b"second"
+    """)], check=True, timeout=CHILD_TIMEOUT_S)
+    image = bytearray(3 * mmap.PAGESIZE)
+    for w in capture.recorder.ops(Write):
+        assert w.path == "mapped"
+        image[w.offset:w.offset + len(w.data)] = w.data
+    expected = read_real(real, "mapped")
+    assert expected[10:15] == b"first" and expected[2 * mmap.PAGESIZE:][:6] == b"second"
+    assert bytes(image) == expected
+
+
+def test_a_failing_sink_reports_a_gap_and_the_operation_still_succeeds(capture, source, real):
+    capture.recorder.failing = True
+    (source / "during-outage").write_bytes(b"kept on the source")
+    os.mkdir(source / "dir-during-outage")
+    assert read_real(real, "during-outage") == b"kept on the source"
+    assert capture.gaps >= 3 and len(capture.gap_reasons) == capture.gaps
+    assert "queue full" in capture.gap_reasons[0]
+    capture.recorder.failing = False
+    (source / "after").write_bytes(b"a")
+    assert [type(op) for op in capture.recorder.take()] == [Create, Write]
+
+
+def test_a_handler_failure_is_an_error_for_that_call_only(fuse_available, source):
+    def matches(rel, is_dir):
+        if rel == "boom":
+            raise RuntimeError("bug in the rules")
+        return True
+    recorder = Recorder()
+    with FuseCapture(source, recorder, matches=matches):
+        with pytest.raises(OSError) as err:
+            os.mkdir(source / "boom")
+        assert err.value.errno == errno.EIO
+        (source / "fine").write_bytes(b"f")
+        assert [type(op) for op in recorder.take()] == [Create, Write]
+
+
+def test_odd_names(capture, source, real):
+    names = ["with space", "new\nline", "ünïcödé ☃", "-leading-dash", os.fsdecode(b"bad\xffbyte")]
+    for name in names:
+        with open(os.path.join(os.fsencode(source), os.fsencode(name)), "wb") as f:
+            f.write(name.encode("utf-8", "surrogateescape"))
+    ops = capture.recorder.take()
+    assert [op.path for op in ops if isinstance(op, Create)] == names
+    for name in names:
+        raw = os.fsencode(name)
+        assert read_real(real, raw) == raw
+    assert set(os.listdir(source)) >= set(names)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory other users can reach (pytest's tmp_path lives under a 0700 directory)."""
+    top = tempfile.mkdtemp(prefix="dt-fuse-")
+    os.chmod(top, 0o755)
+    yield Path(top)
+    shutil.rmtree(top)
+
+
+def test_created_objects_belong_to_the_calling_user(fuse_available, shared_dir):
+    source = shared_dir / "src"
+    source.mkdir(mode=0o777)
+    os.chmod(source, 0o777)
+    (source / "setgid").mkdir()
+    os.chown(source / "setgid", 0, 777)
+    os.chmod(source / "setgid", 0o2777)
+    real = os.open(source, os.O_PATH | os.O_DIRECTORY)
+    recorder = Recorder()
+    script = textwrap.dedent(f"""
+        import os
+        os.setgroups([]); os.setgid(4321); os.setuid(4321); os.umask(0)
+        os.close(os.open({str(source / 'mine')!r}, os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir({str(source / 'mydir')!r}, 0o777)
+        os.close(os.open({str(source / 'setgid' / 'grouped')!r}, os.O_CREAT | os.O_WRONLY, 0o640))
+    """)
+    try:
+        with FuseCapture(source, recorder):
+            subprocess.run([sys.executable, "-c", script], check=True, timeout=CHILD_TIMEOUT_S)
+        expected = [("mine", 4321, 4321, 0o666), ("mydir", 4321, 4321, 0o777),
+                    ("setgid/grouped", 4321, 777, 0o640)]
+        for name, uid, gid, mode in expected:
+            st = os.stat(name, dir_fd=real)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, mode)
+        assert [(c.path, c.uid, c.gid, c.mode) for c in recorder.ops(Create)] == expected
+    finally:
+        os.close(real)
+
+
+def test_stop_with_a_busy_file_does_not_hang(fuse_available, source):
+    recorder = Recorder()
+    cap = FuseCapture(source, recorder, stop_grace_s=1.0)
+    cap.start()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        f = open({str(source / 'held')!r}, 'wb')
+        print('open', flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        started = time.monotonic()
+        cap.stop()
+        assert not cap.running and time.monotonic() - started < 30
+        assert not any(line.split()[4] == str(source) for line in open("/proc/self/mountinfo"))
+        assert (source / "before.txt").read_bytes() == b"there before the mount\n"  # the real directory again
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_one_capture_per_directory(capture, source):
+    second = FuseCapture(source, Recorder())
+    with pytest.raises(CaptureFailed):
+        second.start()
+    assert capture.running and (source / "before.txt").exists()
