@@ -1,0 +1,741 @@
+"""The daemon of one connection: live capture, source queue, applier and mirrors, supervised.
+
+The concrete parts come from outside (tools/commands/protect.py assembles them), so the
+core never imports a capture backend or the applier (DESIGN, who may import whom):
+
+    capture  --sink-->  SourceQueue.offer  -->  Log partition  -->  applier thread --> target
+    mirror   --throttled append (same PathLocks as the capture)--^
+
+Life of a daemon (``start``, ``supervise``, ``shutdown``):
+
+1. ``start``: the applier thread starts (it first applies what an earlier run left in the
+   log). A connection that ran before had no capture while it was stopped: that interval
+   is a gap (engine/capture.py), so a ``Gap`` event is appended. Then the capture starts
+   (live: every later change reaches the log), and only then a mirror is requested: the
+   initial mirror of a new connection, or the configured remirror (``auto_remirror_mode``)
+   of a restarted one. Mirror and capture share one PathLocks and one partition, so changes
+   made during the mirror end up on the target in source order.
+2. A mirror runs only once the applier has applied everything up to the event that made it
+   necessary (the Gap): comparing against a target still behind its own queue could take a
+   stale target file for an up-to-date one. Until then the status says "waiting for the
+   queue to drain".
+3. A gap while running (the queue overflowed, a sink failure, the capture died and was
+   restarted) appends a ``Gap`` (the target becomes Mirror Required when it is applied),
+   stops a running mirror (its result would be incomplete) and, with ``auto_remirror``,
+   requests the configured remirror. An overflowed queue keeps dropping capture events
+   until that remirror starts (``SourceQueue.reopen``); nothing is lost silently (DESIGN
+   invariant 3). Without auto-remirror the connection stays Mirror Required (replication
+   status Pending) until an operator starts a mirror through the API.
+4. ``shutdown``: the mirror stops (its position is forgotten: the next start mirrors
+   anyway), the capture unmounts, the applier applies everything captured (unless the target
+   is paused, or ``abort`` is set by a second signal: the events then stay in the log and the
+   next start applies them), then the applier, the progress record and the queue close.
+
+The control API (engine/api.py) operations are in ``operations()``: ``status`` (monitor
+role); ``pause``/``resume`` of the target (the applier stops advancing, the queue grows),
+``task`` (a TaskCommand appended to the stream), ``stop``, ``mirror_start``,
+``mirror_pause``, ``mirror_resume``, ``mirror_stop`` (administrator role).
+
+One daemon per source: ``DaemonLock`` (flock on ``<state>/run/<key>.lock``, key derived from
+the source path) is held for the daemon's life; the kernel releases it when the process
+dies, so a killed daemon never blocks the next start. Its socket is ``<key>.sock`` beside it.
+
+Message ids DT-D0xx (engine/queue.py DT-D001..D002, engine/api.py DT-D010..D016, here
+DT-D020 and up).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from . import codec, logs
+from .api import ApiClient, Operation, Role
+from .capture import Capture, GapReport, Sink
+from .connection import Connection
+from .errors import AlreadyRunning, CorruptRecord, DtError, UsageError
+from .events import Event, Gap, Link, Rename, TaskCommand, TaskResult
+from .log import Log
+from .queue import QueueLimits, SourceQueue
+from .settings import Settings
+from .states import MirrorMode, MirrorStatus, ReplicationStatus, TargetDataState, TargetStatus, TransmitMode
+
+log = logs.get(__name__)
+
+SUPERVISE_S = 0.1            # how often the supervisor looks at the parts
+CAPTURE_RESTART_S = 5.0      # wait before starting a capture that died again
+REMIRROR_BACKOFF_S = (5.0, 600.0)  # first and longest wait between remirrors that did not help
+TASK_WAIT_POLL_S = 0.05
+DEFAULT_TASK_TIMEOUT_S = 600
+RESTART_GAP = "the capture was not running: changes made meanwhile were not captured"
+MOVED_GAP = ("objects were renamed or linked while a mirror ran: some may have moved into the part "
+             "of the tree it had already passed")
+
+
+class ApplierLike(Protocol):
+    """What the daemon needs of apply/applier.Applier."""
+
+    @property
+    def applied_offset(self) -> int: ...
+    def run(self, stop_event: threading.Event) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class ProgressLike(Protocol):
+    """What the daemon needs of apply/progress.Progress."""
+
+    status: TargetStatus
+
+    @property
+    def applied_offset(self) -> int: ...
+    @property
+    def data_state(self) -> TargetDataState: ...
+    def snapshot(self) -> dict: ...
+    def close(self) -> None: ...
+
+
+class MirrorLike(Protocol):
+    """What the daemon needs of engine/mirror.Mirror (``stats`` has ``as_dict``)."""
+
+    stats: Any
+
+    @property
+    def halted(self) -> bool: ...
+    def run(self) -> Any: ...
+    def pause(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Parts:
+    """The concrete parts of one connection's daemon.
+
+    ``make_applier(log)`` builds the applier on the given log view (its TaskResult appends
+    are counted in the queue); ``make_capture(sink, on_gap)`` builds the capture backend;
+    ``make_mirror(log, mode)`` builds a fresh mirror pass appending to ``log`` (capture and
+    mirror must share one PathLocks, which the assembler closes over). ``remove_orphans(log,
+    stop)``, when given, runs after every complete mirror pass and appends removals of the
+    target's orphans to ``log`` (returns how many); None leaves orphans alone.
+    """
+
+    conn: Connection
+    log: Log
+    settings: Settings
+    limits: QueueLimits
+    space_path: Path
+    progress: ProgressLike
+    make_applier: Callable[[Log], ApplierLike]
+    make_capture: Callable[[Sink, GapReport], Capture]
+    make_mirror: Callable[[Log, MirrorMode], MirrorLike]
+    remove_orphans: Callable[[Log, threading.Event], int] | None = None
+
+
+@dataclass
+class _MirrorRequest:
+    mode: MirrorMode
+    reason: str
+    after: int               # start once the applier applied this offset
+    not_before: float = 0.0  # and not before this time (time.monotonic) after failures
+
+
+# -- one daemon per source -------------------------------------------------------------------
+
+def run_key(source_root: str) -> str:
+    """Stable file name stem for the daemon of ``source_root``."""
+    return hashlib.blake2b(os.fsencode(os.path.abspath(source_root)), digest_size=8).hexdigest()
+
+
+def run_dir(state_dir: str | os.PathLike) -> Path:
+    return Path(state_dir) / "run"
+
+
+def socket_path(state_dir: str | os.PathLike, source_root: str) -> Path:
+    return run_dir(state_dir) / f"{run_key(source_root)}.sock"
+
+
+class DaemonLock:
+    """Held by the daemon of one source for its whole life (see the module docstring).
+
+    The lock file holds JSON describing the holder (pid, source, connection, socket)."""
+
+    def __init__(self, state_dir: str | os.PathLike, source_root: str):
+        self.path = run_dir(state_dir) / f"{run_key(source_root)}.lock"
+        self.source_root = source_root
+        self._fd: int | None = None
+
+    def acquire(self, **info) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.holder() or {}
+            raise AlreadyRunning(what=f"the daemon of {self.source_root}", pid=holder.get("pid", "?"),
+                                 hint="stop it first (dt unprotect, or its control API)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "source": self.source_root, **info}).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (harmless, reused)
+            self._fd = None
+
+    def holder(self) -> dict | None:
+        """What the running daemon wrote, or None when no daemon holds the lock."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raw = os.pread(fd, 1 << 16, 0)
+                try:
+                    return json.loads(raw) if raw else {"pid": "?"}
+                except ValueError:
+                    return {"pid": "?"}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+
+def running_daemons(state_dir: str | os.PathLike) -> list[dict]:
+    """Holders of every daemon lock in the state directory (live daemons only)."""
+    found = []
+    for path in sorted(run_dir(state_dir).glob("*.lock")):
+        lock = DaemonLock.__new__(DaemonLock)
+        lock.path, lock.source_root, lock._fd = path, "", None
+        holder = lock.holder()
+        if holder is not None:
+            found.append(holder)
+    return found
+
+
+def refuse_other_daemons(state_dir: str | os.PathLike, source_root: str | None, doing: str) -> None:
+    """AlreadyRunning when a daemon of another source holds the state directory's log
+    (the embedded log has one writer)."""
+    for holder in running_daemons(state_dir):
+        if holder.get("source") != source_root and holder.get("pid") != os.getpid():
+            raise AlreadyRunning(what=f"the daemon of {holder.get('source')}", pid=holder.get("pid", "?"),
+                                 hint=f"it holds the log of {state_dir}, so {doing} cannot open it; "
+                                      "stop that daemon, or give each daemon its own --state")
+
+
+def connect(state_dir: str | os.PathLike, source_root: str, timeout_s: float | None = 30.0) -> ApiClient | None:
+    """A client of the daemon of ``source_root``, or None when none runs."""
+    holder = DaemonLock(state_dir, source_root).holder()
+    if holder is None:
+        return None
+    return ApiClient(holder.get("socket") or socket_path(state_dir, source_root), timeout_s)
+
+
+def wait_stopped(state_dir: str | os.PathLike, source_root: str, timeout_s: float | None = None) -> bool:
+    """Wait until no daemon of ``source_root`` runs; False on timeout."""
+    lock = DaemonLock(state_dir, source_root)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while lock.holder() is not None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(SUPERVISE_S)
+    return True
+
+
+def current_latency_ms(log_: Log, partition: str, applied: int) -> float:
+    """Age of the oldest record not applied yet (0 with an empty queue): the data at risk
+    if the source failed now, which keeps growing while the target is paused or stopped."""
+    try:
+        oldest = log_.read(partition, applied + 1, max_records=1)
+    except DtError:
+        return 0.0
+    return round(max(0, time.time_ns() - oldest[0].timestamp_ns) / 1e6, 3) if oldest else 0.0
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+class Daemon:
+    """One connection's live replication (see the module docstring)."""
+
+    def __init__(self, parts: Parts):
+        self.parts = parts
+        self.conn = parts.conn
+        self.settings = parts.settings
+        self._log = parts.log
+        self._progress = parts.progress
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self.stop_requested = threading.Event()
+        self.queue = SourceQueue(parts.log, self.conn.partition, parts.limits,
+                                 lambda: parts.progress.applied_offset, parts.space_path)
+        self.applier = parts.make_applier(self.queue.log())
+        self._applier_stop = threading.Event()
+        self._applier_thread = threading.Thread(target=self.applier.run, args=(self._applier_stop,),
+                                                name=f"applier-{self.conn.partition}", daemon=True)
+        self.capture: Capture = parts.make_capture(self._sink, self._on_gap)
+        self._capture_restart_at = 0.0
+        self._paused = False
+        self._episode: str | None = None      # the gap being handled; later lost deliveries add nothing
+        self._required: str | None = None     # why the target needs a mirror none has started for yet
+        self._request: _MirrorRequest | None = None
+        self._mirror: MirrorLike | None = None
+        self._mirror_thread: threading.Thread | None = None
+        self._mirror_reason = ""
+        self._mirror_paused = False
+        self._mirror_end: int | None = None   # last offset of the latest finished mirror
+        self._mirror_last: dict | None = None
+        self._mirror_error: str | None = None
+        self._moved = False                   # a Rename or Link was captured while a mirror ran
+        self._orphans = False                 # the orphan pass after a mirror is running
+        self._retry_at = 0.0                  # no remirror for the target's own Mirror Required before
+        self._backoff = 0.0
+        self._ending: str | None = None       # "stopping", then "draining", once shutdown began
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self, *, restarted: bool, mirror: MirrorMode | None) -> None:
+        """Start applier and capture, then request ``mirror`` (module docstring, 1.).
+
+        ``restarted``: the connection ran before, so the time it was down is a gap.
+        ``mirror`` None (a restart with auto-remirror off) leaves it Mirror Required."""
+        self._applier_thread.start()
+        if restarted:
+            self._on_gap(RESTART_GAP, remirror=False)
+        self.capture.start()
+        log.info("daemon started", msgid="DT-D020", connection=self.conn.name, source=self.conn.source_root,
+                 target=self.conn.target_root, restarted=restarted, pid=os.getpid())
+        if mirror is not None:
+            self._request_mirror(mirror, "remirror after a restart" if restarted else "initial mirror")
+        else:
+            log.warning("auto-remirror is off: the target stays Mirror Required until a mirror runs",
+                        msgid="DT-D021", connection=self.conn.name)
+
+    def supervise(self, tick: Callable[[dict], None] | None = None, tick_s: float = 1.0) -> None:
+        """Run until ``stop_requested``: start and reap mirrors, restart a dead capture,
+        call ``tick(status)`` every ``tick_s`` seconds."""
+        next_tick = 0.0
+        while not self.stop_requested.is_set():
+            self._reap_mirror()
+            self._watch_capture()
+            self._watch_target()
+            self._maybe_start_mirror()
+            now = time.monotonic()
+            if tick is not None and now >= next_tick:
+                next_tick = now + tick_s
+                tick(self.status())
+            self._wake.wait(SUPERVISE_S)
+            self._wake.clear()
+
+    def shutdown(self, abort: threading.Event | None = None,
+                 tick: Callable[[dict], None] | None = None, tick_s: float = 1.0) -> dict:
+        """Stop everything in order (module docstring, 4.); return the final status."""
+        abort = abort or threading.Event()
+        self.stop_requested.set()
+        self._ending = "stopping"
+        mirror, thread = self._mirror, self._mirror_thread
+        if mirror is not None:
+            mirror.stop()
+        self.queue.close()  # wakes a mirror waiting for room in the queue
+        if thread is not None:
+            thread.join()
+        self._reap_mirror()
+        self.capture.stop()
+        self._drain(abort, tick, tick_s)
+        self._applier_stop.set()
+        self._applier_thread.join()
+        final = self.status()
+        final.update(replication_status=ReplicationStatus.STOPPED.value, transmit_mode=TransmitMode.STOPPED.value,
+                     mirror_status=MirrorStatus.IDLE.value, state="stopped")
+        self.applier.close()
+        self._progress.close()
+        log.info("daemon stopped", msgid="DT-D022", connection=self.conn.name,
+                 applied_offset=final["applied_offset"], end_offset=final["end_offset"])
+        return final
+
+    def _drain(self, abort: threading.Event, tick, tick_s: float) -> None:
+        self._ending = "draining"
+        next_tick = 0.0
+        while not abort.is_set():
+            if self._caught_up():
+                return
+            if self._paused:
+                log.warning("target paused: queued events stay in the log for the next start",
+                            msgid="DT-D023", connection=self.conn.name, queued=self.queue.stats().ops)
+                return
+            now = time.monotonic()
+            if tick is not None and now >= next_tick:
+                next_tick = now + tick_s
+                tick(self.status())
+            abort.wait(SUPERVISE_S)
+        log.warning("drain interrupted: queued events stay in the log for the next start",
+                    msgid="DT-D024", connection=self.conn.name, queued=self.queue.stats().ops)
+
+    def _caught_up(self) -> bool:
+        return self._progress.applied_offset >= self._log.end_offset(self.conn.partition) - 1
+
+    # -- capture side --------------------------------------------------------------------
+
+    def _sink(self, events: list[Event]) -> None:
+        """The capture's sink: the queue has room, or the operation is lost (a gap).
+
+        A rename or link while a mirror runs may bring an object the target lacks (the
+        applier drops a move of what the mirror has not sent yet) to a place the mirror has
+        already passed: noted, and the mirror is followed by another one (``_reap_mirror``).
+        """
+        if self.queue.offer([codec.encode(e) for e in events]) is None:
+            raise self.queue.refusal()
+        if self._mirror_thread is not None and any(isinstance(e.op, (Rename, Link)) for e in events):
+            self._moved = True
+
+    def _on_gap(self, reason: str, remirror: bool | None = None, delay_s: float = 0.0) -> None:
+        """Events were lost: Gap in the log, Mirror Required, remirror (module docstring, 3.).
+
+        Called by the capture for every lost delivery: only the first of an episode acts.
+        ``remirror`` defaults to the auto-remirror setting; it starts ``delay_s`` from now
+        at the earliest."""
+        remirror = self.settings.auto_remirror if remirror is None else remirror
+        with self._lock:
+            if self._episode is not None:
+                return
+            self._episode = self._required = reason
+        try:
+            offset = self.queue.append([codec.encode(Event(Gap(reason=reason), time.time_ns(), "daemon"))])
+        except Exception as exc:  # noqa: BLE001 - the log itself failing: the state still says it
+            log.error("could not record the gap in the log", msgid="DT-D025", connection=self.conn.name,
+                      error=repr(exc))
+            offset = self._log.end_offset(self.conn.partition) - 1
+        log.warning("connection needs a mirror", msgid="DT-D026", connection=self.conn.name, reason=reason,
+                    gap_offset=offset, remirror=remirror)
+        with self._lock:
+            if self._mirror is not None:
+                self._mirror.stop()  # its pass missed what was lost
+            if remirror:
+                self._request = _MirrorRequest(MirrorMode(self.settings.auto_remirror_mode),
+                                               f"remirror after a gap: {reason}", offset,
+                                               time.monotonic() + delay_s)
+        self._wake.set()
+
+    def _watch_capture(self) -> None:
+        """A capture that died is a gap; start it again (not more often than every few s)."""
+        if self.capture.running or self.stop_requested.is_set():
+            return
+        now = time.monotonic()
+        if now < self._capture_restart_at:
+            return
+        self._capture_restart_at = now + CAPTURE_RESTART_S
+        log.error("capture stopped unexpectedly; restarting it", msgid="DT-D027", connection=self.conn.name)
+        self._on_gap("the capture stopped unexpectedly and was restarted")
+        try:
+            self.capture.stop()
+            self.capture.start()
+        except DtError as exc:
+            log.error("capture restart failed", msgid="DT-D028", connection=self.conn.name, error=exc.message)
+
+    # -- mirrors -------------------------------------------------------------------------
+
+    def _request_mirror(self, mode: MirrorMode, reason: str) -> None:
+        with self._lock:
+            self._request = _MirrorRequest(mode, reason, self._log.end_offset(self.conn.partition) - 1)
+        self._wake.set()
+
+    def _maybe_start_mirror(self) -> None:
+        with self._lock:
+            request = self._request
+            if request is None or self._mirror_thread is not None:
+                return
+            if self._progress.applied_offset < request.after or time.monotonic() < request.not_before:
+                return  # module docstring, 2.; or waiting after a failure
+            self._request = None
+            self._episode = self._required = None
+            self._moved = False
+            dropped = self.queue.reopen()
+            self._mirror = self.parts.make_mirror(self.queue.throttled(), request.mode)
+            self._mirror_reason = request.reason
+            self._mirror_paused = False
+            self._mirror_error = None
+            self._mirror_thread = threading.Thread(target=self._run_mirror, args=(self._mirror,),
+                                                   name=f"mirror-{self.conn.partition}", daemon=True)
+            self._mirror_thread.start()
+        log.info("mirror started", msgid="DT-D029", connection=self.conn.name, mode=request.mode.value,
+                 reason=request.reason, dropped_events=dropped)
+
+    def _run_mirror(self, mirror: MirrorLike) -> None:
+        try:
+            mirror.run()
+            if not mirror.halted and self.parts.remove_orphans is not None:
+                self._orphans = True
+                removed = self.parts.remove_orphans(self.queue.throttled(), self.stop_requested)
+                log.info("orphans removed after the mirror", msgid="DT-D035", connection=self.conn.name,
+                         removed=removed)
+        except Exception as exc:  # noqa: BLE001 - reported in the status; the daemon goes on
+            self._mirror_error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+            log.error("mirror failed", msgid="DT-D030", connection=self.conn.name, error=self._mirror_error)
+        finally:
+            self._orphans = False
+            self._wake.set()
+
+    def _reap_mirror(self) -> None:
+        """Collect a mirror that ended; a failed or overtaken one is followed by a gap (under
+        ``_lock`` throughout, so no status sees the end without its consequence)."""
+        with self._lock:
+            thread = self._mirror_thread
+            if thread is None or thread.is_alive():
+                return
+            self._mirror_thread = None
+            stats = self._mirror.stats.as_dict()
+            self._mirror_last = stats
+            status = stats.get("status")
+            if status == MirrorStatus.PAUSED.value and self._mirror_error is None:
+                self._mirror_paused = True  # kept for mirror_resume
+                return
+            self._mirror_end = self._log.end_offset(self.conn.partition) - 1
+            # Whoever stopped a mirror (a gap, an operator, the shutdown) already said why.
+            stopped = self._mirror.halted
+            failed = None if stopped else self._mirror_error
+            moved, self._moved = self._moved and not stopped, False
+            self._mirror = None
+            if self.stop_requested.is_set():
+                return
+            if failed:
+                self._on_gap(f"the mirror failed: {failed}", delay_s=self._next_backoff())
+            elif moved:
+                self._on_gap(MOVED_GAP, delay_s=self._next_backoff())
+            elif not stopped:
+                self._backoff = 0.0
+
+    def _next_backoff(self) -> float:
+        """How long to wait before the next remirror after one that did not help: 0 the
+        first time, then doubling from REMIRROR_BACKOFF_S[0] up to REMIRROR_BACKOFF_S[1]
+        (reset by a mirror that completes)."""
+        delay = self._backoff
+        self._backoff = min(max(self._backoff * 2, REMIRROR_BACKOFF_S[0]), REMIRROR_BACKOFF_S[1])
+        return delay
+
+    def _watch_target(self) -> None:
+        """The applier found the target diverged (or refused an event): Mirror Required in
+        its own right. With auto-remirror, remirror, waiting longer each time it did not help."""
+        if not self.settings.auto_remirror or self._progress.data_state is not TargetDataState.MIRROR_REQUIRED:
+            return
+        with self._lock:
+            busy = (self._mirror_thread is not None or self._mirror_paused or self._request is not None
+                    or self._required is not None)
+            behind = self._mirror_end is not None and self._progress.applied_offset < self._mirror_end
+        now = time.monotonic()
+        if busy or behind or now < self._retry_at:
+            return
+        self._retry_at = now + self._next_backoff()
+        reason = _snapshot(self._progress).get("target_data_state_reason") or "the target needs a mirror"
+        log.warning("the target needs a mirror", msgid="DT-D034", connection=self.conn.name, reason=reason)
+        with self._lock:
+            self._required = reason
+        self._request_mirror(MirrorMode(self.settings.auto_remirror_mode), f"remirror: {reason}")
+
+    # -- status --------------------------------------------------------------------------
+
+    def _phase(self) -> str:
+        """What the daemon is doing, in a few words (under ``_lock``)."""
+        if self._ending is not None:
+            return self._ending
+        if self._mirror_thread is not None:
+            return "remirroring" if self._mirror_reason.startswith("remirror") else "mirroring"
+        if self._request is not None:
+            return "waiting for the queue to drain before mirroring"
+        if self._required is not None:
+            return "mirror required"
+        if self._mirror_paused:
+            return "mirror paused"
+        return "replicating"
+
+    def _mirror_status(self, applied: int) -> MirrorStatus:
+        if self._mirror_thread is not None:
+            return MirrorStatus.REMOVING_ORPHANS if self._orphans else MirrorStatus.MIRRORING
+        if self._mirror_paused:
+            return MirrorStatus.PAUSED
+        if self._mirror_end is not None and applied < self._mirror_end:
+            return MirrorStatus.WAITING
+        return MirrorStatus.IDLE
+
+    def status(self) -> dict:
+        """Every statistic ``dt status`` shows, for this connection, now."""
+        snap = _snapshot(self._progress)
+        stats = self.queue.stats()
+        applied = snap["applied_offset"]
+        end = self._log.end_offset(self.conn.partition)
+        with self._lock:
+            required, request, mirror, phase = self._required, self._request, self._mirror, self._phase()
+            mirror_status = self._mirror_status(applied)
+            mirror_stats = mirror.stats.as_dict() if mirror is not None else self._mirror_last
+            mirror_reason, mirror_error = self._mirror_reason, self._mirror_error
+        data_state = snap["target_data_state"]
+        if required is not None and data_state != TargetDataState.MIRRORING.value:
+            data_state = TargetDataState.MIRROR_REQUIRED.value  # before the applier reaches the Gap
+        if required is not None or request is not None:
+            replication = ReplicationStatus.PENDING
+        elif stats.ops > 0:
+            replication = ReplicationStatus.REPLICATING
+        else:
+            replication = ReplicationStatus.READY
+        latency = dict(snap.get("recovery_point_latency_ms") or {})
+        latency["current"] = current_latency_ms(self._log, self.conn.partition, applied)
+        return {
+            "connection": self.conn.name, "id": self.conn.id, "source": self.conn.source_root,
+            "target": self.conn.target_root, "replication_set": self.conn.set_name,
+            "partition": self.conn.partition, "pid": os.getpid(), "daemon": "running",
+            "state": phase,
+            "mirror_status": mirror_status.value,
+            "mirror": mirror_stats, "mirror_reason": mirror_reason or None, "mirror_error": mirror_error,
+            "replication_status": replication.value,
+            "transmit_mode": (TransmitMode.PAUSED if self._paused else TransmitMode.STARTED).value,
+            "target_data_state": data_state,
+            "target_data_state_reason": required or snap.get("target_data_state_reason"),
+            "target_status": snap.get("target_status"),
+            "queued_bytes": stats.bytes, "queued_ops": stats.ops,
+            "memory_queue_bytes": stats.memory_bytes, "disk_queue_bytes": stats.disk_bytes,
+            "queue_limit_bytes": stats.limit_bytes, "free_bytes": stats.free_bytes,
+            "queue_overflow": stats.overflow,
+            "sent_bytes": snap.get("applied_bytes", 0),
+            "applied_offset": applied, "end_offset": end,
+            "recovery_point_latency_ms": latency,
+            "last_file": snap.get("last_file"),
+            "capture": "running" if self.capture.running else "stopped",
+        }
+
+    # -- control API -----------------------------------------------------------------------
+
+    def operations(self) -> dict[str, Operation]:
+        return {
+            "status": Operation(Role.MONITOR, lambda args: self.status()),
+            "pause": Operation(Role.ADMIN, self._op_pause),
+            "resume": Operation(Role.ADMIN, self._op_resume),
+            "stop": Operation(Role.ADMIN, self._op_stop),
+            "task": Operation(Role.ADMIN, self._op_task),
+            "mirror_start": Operation(Role.ADMIN, self._op_mirror_start),
+            "mirror_pause": Operation(Role.ADMIN, self._op_mirror_pause),
+            "mirror_resume": Operation(Role.ADMIN, self._op_mirror_resume),
+            "mirror_stop": Operation(Role.ADMIN, self._op_mirror_stop),
+        }
+
+    def _op_pause(self, args: dict) -> dict:
+        self._paused = True
+        self.applier.pause()
+        log.info("target paused", msgid="DT-D031", connection=self.conn.name)
+        return {"transmit_mode": TransmitMode.PAUSED.value}
+
+    def _op_resume(self, args: dict) -> dict:
+        self._paused = False
+        self.applier.resume()
+        log.info("target resumed", msgid="DT-D032", connection=self.conn.name)
+        return {"transmit_mode": TransmitMode.STARTED.value}
+
+    def _op_stop(self, args: dict) -> dict:
+        self.stop_requested.set()
+        self._wake.set()
+        return {"stopping": True, "pid": os.getpid()}
+
+    def _op_task(self, args: dict) -> dict:
+        name, argv = args.get("name"), args.get("argv")
+        if not isinstance(name, str) or not name:
+            raise UsageError(detail="a task needs a name")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise UsageError(detail="a task needs a command: a non-empty list of strings")
+        timeout_s = int(args.get("timeout_s") or DEFAULT_TASK_TIMEOUT_S)
+        cmd = TaskCommand(task_id=uuid.uuid4().hex[:16], name=name, argv=argv, timeout_s=timeout_s)
+        offset = self.queue.append([codec.encode(Event(cmd, time.time_ns(), "api"))])
+        log.info("task inserted", msgid="DT-D033", connection=self.conn.name, task_id=cmd.task_id,
+                 name=name, offset=offset)
+        answer: dict = {"task_id": cmd.task_id, "offset": offset}
+        if args.get("wait"):
+            answer["result"] = self._wait_task(cmd.task_id, offset)
+        return answer
+
+    def _wait_task(self, task_id: str, offset: int) -> dict | None:
+        """The TaskResult of the task at ``offset`` once the target ran it (None if stopped)."""
+        while self._progress.applied_offset < offset:
+            if self.stop_requested.wait(TASK_WAIT_POLL_S):
+                return None
+        result = find_task_result(self._log, self.conn.partition, task_id, offset)
+        return None if result is None else {"task_id": result.task_id, "exit_status": result.exit_status,
+                                            "output": result.output, "offset": result.applied_offset}
+
+    def _op_mirror_start(self, args: dict) -> dict:
+        mode = MirrorMode(args.get("mode") or self.settings.auto_remirror_mode)
+        with self._lock:
+            if self._mirror_thread is not None or self._mirror_paused:
+                raise UsageError(detail="a mirror is already running or paused: stop it first")
+        self._request_mirror(mode, "started by an operator")
+        return {"requested": mode.value}
+
+    def _op_mirror_pause(self, args: dict) -> dict:
+        with self._lock:
+            if self._mirror_thread is None:
+                raise UsageError(detail="no mirror is running")
+            self._mirror.pause()
+        return {"mirror_status": MirrorStatus.PAUSED.value}
+
+    def _op_mirror_resume(self, args: dict) -> dict:
+        with self._lock:
+            if not self._mirror_paused or self._mirror_thread is not None:
+                raise UsageError(detail="no mirror is paused")
+            self._mirror_paused = False
+            self._mirror_thread = threading.Thread(target=self._run_mirror, args=(self._mirror,),
+                                                   name=f"mirror-{self.conn.partition}", daemon=True)
+            self._mirror_thread.start()
+        return {"mirror_status": MirrorStatus.MIRRORING.value}
+
+    def _op_mirror_stop(self, args: dict) -> dict:
+        """Stop and forget the mirror. The target is left incomplete: a Gap says so in the
+        stream, but an operator's stop is no reason to remirror on our own."""
+        reason = "the mirror was stopped by an operator before it finished"
+        with self._lock:
+            mirror, thread = self._mirror, self._mirror_thread
+            if mirror is None:
+                raise UsageError(detail="no mirror is running or paused")
+            mirror.stop()
+            if thread is None:  # paused: nothing runs, forget it now
+                self._mirror, self._mirror_paused = None, False
+                self._mirror_last = mirror.stats.as_dict()
+        if thread is not None:
+            thread.join()
+            self._reap_mirror()
+        self.queue.append([codec.encode(Event(Gap(reason=reason), time.time_ns(), "api"))])
+        with self._lock:
+            self._required = self._required or reason
+        return {"mirror_status": MirrorStatus.IDLE.value}
+
+
+def find_task_result(log_: Log, partition: str, task_id: str, after: int) -> TaskResult | None:
+    """The TaskResult of ``task_id`` appended after offset ``after``, if there is one yet."""
+    start = after + 1
+    while start < log_.end_offset(partition):
+        records = log_.read(partition, start)
+        for rec in records:
+            try:
+                op = codec.decode(rec.value).op
+            except CorruptRecord:
+                continue  # the applier reports it; it is not the result sought
+            if isinstance(op, TaskResult) and op.task_id == task_id:
+                return op
+        start = records[-1].offset + 1
+    return None
+
+
+def _snapshot(progress: ProgressLike) -> dict:
+    """``progress.snapshot()``; retried when the applier changed it during the copy."""
+    for _ in range(10):
+        try:
+            return progress.snapshot()
+        except RuntimeError:  # a deque mutated while being read (apply/progress.py)
+            continue
+    return progress.snapshot()
