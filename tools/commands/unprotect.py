@@ -1,0 +1,64 @@
+"""dt unprotect: stop protecting SOURCE and remove its connection.
+
+A daemon protecting SOURCE is stopped cleanly through its control API (the capture is
+unmounted and every captured change applied first). Then the connection, its log partition
+and the target's progress record are removed. The data on the target is kept, and so is
+the replication set (dt set delete removes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from ...engine import logs
+from ...engine.connection import ConnectionStore
+from ...engine.daemon import connect, refuse_other_daemons, wait_stopped
+from ...engine.errors import NotFound
+from ...engine.settings import Settings
+from .. import output, runtime
+from .status import connection_of
+
+log = logs.get(__name__)
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser("unprotect", parents=[common], help="stop protecting SOURCE and remove its connection",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="SOURCE", help="protected directory (or connection name or id)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    state_dir = Path(args.state)
+    conn = connection_of(ConnectionStore(state_dir), args.source)
+    stopped_pid = None
+    client = connect(state_dir, conn.source_root, timeout_s=None)
+    if client is not None:
+        with client:
+            stopped_pid = client.call("stop")["pid"]
+        wait_stopped(state_dir, conn.source_root)
+    if Settings.load(state_dir).log == "embedded":
+        refuse_other_daemons(state_dir, None, "dt unprotect")
+    with runtime.open_state(state_dir) as state:
+        try:
+            state.log.drop_partition(conn.partition)
+        except NotFound:
+            pass  # never used
+        state.connections.delete(conn.id)
+    shutil.rmtree(state_dir / "targets" / conn.partition, ignore_errors=True)
+    (state_dir / "mirrors" / f"{conn.partition}.json").unlink(missing_ok=True)
+    log.info("connection removed", msgid="DT-D041", connection=conn.name, source=conn.source_root,
+             target=conn.target_root)
+    report = {"connection": conn.name, "source": conn.source_root, "target": conn.target_root,
+              "daemon_stopped": stopped_pid, "replication_set": conn.set_name,
+              "note": f"the data in {conn.target_root} is kept; replication set {conn.set_name} is kept"}
+    if args.json:
+        output.emit_json(report)
+    else:
+        if stopped_pid is not None:
+            print(f"stopped the daemon (pid {stopped_pid}) protecting {conn.source_root}")
+        print(f"removed connection {conn.name} ({conn.source_root} -> {conn.target_root})")
+        print(report["note"])
+    return 0
