@@ -4,3 +4,4 @@ import pytest
 
 # Plain asserts in the shared suites report their operands like test files do.
 pytest.register_assert_rewrite("contract.log_contract")
+pytest.register_assert_rewrite("contract.capture_contract")
