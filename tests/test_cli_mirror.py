@@ -199,3 +199,38 @@ def test_a_full_target_disk_fails_clearly_leaves_mirror_required_then_recovers(p
     ballast.unlink()
     dt(state, "mirror", str(src), str(dst), check_rc=0)
     assert data_state(state) == "OK" and diff_trees(src, dst, compare_root=False) == []
+
+
+def test_a_progress_bar_is_shown_on_a_terminal_only(paths):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    src, dst, state = paths
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i:03d}").write_bytes(os.urandom(30_000))
+
+    def on_terminal(*args) -> str:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: a terminal of 120 columns, then dt
+            fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+            os.execv(sys.executable, [sys.executable, "-m", "datatether.tools", *args, "--state", str(state)])
+        out = bytearray()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            out.extend(data)
+        os.waitpid(pid, 0)
+        return out.decode(errors="replace")
+
+    shown = on_terminal("mirror", str(src), str(dst))
+    assert "mirror:" in shown and "%|" in shown
+    quiet = on_terminal("mirror", "--diff", "--json", str(src), str(dst))
+    assert "%|" not in quiet and json.loads(quiet.strip().splitlines()[-1])["mode"] == "diff"
+    assert "%|" not in dt(state, "mirror", str(src), str(dst), check_rc=0).stderr  # not a terminal
