@@ -51,6 +51,7 @@ differences); a link into the set is not linked to other names of the inode in t
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import re
@@ -58,6 +59,7 @@ import stat
 import subprocess
 import threading
 import time
+from contextlib import nullcontext
 from typing import Iterable
 
 from datatether.engine import logs
@@ -163,6 +165,10 @@ class CaptureFs:
             return st
         return os.fstat(fd) if fd is not None else os.stat(rel, dir_fd=self._root, follow_symlinks=False)
 
+    def _held(self, rel: str | None):
+        """The path lock of ``rel``; nothing for an unlinked file (no event, no mirror)."""
+        return self._locks.hold(rel) if rel is not None else nullcontext()
+
     def _removal(self, rel: str, is_dir: bool) -> Operation:
         return Rmdir(rel, recursive=True) if is_dir else Unlink(rel)
 
@@ -195,8 +201,8 @@ class CaptureFs:
         return os.open(sys_path(_rel(path)), _DIR_FLAGS, dir_fd=self._root)
 
     def readdir(self, path, fh):
-        yield b".", 0, stat.S_IFDIR
-        yield b"..", 0, stat.S_IFDIR
+        yield b".", os.fstat(fh).st_ino, stat.S_IFDIR
+        yield b"..", os.stat(b"..", dir_fd=fh).st_ino, stat.S_IFDIR
         with os.scandir(fh) as entries:
             for entry in entries:
                 yield os.fsencode(entry.name), entry.inode(), _readdir_type(entry)
@@ -255,21 +261,19 @@ class CaptureFs:
         os.close(fh)
 
     def fsync(self, path, datasync, fh):
-        self._barrier(path, fh, datasync)
+        self._barrier(path, fh, datasync, False)
 
     def fsyncdir(self, path, datasync, fh):
-        self._barrier(path, fh, datasync)
+        self._barrier(path, fh, datasync, True)
 
-    def _barrier(self, path, fh, datasync):
+    def _barrier(self, path, fh, datasync, is_dir):
         (os.fdatasync if datasync else os.fsync)(fh)
-        if path is not None:
-            rel = _rel(path)
-            if self._matches(rel, stat.S_ISDIR(os.fstat(fh).st_mode)):
-                self._emit([Barrier(rel)])
+        if path is not None and self._matches(_rel(path), is_dir):
+            self._emit([Barrier(_rel(path))])
 
     def truncate(self, path, size, fh):
         rel = None if path is None else _rel(path)
-        with self._locks.hold(rel or ""):
+        with self._held(rel):
             if fh is not None:
                 os.ftruncate(fh, size)
             else:
@@ -283,24 +287,24 @@ class CaptureFs:
 
     def fallocate(self, path, mode, offset, length, fh):
         rel = None if path is None else _rel(path)
-        with self._locks.hold(rel or ""):
+        with self._held(rel):
             fuse_libc.fallocate(fh, mode, offset, length)
             if rel is not None and self._matches(rel, False):
                 self._emit([Fallocate(rel, mode, offset, length)])
 
     # -- attributes ----------------------------------------------------------------------------
 
-    def _set_attr(self, path, fh, change, op: SetAttr | None = None) -> None:
-        """Run ``change(fh or None)`` under the lock and emit ``op`` (built after the change
-        when None is given: see utimens)."""
+    def _set_attr(self, path, fh, change, event) -> None:
+        """Run ``change()`` under the lock, then emit ``event(rel, st)`` built from the
+        attributes after the change (so UTIME_NOW becomes the time actually set)."""
         rel = None if path is None else _rel(path)
-        with self._locks.hold(rel or ""):
+        with self._held(rel):
             change()
             if rel is None:
                 return
             st = os.fstat(fh) if fh is not None else self._lstat(path)
             if self._matches(rel, stat.S_ISDIR(st.st_mode)):
-                self._emit([op(rel, st)])
+                self._emit([event(rel, st)])
 
     def chmod(self, path, mode, fh):
         def change():
@@ -511,6 +515,7 @@ class FuseCapture:
         if not session.ready.wait(self.start_timeout_s) or not self._await_mounted():
             self.stop()
             raise self._fail(f"mount did not come up within {self.start_timeout_s} s")
+        atexit.register(self.stop)  # a forgotten stop() must not leave the mount to a dying process
         log.info("capture started", msgid="DT-F020", root=self.root, max_write=self.tuning.max_write)
 
     def _serve(self) -> None:
@@ -544,6 +549,7 @@ class FuseCapture:
                 self._thread.join()
         os.close(self._root_fd)
         self._root_fd = self._session = self._thread = None
+        atexit.unregister(self.stop)
         log.info("capture stopped", msgid="DT-F023", root=self.root, gaps=self.gaps)
 
     def _unmount(self) -> None:
@@ -581,7 +587,7 @@ class FuseCapture:
         if not self._is_our_mount():
             return
         try:
-            os.stat(self.root)
+            os.statvfs(self.root)  # always asks the server (a stat may come from the cache)
         except OSError as exc:
             if exc.errno == errno.ENOTCONN:
                 log.warning("removing a dead capture mount", msgid="DT-F025", root=self.root)
