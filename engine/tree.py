@@ -166,10 +166,7 @@ class Tree:
 
     def entry(self, rel: str) -> Entry | None:
         """The object at ``rel`` now, or None when there is none (or it cannot be seen)."""
-        # The root is named through "/." so a root given as a path through a link to a
-        # directory (a daemon reads a source beneath its capture mount through
-        # /proc/self/fd/N) is seen as that directory; every entry below is never followed.
-        path = self._abs_bytes(rel) if rel else self._root_bytes + b"/."
+        path = self._stat_path(rel)
         if len(path) > MAX_PATH:
             return None
         try:
@@ -200,18 +197,25 @@ class Tree:
                      link_target=link_target, xattrs=read_xattrs(path), included=included,
                      allocated=st.st_blocks * 512)
 
+    def _stat_path(self, rel: str) -> bytes:
+        # The root is named through "/." so a root given as a path through a link to a
+        # directory (a daemon reads a source beneath its capture mount through
+        # /proc/self/fd/N) is seen as that directory; every entry below is never followed.
+        return self._abs_bytes(rel) if rel else self._root_bytes + b"/."
+
     def refresh(self, entry: Entry) -> Entry | None:
         """``entry`` as the object is now: the same object when its lstat (inode, ctime,
         size, mtime) is unchanged, since any change of content, attributes or xattrs
         moves ctime; else a fresh entry (None when gone)."""
+        path = self._stat_path(entry.rel)
         try:
-            st = os.lstat(self._abs_bytes(entry.rel))
+            st = os.lstat(path)
         except OSError:
             return self.entry(entry.rel)
         if (st.st_ino, st.st_ctime_ns, st.st_mtime_ns) == (entry.ino, entry.ctime_ns, entry.mtime_ns) \
                 and (entry.kind is not FileKind.FILE or st.st_size == entry.size):
             return entry
-        return self._entry(entry.rel, self._abs_bytes(entry.rel), st, entry.included)
+        return self._entry(entry.rel, path, st, entry.included)
 
     def open(self, rel: str) -> int:
         """A read-only descriptor of the regular file at ``rel`` (never through a symlink)."""

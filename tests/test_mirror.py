@@ -422,3 +422,18 @@ def test_writes_captured_during_a_mirror_land_in_order_and_the_replica_ends_iden
     assert writes >= 200 and outcome.data_state == "OK", (stats.problems, outcome)
     for name in names:
         assert (dst / name).read_bytes() == (src / name).read_bytes(), name
+
+
+def test_a_view_rooted_at_a_link_to_a_directory_sees_that_directory(tmp_path):
+    from datatether.engine.tree import Tree
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f").write_text("x")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    view = Tree(tmp_path / "link")
+    root, child = list(view.walk())
+    assert root.kind is FileKind.DIR and child.rel == "f"
+    assert view.refresh(root) is root
+    os.chmod(tmp_path / "real", 0o700)
+    moved = view.refresh(root)
+    assert moved.kind is FileKind.DIR and moved.mode == 0o700
