@@ -108,3 +108,69 @@ def loop_filesystem(tmp_path, fstype: str, size_mb: int):
         finally:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
     return mounted()
+
+
+def make_connection(state, source, target, name: str = "web"):
+    """A replication set over ``source`` and a connection from it to ``target`` in the state
+    directory ``state`` (as dt protect would make them); returns the connection."""
+    from datatether.engine.connection import ConnectionStore
+    from datatether.engine.replset import SetStore
+    from datatether.engine.rules import parse_rule
+
+    source.mkdir(parents=True, exist_ok=True)
+    SetStore(state).create(name, [parse_rule(str(source), True, True)])
+    return ConnectionStore(state).create(name=name, set_name=name, source_root=str(source), target=str(target))
+
+
+def dt(*argv, state, check: bool = True, **kw):
+    """Run the dt command line in a child process; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "datatether.tools.cli", *map(str, argv), "--state", str(state)],
+                          capture_output=True, text=True, timeout=120, **kw)
+    if check and done.returncode != 0:
+        raise AssertionError(f"dt {' '.join(map(str, argv))} exited {done.returncode}: {done.stderr}")
+    return done
+
+
+class StreamWorld:
+    """A state directory as a running daemon leaves it: settings (log backend), one
+    connection "web" and its partition, and the log held open for writing by this process
+    (the embedded one exclusively, as a daemon holds it). Partitions get a random
+    connection id so tests sharing one Kafka broker never meet."""
+
+    def __init__(self, base, backend: str, request=None):
+        import random
+
+        from datatether.engine.durable import write_atomic
+        from datatether.engine.settings import Settings
+        from datatether.tools import runtime
+
+        self.backend = backend
+        self.state = base / "state"
+        self.state.mkdir()
+        if backend == "kafka":
+            broker = request.getfixturevalue("kafka_broker")
+            (self.state / "config.toml").write_text(f'log = "{broker.bootstrap}"\n')
+        write_atomic(self.state / "connections" / "last_id", str(random.randrange(10**6, 10**9)).encode())
+        self.source, self.target = base / "source", base / "target"
+        self.conn = make_connection(self.state, self.source, self.target)
+        self.partition = self.conn.partition
+        self.log = runtime.open_log(self.state, Settings.load(self.state))
+        self.log.ensure_partition(self.partition)
+
+    def append(self, op, time_ns: int) -> int:
+        return append(self.log, self.partition, op, time_ns)
+
+    def close(self) -> None:
+        if self.backend == "kafka":
+            self.log.drop_partition(self.partition)
+        self.log.close()
+
+
+def backends():
+    """Parametrisation of the stream tests over both Log backends."""
+    import pytest
+
+    return pytest.mark.parametrize("backend", ["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])

@@ -1,0 +1,60 @@
+"""Opening a connection's change stream for the stream commands (tail, history, restore,
+snapshot, apply), whether or not a daemon is running.
+
+The embedded log (RocksDB) admits one writing process. A command that only reads opens it
+as a read-only secondary (engine/log_embedded.py), which works beside a running daemon and
+sees its appends. A command that would like to write (``dt apply`` records its consumer
+offset) opens it for writing when no other process holds it, and read-only otherwise. The
+Kafka backend needs no such care: any number of clients read and commit.
+
+Everything else comes from tools/runtime.py (``State``, ``Job``, ``open_log``), so the
+state directory's layout is decided in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..engine.connection import ConnectionStore
+from ..engine.errors import BackendUnavailable, NotFound
+from ..engine.log import Log
+from ..engine.log_embedded import EmbeddedLog
+from ..engine.replset import SetStore
+from ..engine.settings import Settings
+from . import runtime
+
+EMBEDDED_LOG_DIR = "log"  # as runtime.open_log places it
+
+
+def open_state(state_dir: str | os.PathLike, *, write: bool = False) -> runtime.State:
+    """A state directory with its Log opened for reading (``write``: for writing if free)."""
+    path = Path(state_dir)
+    settings = Settings.load(path)
+    return runtime.State(dir=path, settings=settings, log=_open_log(path, settings, write),
+                         connections=ConnectionStore(path), sets=SetStore(path))
+
+
+def _open_log(path: Path, settings: Settings, write: bool) -> Log:
+    if settings.log != "embedded":
+        return runtime.open_log(path, settings)
+    if write:
+        try:
+            return runtime.open_log(path, settings)
+        except BackendUnavailable:
+            pass  # held by a running daemon: read beside it
+    try:
+        return EmbeddedLog.open_readonly(path / EMBEDDED_LOG_DIR)
+    except NotFound:
+        raise NotFound(what="change log (nothing was ever replicated with this state directory)",
+                       name=str(path / EMBEDDED_LOG_DIR)) from None
+
+
+def job(state: runtime.State, ref: str) -> runtime.Job:
+    """The connection named ``ref`` (id or name) with its replication set and partition."""
+    conn = state.connections.get(ref)
+    try:
+        state.log.end_offset(conn.partition)
+    except NotFound:
+        raise NotFound(what=f"change stream of connection {conn.name}", name=conn.partition) from None
+    return runtime.Job(state=state, conn=conn, rset=state.sets.get(conn.set_name))
