@@ -234,3 +234,18 @@ def test_a_progress_bar_is_shown_on_a_terminal_only(paths):
     quiet = on_terminal("mirror", "--diff", "--json", str(src), str(dst))
     assert "%|" not in quiet and json.loads(quiet.strip().splitlines()[-1])["mode"] == "diff"
     assert "%|" not in dt(state, "mirror", str(src), str(dst), check_rc=0).stderr  # not a terminal
+
+
+def test_orphans_are_handled_after_a_mirror_when_the_settings_ask(paths):
+    src, dst, state = paths
+    (state / "config.toml").write_text('orphans_action = "delete"\n')
+    src.mkdir()
+    (src / "keep").write_text("k")
+    dst.mkdir()
+    (dst / "stale").write_text("only on the target")
+    report = dt_json(state, "mirror", str(src), str(dst))
+    assert report["orphans"]["count"] == 1 and sorted(os.listdir(dst)) == ["keep"]
+    (dst / "stale-again").write_text("x")
+    verified = dt_json(state, "verify", str(src), str(dst), check_rc=1)  # the root's mtime moved
+    assert [d["path"] for d in verified["differences"]] == ["."]
+    assert verified["orphans"]["paths"] == ["stale-again"] and sorted(os.listdir(dst)) == ["keep"]

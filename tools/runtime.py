@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from ..apply.applier import Applier
+from ..apply.orphans import process_orphans
 from ..apply.paths import remap_link
 from ..apply.progress import Progress
 from ..capture.scan import ScanCapture
@@ -439,6 +440,16 @@ def apply_while(job: Job, produce: Callable[[Log, PathLocks], T], *,
         return result, runner.finish()
     finally:
         runner.close()
+
+
+def auto_orphans(job: Job):
+    """Orphans handled as the settings ask after a mirror or verification
+    (``orphans_action`` delete or move; None when off)."""
+    settings = job.state.settings
+    if settings.orphans_action == "off":
+        return None
+    return process_orphans(job.conn.target_root, job.rset, job.scan().exists, action=settings.orphans_action,
+                           move_to=settings.orphans_move_to, older_than_s=settings.orphans_older_than_s)
 
 
 def drained(job: Job) -> ApplyOutcome:

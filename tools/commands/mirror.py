@@ -11,7 +11,8 @@ Mode, owner, times, xattrs, symlinks, hard links within the set and sparse files
 kept. The SOURCE/TARGET pair gets a replication set and a connection the first time
 (`dt set show` names them mirror-<source>-<hash>); later runs reuse them. An
 interrupted mirror (Ctrl-C, a crash) continues where it stopped when run again with
-the same options. Objects that cannot be read are reported; the rest is mirrored, the
+the same options. With orphans_action (delete or move) in the state's config.toml,
+orphans are handled after the mirror (see dt orphans). Objects that cannot be read are reported; the rest is mirrored, the
 target is left Mirror Required and the exit code is 2.
 """
 
@@ -63,10 +64,13 @@ def run(args) -> int:
             return mirrors[0].run()
 
         stats, outcome = runtime.apply_while(job, produce, on_apply_failure=lambda: mirrors and mirrors[0].pause())
+        orphans = runtime.auto_orphans(job)
     bar.close()
     report = {"connection": job.conn.name, "set": job.rset.name, "source": job.rset.root,
               "target": job.conn.target_root, **stats.as_dict(),
-              "target_data_state": outcome.data_state, "applied_offset": outcome.applied}
+              "target_data_state": outcome.data_state, "applied_offset": outcome.applied,
+              "orphans": None if orphans is None else {"action": orphans.action, "count": orphans.count,
+                                                       "bytes": orphans.bytes, "failed": orphans.failed}}
     if args.json:
         output.emit_json(report)
     else:
@@ -76,6 +80,7 @@ def run(args) -> int:
             "skipped": output.human_bytes(stats.skipped_bytes),
             "elapsed": f"{stats.elapsed_s:.2f} s" + (" (resumed)" if stats.resumed else ""),
             "target data state": outcome.data_state,
+            "orphans": "-" if orphans is None else f"{orphans.count} ({orphans.action})",
             "problems": len(stats.problems)})
     if stats.problems:
         shown = "; ".join(stats.problems[:10]) + (" ..." if len(stats.problems) > 10 else "")

@@ -51,6 +51,7 @@ def run(args) -> int:
         else:
             outcome = runtime.drained(job)
             result = check()
+        orphans = runtime.auto_orphans(job)
     bar.close()
     diffs = [{"path": d.path or ".", "kind": d.kind.lower(), "aspects": d.aspects, "what": "; ".join(d.details),
               "blocks": d.blocks} for d in result.differences]
@@ -59,13 +60,17 @@ def run(args) -> int:
                           "target": job.conn.target_root, "identical": result.identical,
                           "totals": result.totals(), "differences": diffs, "problems": result.stats.problems,
                           "remirrored": result.remirrored, "verify_log": result.log_path,
-                          "target_data_state": outcome.data_state})
+                          "target_data_state": outcome.data_state,
+                          "orphans": None if orphans is None else {"action": orphans.action,
+                                                                   "count": orphans.count,
+                                                                   "paths": orphans.paths}})
     else:
         if diffs:
             output.table(diffs, ["path", "kind", "what"])
             print()
         output.pairs({**result.totals(), "result": "identical" if result.identical else "different",
-                      "verify log": result.log_path, "target data state": outcome.data_state})
+                      "verify log": result.log_path, "target data state": outcome.data_state,
+                      "orphans": "-" if orphans is None else f"{orphans.count} ({orphans.action})"})
     if result.stats.problems:
         problems = result.stats.problems
         raise MirrorIncomplete(count=len(problems), shown="; ".join(problems[:10]))
