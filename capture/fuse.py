@@ -11,8 +11,16 @@ write -> Write (absolute offset, split at settings.max_write_buffer); truncate, 
 and open(O_TRUNC) -> Truncate; create, mknod, mkdir -> Create; symlink -> Symlink;
 unlink -> Unlink; rmdir -> Rmdir; chmod, chown, utimens -> SetAttr; setxattr,
 removexattr -> SetXattr, RemoveXattr; fallocate -> Fallocate; fsync, fsyncdir ->
-Barrier. Reads, opens, closes and listings produce nothing. Shared writable mmap works:
-dirty pages reach ``write`` on msync, munmap and close and become Writes like any other.
+Barrier. Reads, opens and listings produce nothing. Shared writable mmap works: dirty
+pages reach ``write`` on msync, munmap and close and become Writes like any other.
+
+Times: a Write carries no mtime and a per-write stat would slow the hot path, so the
+file's mtime goes out as a SetAttr once per handle after its writes: on flush (every
+close), fsync (before the Barrier) or release (after mmap writeback). Truncate and
+Fallocate are followed by the mtime at once. Every name change (create, mkdir, mknod,
+symlink, link, unlink, rmdir, rename) is followed by the new mtime of the parent
+directories in the set. So when the queue is drained and files are closed, the target's
+times equal the source's (atime excepted: reading changes it).
 
 Replication semantics (the reference's "Replication capabilities"):
 - rename within the set -> Rename (also over an existing object); into the set from an
@@ -92,6 +100,11 @@ def _rel(path: bytes) -> str:
     return os.fsdecode(path[1:])
 
 
+def _parent(rel: str) -> str:
+    """Event path of the directory holding ``rel`` ("" for the root and its entries)."""
+    return rel.rpartition("/")[0]
+
+
 def _readdir_type(entry: os.DirEntry) -> int:
     """File-type bits of a directory entry from its d_type (0 when unknown)."""
     if entry.is_dir(follow_symlinks=False):
@@ -115,8 +128,9 @@ def process_umask() -> int:
 class CaptureFs:
     """The handlers: each operation on the real tree under ``root_fd``, then its events.
 
-    Mutating handlers hold the path lock of every path they touch from before the change
-    until the sink returned, so a mirror reading the same path cannot interleave.
+    Mutating handlers hold the path locks of every path they change (and of the parent
+    directories whose times they report) from before the change until the sink returned,
+    so a mirror reading the same paths cannot interleave.
     """
 
     def __init__(self, root_fd: int, emitter: Emitter, settings: Settings, matches: Matches,
@@ -128,14 +142,15 @@ class CaptureFs:
         self._chunk = settings.max_write_buffer
         self._keep_deleted = settings.ignore_delete_ops
         self._umask = umask
+        self._written: set[int] = set()  # handles whose writes are not followed by their mtime yet
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _emit(self, ops: Iterable[Operation]) -> None:
         self._emitter.emit(ops)
 
-    def _lstat(self, path: bytes) -> os.stat_result:
-        return os.stat(sys_path(_rel(path)), dir_fd=self._root, follow_symlinks=False)
+    def _lstat(self, rel: str) -> os.stat_result:
+        return os.stat(sys_path(rel), dir_fd=self._root, follow_symlinks=False)
 
     def _proc(self, path: bytes) -> bytes:
         """A path reaching the object itself for calls without dir_fd (the xattr calls, used
@@ -143,33 +158,47 @@ class CaptureFs:
         the real directory under the mount; nothing in it crosses into the mount."""
         return b"/proc/self/fd/%d%s" % (self._root, path if path != b"/" else b"/.")
 
-    def _settle(self, path: bytes, mode: int, fd: int | None = None) -> os.stat_result:
+    def _held(self, *rels: str | None):
+        """The path locks of ``rels``; none for an unlinked file (no event, no mirror)."""
+        held = [r for r in rels if r is not None]
+        return self._locks.hold(*held) if held else nullcontext()
+
+    def _dir_times(self, *rels: str) -> list[Operation]:
+        """The mtime of each parent directory of ``rels`` that is in the set: adding or
+        removing a name changed it, and the target would otherwise keep its own clock's."""
+        ops: list[Operation] = []
+        for parent in dict.fromkeys(_parent(r) for r in rels):
+            if self._matches(parent, True):
+                ops.append(SetAttr(parent, mtime_ns=self._lstat(parent).st_mtime_ns))
+        return ops
+
+    def _file_time(self, rel: str, fh: int) -> list[Operation]:
+        """The file's mtime once its data changed (writes carry none)."""
+        return [SetAttr(rel, mtime_ns=os.fstat(fh).st_mtime_ns)]
+
+    def _settle(self, rel: str, mode: int, fd: int | None = None) -> os.stat_result:
         """Give a new object to the caller and restore the bits the daemon's umask took;
         return its final attributes."""
-        rel = sys_path(_rel(path))
-        st = os.fstat(fd) if fd is not None else os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+        path = sys_path(rel)
+        st = os.fstat(fd) if fd is not None else self._lstat(rel)
         changed = False
         lost = mode & self._umask & 0o777 & ~st.st_mode
         if lost and not stat.S_ISLNK(st.st_mode):
             new_mode = stat.S_IMODE(st.st_mode) | lost
-            os.fchmod(fd, new_mode) if fd is not None else os.chmod(rel, new_mode, dir_fd=self._root)
+            os.fchmod(fd, new_mode) if fd is not None else os.chmod(path, new_mode, dir_fd=self._root)
             changed = True
         uid, gid, _ = caller()
-        parent = os.path.dirname(rel) or b"."
-        if os.stat(parent, dir_fd=self._root).st_mode & stat.S_ISGID:
+        if self._lstat(_parent(rel)).st_mode & stat.S_ISGID:
             gid = st.st_gid  # the object took the directory's group, as it must
         if (uid, gid) != (st.st_uid, st.st_gid):
-            os.chown(rel, uid, gid, dir_fd=self._root, follow_symlinks=False)
+            os.chown(path, uid, gid, dir_fd=self._root, follow_symlinks=False)
             changed = True
         if not changed:
             return st
-        return os.fstat(fd) if fd is not None else os.stat(rel, dir_fd=self._root, follow_symlinks=False)
+        return os.fstat(fd) if fd is not None else self._lstat(rel)
 
-    def _held(self, rel: str | None):
-        """The path lock of ``rel``; nothing for an unlinked file (no event, no mirror)."""
-        return self._locks.hold(rel) if rel is not None else nullcontext()
-
-    def _removal(self, rel: str, is_dir: bool) -> Operation:
+    @staticmethod
+    def _removal(rel: str, is_dir: bool) -> Operation:
         return Rmdir(rel, recursive=True) if is_dir else Unlink(rel)
 
     # -- attributes and listings (no events) ------------------------------------------------
@@ -179,7 +208,7 @@ class CaptureFs:
             return os.fstat(fh)
         if path is None:
             raise OSError(errno.ENOENT, "unlinked")
-        return self._lstat(path)
+        return self._lstat(_rel(path))
 
     def readlink(self, path):
         return os.readlink(sys_path(_rel(path)), dir_fd=self._root)
@@ -213,27 +242,26 @@ class CaptureFs:
     # -- file data ---------------------------------------------------------------------------
 
     def open(self, path, flags):
-        if not flags & os.O_TRUNC:
-            return os.open(sys_path(_rel(path)), (flags & ~_OPEN_DROP) | _OPEN_ADD, dir_fd=self._root)
         rel = _rel(path)
+        if not flags & os.O_TRUNC:
+            return os.open(sys_path(rel), (flags & ~_OPEN_DROP) | _OPEN_ADD, dir_fd=self._root)
         with self._locks.hold(rel):
             fd = os.open(sys_path(rel), (flags & ~_OPEN_DROP) | _OPEN_ADD, dir_fd=self._root)
             if self._matches(rel, False):
-                self._emit([Truncate(rel, 0)])
+                self._emit([Truncate(rel, 0)] + self._file_time(rel, fd))
         return fd
 
     def create(self, path, mode, flags):
         rel = _rel(path)
-        with self._locks.hold(rel):
+        with self._locks.hold(rel, _parent(rel)):
             fd = os.open(sys_path(rel), (flags & ~_OPEN_DROP) | _OPEN_ADD | os.O_CREAT | os.O_EXCL,
                          mode, dir_fd=self._root)
             try:
-                st = self._settle(path, mode, fd)
+                st = self._settle(rel, mode, fd)
             except OSError:
                 os.close(fd)
                 raise
-            if self._matches(rel, False):
-                self._emit([create_op(rel, st)])
+            self._emit(([create_op(rel, st)] if self._matches(rel, False) else []) + self._dir_times(rel))
         return fd
 
     def read(self, path, size, offset, fh):
@@ -252,15 +280,30 @@ class CaptureFs:
                 view = memoryview(data)
                 self._emit([Write(rel, offset + i, bytes(view[i:min(i + chunk, n)]))
                             for i in range(0, n, chunk)])
+            self._written.add(fh)
         return n
 
+    def _written_times(self, path, fh) -> None:
+        """After writes through ``fh``: the file's mtime, once (on flush, fsync or release)."""
+        if fh not in self._written:
+            return
+        rel = None if path is None else _rel(path)
+        with self._held(rel):
+            self._written.discard(fh)
+            if rel is not None:
+                self._emit(self._file_time(rel, fh))
+
     def flush(self, path, fh):
-        return 0
+        self._written_times(path, fh)
 
     def release(self, path, fh):
-        os.close(fh)
+        try:
+            self._written_times(path, fh)
+        finally:
+            os.close(fh)
 
     def fsync(self, path, datasync, fh):
+        self._written_times(path, fh)
         self._barrier(path, fh, datasync, False)
 
     def fsyncdir(self, path, datasync, fh):
@@ -271,26 +314,27 @@ class CaptureFs:
         if path is not None and self._matches(_rel(path), is_dir):
             self._emit([Barrier(_rel(path))])
 
-    def truncate(self, path, size, fh):
+    def _data_change(self, path, fh, change, op) -> None:
+        """Run ``change(fd)`` under the lock, then emit ``op(rel)`` and the new mtime."""
         rel = None if path is None else _rel(path)
         with self._held(rel):
             if fh is not None:
-                os.ftruncate(fh, size)
+                change(fh)
             else:
                 fd = os.open(sys_path(rel), os.O_WRONLY | _OPEN_ADD | os.O_NONBLOCK, dir_fd=self._root)
                 try:
-                    os.ftruncate(fd, size)
+                    change(fd)
                 finally:
                     os.close(fd)
             if rel is not None and self._matches(rel, False):
-                self._emit([Truncate(rel, size)])
+                self._emit([op(rel), SetAttr(rel, mtime_ns=self._lstat(rel).st_mtime_ns)])
+
+    def truncate(self, path, size, fh):
+        self._data_change(path, fh, lambda fd: os.ftruncate(fd, size), lambda rel: Truncate(rel, size))
 
     def fallocate(self, path, mode, offset, length, fh):
-        rel = None if path is None else _rel(path)
-        with self._held(rel):
-            fuse_libc.fallocate(fh, mode, offset, length)
-            if rel is not None and self._matches(rel, False):
-                self._emit([Fallocate(rel, mode, offset, length)])
+        self._data_change(path, fh, lambda fd: fuse_libc.fallocate(fd, mode, offset, length),
+                          lambda rel: Fallocate(rel, mode, offset, length))
 
     # -- attributes ----------------------------------------------------------------------------
 
@@ -302,7 +346,7 @@ class CaptureFs:
             change()
             if rel is None:
                 return
-            st = os.fstat(fh) if fh is not None else self._lstat(path)
+            st = os.fstat(fh) if fh is not None else self._lstat(rel)
             if self._matches(rel, stat.S_ISDIR(st.st_mode)):
                 self._emit([event(rel, st)])
 
@@ -337,68 +381,63 @@ class CaptureFs:
         self._set_attr(path, fh, change, lambda rel, st: SetAttr(
             rel, atime_ns=None if omit_a else st.st_atime_ns, mtime_ns=None if omit_m else st.st_mtime_ns))
 
-    def setxattr(self, path, name, value, flags):
+    def _xattr_change(self, path, change, op) -> None:
         rel = _rel(path)
         with self._locks.hold(rel):
-            os.setxattr(self._proc(path), name, value, flags, follow_symlinks=False)
-            if self._matches(rel, stat.S_ISDIR(self._lstat(path).st_mode)):
-                self._emit([SetXattr(rel, os.fsdecode(name), value)])
+            change()
+            if self._matches(rel, stat.S_ISDIR(self._lstat(rel).st_mode)):
+                self._emit([op(rel)])
+
+    def setxattr(self, path, name, value, flags):
+        self._xattr_change(path, lambda: os.setxattr(self._proc(path), name, value, flags, follow_symlinks=False),
+                           lambda rel: SetXattr(rel, os.fsdecode(name), value))
 
     def removexattr(self, path, name):
-        rel = _rel(path)
-        with self._locks.hold(rel):
-            os.removexattr(self._proc(path), name, follow_symlinks=False)
-            if self._matches(rel, stat.S_ISDIR(self._lstat(path).st_mode)):
-                self._emit([RemoveXattr(rel, os.fsdecode(name))])
+        self._xattr_change(path, lambda: os.removexattr(self._proc(path), name, follow_symlinks=False),
+                           lambda rel: RemoveXattr(rel, os.fsdecode(name)))
 
     # -- names -----------------------------------------------------------------------------------
 
-    def mknod(self, path, mode, rdev):
+    def _new_name(self, path, is_dir, make, settle_mode, op) -> None:
+        """Create an object with ``make(sys_path)``, give it to the caller, emit ``op(rel, st)``
+        and the parent's new mtime."""
         rel = _rel(path)
-        with self._locks.hold(rel):
-            os.mknod(sys_path(rel), mode, rdev, dir_fd=self._root)
-            st = self._settle(path, mode)
-            if self._matches(rel, False):
-                self._emit([create_op(rel, st)])
+        with self._locks.hold(rel, _parent(rel)):
+            make(sys_path(rel))
+            st = self._settle(rel, settle_mode)
+            self._emit(([op(rel, st)] if self._matches(rel, is_dir) else []) + self._dir_times(rel))
+
+    def mknod(self, path, mode, rdev):
+        self._new_name(path, False, lambda p: os.mknod(p, mode, rdev, dir_fd=self._root), mode, create_op)
 
     def mkdir(self, path, mode):
-        rel = _rel(path)
-        with self._locks.hold(rel):
-            os.mkdir(sys_path(rel), mode, dir_fd=self._root)
-            st = self._settle(path, mode)
-            if self._matches(rel, True):
-                self._emit([create_op(rel, st)])
+        self._new_name(path, True, lambda p: os.mkdir(p, mode, dir_fd=self._root), mode, create_op)
 
     def symlink(self, target, path):
+        self._new_name(path, False, lambda p: os.symlink(target, p, dir_fd=self._root), 0,
+                       lambda rel, st: symlink_op(rel, target, st))
+
+    def _remove(self, path, is_dir, remove) -> None:
         rel = _rel(path)
-        with self._locks.hold(rel):
-            os.symlink(target, sys_path(rel), dir_fd=self._root)
-            st = self._settle(path, 0)
-            if self._matches(rel, False):
-                self._emit([symlink_op(rel, target, st)])
+        with self._locks.hold(rel, _parent(rel)):
+            remove(sys_path(rel), dir_fd=self._root)
+            keep = self._keep_deleted or not self._matches(rel, is_dir)
+            self._emit(([] if keep else [Rmdir(rel) if is_dir else Unlink(rel)]) + self._dir_times(rel))
 
     def unlink(self, path):
-        rel = _rel(path)
-        with self._locks.hold(rel):
-            os.unlink(sys_path(rel), dir_fd=self._root)
-            if not self._keep_deleted and self._matches(rel, False):
-                self._emit([Unlink(rel)])
+        self._remove(path, False, os.unlink)
 
     def rmdir(self, path):
-        rel = _rel(path)
-        with self._locks.hold(rel):
-            os.rmdir(sys_path(rel), dir_fd=self._root)
-            if not self._keep_deleted and self._matches(rel, True):
-                self._emit([Rmdir(rel)])
+        self._remove(path, True, os.rmdir)
 
     def rename(self, old, new, flags):
         if flags & ~fuse_libc.RENAME_NOREPLACE:
             raise OSError(errno.EINVAL, "RENAME_EXCHANGE and RENAME_WHITEOUT are not supported")
         src, dst = _rel(old), _rel(new)
-        with self._locks.hold(src, dst):
-            is_dir = stat.S_ISDIR(self._lstat(old).st_mode)
+        with self._locks.hold(src, dst, _parent(src), _parent(dst)):
+            is_dir = stat.S_ISDIR(self._lstat(src).st_mode)
             was_in, now_in = self._matches(src, is_dir), self._matches(dst, is_dir)
-            replaced = self._replaced(new) if now_in and not was_in else None
+            replaced = self._kind_at(dst) if now_in and not was_in else None
             if flags:
                 fuse_libc.renameat2(self._root, sys_path(src), self._root, sys_path(dst), flags)
             else:
@@ -411,25 +450,26 @@ class CaptureFs:
                 self._recreate(dst)
             elif was_in and not self._keep_deleted:
                 self._emit([self._removal(src, is_dir)])
+            self._emit(self._dir_times(src, dst))
 
-    def _replaced(self, path: bytes) -> bool | None:
-        """Is there a directory (True), another object (False) or nothing (None) at path?"""
+    def _kind_at(self, rel: str) -> bool | None:
+        """Is there a directory (True), another object (False) or nothing (None) at rel?"""
         try:
-            return stat.S_ISDIR(self._lstat(path).st_mode)
+            return stat.S_ISDIR(self._lstat(rel).st_mode)
         except FileNotFoundError:
             return None
 
     def link(self, existing, new):
         src, dst = _rel(existing), _rel(new)
-        with self._locks.hold(src, dst):
+        with self._locks.hold(src, dst, _parent(dst)):
             os.link(sys_path(src), sys_path(dst), src_dir_fd=self._root, dst_dir_fd=self._root,
                     follow_symlinks=False)
-            if not self._matches(dst, False):
-                return
-            if self._matches(src, False):
-                self._emit([Link(src, dst)])
-            else:
-                self._recreate(dst)
+            if self._matches(dst, False):
+                if self._matches(src, False):
+                    self._emit([Link(src, dst)])
+                else:
+                    self._recreate(dst)
+            self._emit(self._dir_times(dst))
 
     def _recreate(self, rel: str) -> None:
         for batch in recreate(self._root, rel, self._matches, self._chunk):
@@ -582,14 +622,15 @@ class FuseCapture:
         return (self.root, f"fuse.{FSNAME}") in self._mounts()
 
     def _clear_stale_mount(self) -> None:
-        """A capture that died without unmounting leaves a dead mount (ENOTCONN) on the
-        directory: remove it; a live one belongs to another capture and is refused."""
+        """A capture that died without unmounting leaves a dead mount on the directory
+        (ENOTCONN, or ECONNABORTED once aborted): remove it. A live one belongs to
+        another capture and is refused."""
         if not self._is_our_mount():
             return
         try:
             os.statvfs(self.root)  # always asks the server (a stat may come from the cache)
         except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
                 log.warning("removing a dead capture mount", msgid="DT-F025", root=self.root)
                 subprocess.run(["fusermount3", "-u", "-z", "-q", self.root], capture_output=True)
                 return

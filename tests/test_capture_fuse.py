@@ -8,6 +8,7 @@ import errno
 import mmap
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -15,10 +16,11 @@ import tempfile
 import textwrap
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from contract.capture_contract import CaptureContract
+from contract.capture_contract import CaptureContract, only_mtime
 
 from datatether.capture import fuse_libc
 from datatether.capture.fuse import FuseCapture
@@ -50,10 +52,12 @@ class Recorder:
         with self._lock:
             return [e.op for e in self.events if kind is None or isinstance(e.op, kind)]
 
-    def take(self):
+    def take(self, times=False):
+        """The operations received since the last take; without the SetAttr events that
+        only carry an mtime (after data changes and in parent directories) unless ``times``."""
         with self._lock:
             ops, self.events = [e.op for e in self.events], []
-        return ops
+        return ops if times else [op for op in ops if not only_mtime(op)]
 
 
 class TestFuseCaptureContract(CaptureContract):
@@ -151,6 +155,41 @@ def test_file_operations_become_events_in_order(capture, source, real):
         Unlink("f.txt"),
     ]
     assert not (source / "f.txt").exists()
+
+
+def last_mtimes(ops) -> dict[str, int]:
+    """Path -> the modification time the events leave it with (renames followed)."""
+    times: dict[str, int] = {}
+    for op in ops:
+        if isinstance(op, (Create, Symlink)) or (isinstance(op, SetAttr) and op.mtime_ns is not None):
+            times[op.path] = op.mtime_ns
+        elif isinstance(op, Rename):
+            for path in [p for p in times if p == op.src or p.startswith(op.src + "/")]:
+                times[op.dst + path[len(op.src):]] = times.pop(path)
+        elif isinstance(op, (Unlink, Rmdir)):
+            times.pop(op.path, None)
+    return times
+
+
+def test_modification_times_follow_data_and_name_changes(capture, source, real):
+    os.mkdir(source / "d")
+    with open(source / "d" / "f", "wb") as f:
+        f.write(b"data")
+    fd = os.open(source / "before.txt", os.O_WRONLY)
+    os.pwrite(fd, b"T", 0)
+    os.fsync(fd)  # the time goes out with the fsync already, before the close
+    times = last_mtimes(capture.recorder.ops())
+    assert times["before.txt"] == os.stat("before.txt", dir_fd=real).st_mtime_ns
+    os.close(fd)
+    os.symlink("f", source / "d" / "ln")
+    os.rename(source / "d" / "f", source / "d" / "g")
+    os.truncate(source / "d" / "g", 2)
+    (source / "gone").write_bytes(b"")
+    os.unlink(source / "gone")
+    expected = {rel: os.stat(rel or ".", dir_fd=real, follow_symlinks=False).st_mtime_ns
+                for rel in ("", "before.txt", "d", "d/ln", "d/g")}
+    times = last_mtimes(capture.recorder.ops())
+    assert {rel: times.get(rel) for rel in expected} == expected
 
 
 def test_writes_land_in_the_real_directory_at_their_offsets(capture, source, real):
@@ -403,11 +442,12 @@ def test_stop_with_a_busy_file_does_not_hang(fuse_available, source):
         time.sleep(60)
     """)], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "open"
+        with holder.stdout:
+            assert holder.stdout.readline().strip() == "open"
         started = time.monotonic()
         cap.stop()
         assert not cap.running and time.monotonic() - started < 30
-        assert not any(line.split()[4] == str(source) for line in open("/proc/self/mountinfo"))
+        assert not mounted(source)
         assert (source / "before.txt").read_bytes() == b"there before the mount\n"  # the real directory again
     finally:
         holder.kill()
@@ -421,8 +461,10 @@ def test_one_capture_per_directory(capture, source):
     assert capture.running and (source / "before.txt").exists()
 
 
-def _holder_of_a_capture(source, *, new_session: bool) -> subprocess.Popen:
-    """A child process that mounts a capture over ``source`` and waits to be killed."""
+@contextmanager
+def holder_of_a_capture(source, *, new_session: bool):
+    """A child process that mounts a capture over ``source`` and waits to be killed; any
+    mount it leaves behind is removed afterwards, whatever the test found."""
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from datatether.capture.fuse import FuseCapture
@@ -430,35 +472,42 @@ def _holder_of_a_capture(source, *, new_session: bool) -> subprocess.Popen:
         print("mounted", flush=True)
         time.sleep(120)
     """)], stdout=subprocess.PIPE, text=True, start_new_session=new_session)
-    assert child.stdout.readline().strip() == "mounted"
-    return child
+    try:
+        with child.stdout:
+            assert child.stdout.readline().strip() == "mounted"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+        if mounted(source):
+            subprocess.run(["fusermount3", "-u", "-z", str(source)], check=True)
 
 
-def _mounted(path) -> bool:
+def mounted(path) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == str(path) for line in f)
 
 
 def test_a_killed_capture_leaves_the_directory_usable(fuse_available, source):
-    child = _holder_of_a_capture(source, new_session=False)
-    child.kill()
-    child.wait()
-    deadline = time.monotonic() + CHILD_TIMEOUT_S  # auto_unmount's helper acts asynchronously
-    while _mounted(source) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _mounted(source)
-    assert (source / "before.txt").read_bytes() == b"there before the mount\n"
+    with holder_of_a_capture(source, new_session=False) as child:
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + CHILD_TIMEOUT_S  # auto_unmount's helper acts asynchronously
+        while mounted(source) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not mounted(source)
+        assert (source / "before.txt").read_bytes() == b"there before the mount\n"
 
 
 def test_start_clears_a_dead_mount_left_behind(fuse_available, source):
-    child = _holder_of_a_capture(source, new_session=True)
-    os.killpg(child.pid, 9)  # the capture and its auto_unmount helper: a dead mount remains
-    child.wait()
-    with pytest.raises(OSError) as err:
-        os.listdir(source)
-    assert err.value.errno == errno.ENOTCONN
-    recorder = Recorder()
-    with FuseCapture(source, recorder):
-        assert sorted(os.listdir(source)) == ["before.txt", "excl"]
-        (source / "new").write_bytes(b"n")
-    assert [type(op) for op in recorder.ops()] == [Create, Write]
+    with holder_of_a_capture(source, new_session=True) as child:
+        os.killpg(child.pid, signal.SIGKILL)  # with its auto_unmount helper: the mount stays, dead
+        child.wait()
+        with pytest.raises(OSError) as err:
+            os.listdir(source)
+        assert err.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        recorder = Recorder()
+        with FuseCapture(source, recorder):
+            assert sorted(os.listdir(source)) == ["before.txt", "excl"]
+            (source / "new").write_bytes(b"n")
+        assert [type(op) for op in recorder.take()] == [Create, Write]
