@@ -4,6 +4,7 @@ query (bytes changed per directory per hour) gives the totals computed by hand."
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import defaultdict
 
 import pyarrow as pa
@@ -37,7 +38,7 @@ def log(tmp_path):
         yield opened
 
 
-def workload(log) -> list[tuple[int, str, int]]:
+def workload(log, partition: str = P) -> list[tuple[int, str, int]]:
     """Writes of known sizes in three directories over three hours: (time, path, bytes)."""
     plan = []
     dirs = ["", "logs", "logs/2026", "data"]
@@ -46,10 +47,10 @@ def workload(log) -> list[tuple[int, str, int]]:
         path = f"{d}/f{n % 5}.bin".lstrip("/")
         t = T0 + n * 90 * SECOND  # three hours
         size = (n * 37) % 500 + 1
-        append(log, P, ev.Write(path, 0, b"\x00" * size), t)
+        append(log, partition, ev.Write(path, 0, b"\x00" * size), t)
         plan.append((t, path, size))
-    append(log, P, ev.Rename("logs/f1.bin", "data/f1.bin"), T0 + 4 * HOUR)
-    append(log, P, create("data"), T0 + 4 * HOUR)
+    append(log, partition, ev.Rename("logs/f1.bin", "data/f1.bin"), T0 + 4 * HOUR)
+    append(log, partition, create("data"), T0 + 4 * HOUR)
     return plan
 
 
@@ -113,3 +114,34 @@ def test_a_failed_export_leaves_no_file(log, tmp_path):
     with pytest.raises(RuntimeError):
         export_parquet(broken(), out, "c", batch_rows=2)
     assert list(tmp_path.glob("*.parquet*")) == [] and list(tmp_path.glob(".h.parquet*")) == []
+
+
+# -- dt history export, on both backends -----------------------------------------------
+
+from history_helpers import StreamWorld, backends  # noqa: E402
+from history_helpers import dt as run_dt  # noqa: E402
+
+
+@backends()
+def test_dt_history_export(tmp_path, backend, request):
+    w = StreamWorld(tmp_path, backend, request)
+    try:
+        plan = workload(w.log, w.partition)
+        out = tmp_path / "web.parquet"
+        done = json.loads(run_dt("history", "export", "web", "--parquet", out, "--json", state=w.state).stdout)
+        assert done["rows"] == 122
+        table = pq.read_table(out)
+        assert set(table["connection"].to_pylist()) == {"web"}
+        expected: dict[tuple[str, int], int] = defaultdict(int)
+        for t, path, size in plan:
+            expected[(path.rpartition("/")[0] or ".", t - t % HOUR)] += size
+        got = {k: v for k, v in bytes_per_dir_per_hour(table).items() if v}
+        assert got == dict(expected)
+        part = tmp_path / "part.parquet"
+        run_dt("history", "export", "web", "--parquet", part, "--between", "10", "2026-03-01T10:30:00Z",
+           "--path", "logs", state=w.state)
+        rows = pq.read_table(part).to_pylist()
+        assert {r["dir"] for r in rows} == {"logs", "logs/2026"}
+        assert [r["offset"] for r in rows] == [n for n in range(10, 21) if n % 4 in (1, 2)]
+    finally:
+        w.close()

@@ -218,3 +218,57 @@ def test_follow_yields_records_appended_later(log):
     threading.Timer(0.1, later).start()
     got = next(stream)
     assert (got.offset, got.paths()) == (2, ["b"])
+
+
+# -- dt history, on both backends ------------------------------------------------------
+
+from history_helpers import StreamWorld, backends, dt  # noqa: E402
+
+
+@pytest.fixture
+def stream_world(tmp_path, backend, request):
+    w = StreamWorld(tmp_path, backend, request)
+    for n, op in enumerate([create("docs", ev.FileKind.DIR), create("docs/a.txt"), ev.Write("docs/a.txt", 0, b"abc"),
+                            create("src/m.py"), ev.Write("src/m.py", 0, b"x" * 40), ev.Rename("src/m.py", "docs/m.py"),
+                            ev.Write("docs/a.txt", 3, b"defg")]):
+        w.append(op, T0 + n * SECOND)
+    yield w
+    w.close()
+
+
+@backends()
+def test_dt_history_lists_filters_and_summarises(stream_world):
+    w = stream_world
+    rows = [json.loads(line) for line in dt("history", "web", "--json", state=w.state).stdout.splitlines()]
+    assert [r["offset"] for r in rows] == list(range(7))
+    docs = [json.loads(line) for line in
+            dt("history", "web", "--path", "docs", "--between", "2", "2026-03-01T10:00:05Z", "--json",
+               state=w.state).stdout.splitlines()]
+    assert [r["offset"] for r in docs] == [2, 5]
+    human = dt("history", str(w.conn.id), "--path", "*.py", state=w.state).stdout.splitlines()
+    assert [line.split()[0] for line in human] == ["3", "4", "5"]
+    summary = {r["path"]: r for r in (json.loads(line) for line in dt(
+        "history", "web", "--summary", "--json", state=w.state).stdout.splitlines())}
+    assert summary["docs/a.txt"]["events"] == 3 and summary["docs/a.txt"]["bytes"] == 7
+    assert summary["docs/a.txt"]["last_time"] == "2026-03-01T10:00:06.000000000Z"
+    assert summary["docs/m.py"]["last_op"] == "Rename"
+    table = dt("history", "web", "--summary", state=w.state).stdout.splitlines()
+    assert table[0].split()[:3] == ["PATH", "EVENTS", "BYTES"] and len(table) == 1 + len(summary)
+
+
+@backends()
+def test_dt_history_bad_inputs(stream_world):
+    w = stream_world
+    for argv, message in [
+        (("history", "ghost"), "connection not found"),
+        (("history", "web", "--between", "5", "2"), "before"),
+        (("history", "web", "--between", "1", "soon"), "not a time"),
+        (("history", "web", "extra"), "use: dt history"),
+        (("history", "export", "web"), "needs --parquet"),
+        (("history", "web", "--parquet", "x.parquet"), "belongs to dt history export"),
+    ]:
+        done = dt(*argv, state=w.state, check=False)
+        assert done.returncode == 2 and message in done.stderr, (argv, done.stderr)
+    w.log.truncate_before(w.partition, 3)
+    done = dt("history", "web", "--between", "2026-03-01T10:00:00Z", "6", state=w.state, check=False)
+    assert done.returncode == 2 and "oldest retained event: offset 3" in done.stderr
