@@ -88,7 +88,8 @@ ORIGIN = "fuse"
 FSNAME = "datatether"
 # The kernel computes O_APPEND offsets and sends them; the real descriptor must write at
 # exactly that offset or the event would name another one. O_DIRECT would demand aligned
-# buffers of the real filesystem that requests do not have.
+# buffers of the real filesystem that requests do not have. Creation flags are set by
+# create() itself.
 _OPEN_DROP = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 _OPEN_ADD = os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -490,6 +491,12 @@ class FuseCapture:
     ``start()`` mounts and returns once requests are served; ``stop()`` unmounts (lazily
     when busy), waits up to ``stop_grace_s`` for open files to be closed, then aborts the
     connection (remaining open descriptors fail with ENOTCONN) so it never hangs.
+
+    The handlers run in this process and need its GIL, so this process must leave the
+    mounted tree to others: the sink and ``on_gap`` must not touch it (nor call stop()),
+    and code here must not touch pages of a file of the mount mapped into memory (a page
+    fault would wait for a handler that waits for the GIL). Plain reads and writes from
+    this process work (they release the GIL), which is what the tests use.
     """
 
     origin = ORIGIN
@@ -498,7 +505,7 @@ class FuseCapture:
                  matches: Matches = everything, locks: PathLocks | None = None,
                  on_gap: GapReport = no_gap_report, tuning: Tuning | None = None,
                  start_timeout_s: float = 10.0, stop_grace_s: float = 5.0):
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = os.path.realpath(os.fspath(root))  # as /proc/self/mountinfo shows it
         self.settings = settings or Settings()
         self.emitter = Emitter(sink, ORIGIN, on_gap)
         self.matches = matches
@@ -511,6 +518,7 @@ class FuseCapture:
         self._session: Session | None = None
         self._thread: threading.Thread | None = None
         self._dev: int | None = None
+        self._lifecycle = threading.RLock()  # start and stop may come from different threads
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -533,9 +541,15 @@ class FuseCapture:
         return CaptureFailed(backend=ORIGIN, root=self.root, detail=detail)
 
     def start(self) -> None:
-        if self.running:
-            raise self._fail("already running")
-        self._clear_stale_mount()
+        with self._lifecycle:
+            if self.running:
+                raise self._fail("already running")
+            self._clear_stale_mount()
+            self._mount()
+            atexit.register(self.stop)  # a forgotten stop() must not leave the mount to a dying process
+        log.info("capture started", msgid="DT-F020", root=self.root, max_write=self.tuning.max_write)
+
+    def _mount(self) -> None:
         try:
             root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -555,8 +569,6 @@ class FuseCapture:
         if not session.ready.wait(self.start_timeout_s) or not self._await_mounted():
             self.stop()
             raise self._fail(f"mount did not come up within {self.start_timeout_s} s")
-        atexit.register(self.stop)  # a forgotten stop() must not leave the mount to a dying process
-        log.info("capture started", msgid="DT-F020", root=self.root, max_write=self.tuning.max_write)
 
     def _serve(self) -> None:
         try:
@@ -577,19 +589,17 @@ class FuseCapture:
         return False
 
     def stop(self) -> None:
-        if self._session is None:
-            return
-        if self.running:
-            self._unmount()
-            self._thread.join(self.stop_grace_s)
-            if self._thread.is_alive():
-                log.warning("open files keep the unmounted capture busy: aborting the connection",
-                            msgid="DT-F022", root=self.root, grace_s=self.stop_grace_s)
-                self._abort()
-                self._thread.join()
-        os.close(self._root_fd)
-        self._root_fd = self._session = self._thread = None
-        atexit.unregister(self.stop)
+        with self._lifecycle:
+            if self._session is None:
+                return
+            if self.running:
+                self._unmount()
+                self._thread.join(self.stop_grace_s)
+                if self._thread.is_alive():
+                    self._abort()
+            os.close(self._root_fd)
+            self._root_fd = self._session = self._thread = None
+            atexit.unregister(self.stop)
         log.info("capture stopped", msgid="DT-F023", root=self.root, gaps=self.gaps)
 
     def _unmount(self) -> None:
@@ -600,13 +610,23 @@ class FuseCapture:
             subprocess.run(["fusermount3", "-u", "-z", "-q", self.root], capture_output=True)
 
     def _abort(self) -> None:
-        """End the kernel connection (fusectl), failing whatever still uses it."""
+        """End the kernel connection (fusectl), failing whatever still uses the unmounted
+        capture, so stop() never waits for another process to close its files."""
+        log.warning("open files keep the unmounted capture busy: aborting the connection",
+                    msgid="DT-F022", root=self.root, grace_s=self.stop_grace_s)
         connections = "/sys/fs/fuse/connections"
-        if not os.listdir(connections):
-            subprocess.run(["mount", "-t", "fusectl", "fusectl", connections], capture_output=True)
-        dev = self._dev
-        with open(f"{connections}/{(os.major(dev) << 20) | os.minor(dev)}/abort", "w") as f:
-            f.write("1")
+        try:
+            if not os.listdir(connections):
+                subprocess.run(["mount", "-t", "fusectl", "fusectl", connections], capture_output=True)
+            dev = self._dev
+            with open(f"{connections}/{(os.major(dev) << 20) | os.minor(dev)}/abort", "w") as f:
+                f.write("1")
+        except OSError as exc:
+            log.error("cannot abort the capture's connection", msgid="DT-F026", root=self.root,
+                      error=str(exc))
+        self._thread.join(self.stop_grace_s)
+        if self._thread.is_alive():  # still serving open files: their events may still come
+            log.error("capture connection still busy; leaving it", msgid="DT-F027", root=self.root)
 
     def _mounts(self) -> list[tuple[str, str]]:
         """(mount point, file system type) of every mount this process sees."""

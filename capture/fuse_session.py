@@ -10,9 +10,15 @@ itself (``fuse_new``, ``fuse_mount``, ``fuse_loop_mt``, ``fuse_unmount``,
 structures for the installed version (fuse_operations, fuse_file_info, stat, statvfs,
 fuse_conn_info, fuse_config). Only fields whose layout is stable across 3.x are touched.
 
-The handlers live in a plain Python object (``FileSystem`` below) that sees bytes paths
-(``b"/"`` is the mount root; None for an open file that was unlinked meanwhile), file
-handles as ints and answers with os-style values. Contract of the adaptation:
+The handlers live in a plain Python object, one method per libfuse operation it serves
+(named like the fuse_operations field; getattr is required, the others optional). They
+see bytes paths (``b"/"`` is the mount root; None for an open file unlinked meanwhile) and
+file handles as ints (``fh``: what open/create/opendir returned, None when the kernel has
+no open file for the call), and answer with os-style values: getattr -> os.stat_result,
+readlink -> bytes, open/create/opendir -> handle, read -> bytes, write -> count,
+statfs -> os.statvfs_result, getxattr -> bytes, listxattr -> [bytes], readdir -> iterable
+of (name, inode, file-type bits); utimens gets ((sec, nsec), (sec, nsec)) or None for
+"now". Contract of the adaptation:
 - A handler raising OSError answers the kernel with its errno. Anything else is logged
   (DT-F010) and answered with EIO: one failing operation never takes the mount down.
 - libfuse calls handlers from several worker threads at once. Its path tree locking
@@ -29,7 +35,7 @@ import os
 import threading
 import traceback
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import mfusepy
 
@@ -40,7 +46,6 @@ log = logs.get(__name__)
 _lib = ctypes.CDLL("libfuse3.so.3", use_errno=True)
 
 # fuse_common.h capability bits this module switches off (see ``Tuning``).
-FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
 FUSE_CAP_SPLICE_WRITE = 1 << 7
 FUSE_CAP_SPLICE_MOVE = 1 << 8
 FUSE_CAP_SPLICE_READ = 1 << 9
@@ -80,6 +85,9 @@ class Tuning:
     - Attribute and entry caches of one second: every change goes through this mount, so
       the kernel's view stays right; the timeout only bounds changes made behind it.
     - No negative entry cache, so a name created behind the mount shows up at once.
+    - The kernel does not handle killing set-id bits (HANDLE_KILLPRIV) nor POSIX ACLs:
+      a write by an unprivileged caller reaches the filesystem as a chmod, an event.
+    - libfuse's default atomic O_TRUNC stays: open() sees O_TRUNC and reports it.
     """
 
     max_write: int = MAX_WRITE_LIMIT
@@ -87,16 +95,6 @@ class Tuning:
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
     negative_timeout: float = 0.0
-
-
-class FileSystem(Protocol):
-    """The handlers a session calls; every one is optional except getattr.
-
-    Paths are bytes (b"/a/b"); ``fh`` is the handle that open/create/opendir returned,
-    or None when the kernel has no open file for the call.
-    """
-
-    def getattr(self, path: bytes | None, fh: int | None) -> os.stat_result: ...
 
 
 def caller() -> tuple[int, int, int]:
@@ -129,7 +127,7 @@ def _copy_out(data: bytes, buf, size: int) -> int:
 
 
 class _Adapters:
-    """One method per fuse_operations field: C arguments in, FileSystem call, C answer out."""
+    """One method per fuse_operations field: C arguments in, handler call, C answer out."""
 
     def __init__(self, fs, tuning: Tuning, ready: threading.Event):
         self.fs, self.tuning, self.ready = fs, tuning, ready
@@ -278,7 +276,7 @@ class _Adapters:
         return self.fs.fallocate(path, mode, offset, length, fip.contents.fh)
 
 
-_UNGUARDED = ("init", "destroy")
+_SESSION_OPS = ("init", "destroy")  # answered by the session itself, never raise
 
 
 def _guard(name: str, adapter):
@@ -313,11 +311,10 @@ class Session:
         self._callbacks = []  # the C function objects must outlive the session
         for field in mfusepy.fuse_operations._fields_:
             name, proto = field[0], field[1]
-            if not hasattr(adapters, name) or not (name in _UNGUARDED or name == "getattr"
-                                                   or hasattr(fs, name)):
+            if not hasattr(adapters, name) or not (name in _SESSION_OPS or hasattr(fs, name)):
                 continue
             method = getattr(adapters, name)
-            callback = proto(method if name in _UNGUARDED else _guard(name, method))
+            callback = proto(method if name in _SESSION_OPS else _guard(name, method))
             self._callbacks.append(callback)
             setattr(self._ops, name, callback)
 

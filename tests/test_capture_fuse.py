@@ -461,6 +461,13 @@ def test_one_capture_per_directory(capture, source):
     assert capture.running and (source / "before.txt").exists()
 
 
+def test_a_missing_directory_cannot_be_captured(fuse_available, tmp_path):
+    capture = FuseCapture(tmp_path / "nowhere", Recorder())
+    with pytest.raises(CaptureFailed) as err:
+        capture.start()
+    assert "cannot open the directory" in err.value.message and not capture.running
+
+
 @contextmanager
 def holder_of_a_capture(source, *, new_session: bool):
     """A child process that mounts a capture over ``source`` and waits to be killed; any
