@@ -346,6 +346,7 @@ class Mirror:
         self._saved_at = self._progress_at = 0.0
         self._zero: dict[int, bytes] = {}
         self._memo: Position | None = None  # the position when there is no position file
+        self._view = memoryview(bytearray(CHUNK))  # the one read buffer (events copy out of it)
         self._packet = settings.mirror_packet_size
         self._block = settings.checksum_block_size
 
@@ -542,8 +543,7 @@ class Mirror:
             self._emit(self._header(src, whole=True))
         extents = list(data_extents(fd, src.size, src.allocated))
         digests: list[bytes] = []
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
+        view = self._view
         e = 0
         for start in range(0, src.size, CHUNK):
             end = min(start + CHUNK, src.size)
@@ -589,8 +589,7 @@ class Mirror:
         with self._chunk_lock(src, fd, large):
             self._emit(self._header(src, whole=False))
         bs = self._block
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
+        view = self._view
         sent = 0
         for start, end in _ranges(blocks, bs, src.size, CHUNK):
             with self._chunk_lock(src, fd, large):
