@@ -35,7 +35,6 @@ device, so a glob can select a device as well.
 
 from __future__ import annotations
 
-import bisect
 import fnmatch
 import os
 import re
@@ -431,8 +430,3 @@ def summarize(events: Iterable[HistoryEvent], glob: str | None = None) -> list[P
             s.last_offset, s.last_time_ns, s.last_op = hev.offset, hev.time_ns, hev.op
     return [by_path[p] for p in sorted(by_path)]
 
-
-def nearest_anchor(anchors: Sequence[Anchor], offset: int) -> Anchor | None:
-    """The anchor with the greatest offset <= ``offset`` (anchors sorted by offset)."""
-    index = bisect.bisect_right([a.offset for a in anchors], offset)
-    return anchors[index - 1] if index else None

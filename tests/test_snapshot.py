@@ -170,3 +170,42 @@ def test_due_follows_the_interval_and_labels_missed_ones_deferred(tmp_path):
     assert snapshots.due(listed, T0 + 600 * SECOND, 600) == "scheduled"
     assert snapshots.due(listed, T0 + 1199 * SECOND, 600) == "scheduled"
     assert snapshots.due(listed, T0 + 1200 * SECOND, 600) == "deferred"
+
+
+# -- dt snapshot ------------------------------------------------------------------------
+
+def test_dt_snapshot_take_list_prune_and_refusals(tmp_path):
+    import json
+
+    from history_helpers import StreamWorld, create, dt
+
+    from datatether.apply.progress import Progress
+
+    world = StreamWorld(tmp_path, "embedded")
+    try:
+        world.append(create("f"), T0)
+        never = dt("snapshot", "take", "web", state=world.state, check=False)
+        assert never.returncode == 2 and "nothing applied yet" in never.stderr
+        (world.state / "config.toml").write_text("snapshot_max_count = 2\n")
+        world.target.mkdir()
+        progress = Progress(world.state / "targets" / world.partition)
+        progress.commit(0)
+        busy = dt("snapshot", "take", "web", state=world.state, check=False)
+        assert busy.returncode == 2 and "running applier" in busy.stderr
+        progress.close()
+        ids = []
+        for n in range(3):
+            (world.target / f"file{n}").write_bytes(b"%d" % n)
+            ids.append(json.loads(dt("snapshot", "take", "web", "--json", state=world.state).stdout)[0]["id"])
+        listed = json.loads(dt("snapshot", "list", str(world.conn.id), "--json", state=world.state).stdout)
+        assert [s["id"] for s in listed] == ids[1:]  # the oldest went: snapshot_max_count = 2
+        assert sorted(os.listdir(listed[-1]["folder"] + "/tree")) == ["file0", "file1", "file2"]
+        assert listed[0]["offset"] == 0 and listed[0]["time_ns"] == T0
+        table = dt("snapshot", "list", "web", state=world.state).stdout.splitlines()
+        assert table[0].split()[:3] == ["ID", "OFFSET", "TIME"] and len(table) == 3
+        (world.state / "config.toml").write_text("snapshot_max_count = 1\n")
+        assert json.loads(dt("snapshot", "prune", "web", "--json", state=world.state).stdout) == {"deleted": [ids[1]]}
+        gone = dt("snapshot", "delete", "web", ids[0], state=world.state, check=False)
+        assert gone.returncode == 2 and "snapshot not found" in gone.stderr
+    finally:
+        world.close()
