@@ -225,6 +225,11 @@ def test_directories_nodes_and_symlinks(capture, source):
     os.mkfifo(source / "d" / "fifo", 0o600)
     os.symlink("../before.txt", source / "d" / "ln")
     os.lchown(source / "d" / "ln", 42, 43)
+    assert os.readlink(source / "d" / "ln") == "../before.txt"
+    assert (source / "d" / "ln").read_bytes() == b"there before the mount\n"
+    fd = os.open(source / "d", os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(fd)
+    os.close(fd)
     with pytest.raises(OSError) as err:
         os.rmdir(source / "d")
     assert err.value.errno == errno.ENOTEMPTY
@@ -232,12 +237,12 @@ def test_directories_nodes_and_symlinks(capture, source):
     os.unlink(source / "d" / "ln")
     os.rmdir(source / "d")
     ops = capture.recorder.take()
-    assert [type(op) for op in ops] == [Create, Create, Symlink, SetAttr, Unlink, Unlink, Rmdir]
+    assert [type(op) for op in ops] == [Create, Create, Symlink, SetAttr, Barrier, Unlink, Unlink, Rmdir]
     assert (ops[0].path, ops[0].kind, ops[0].mode) == ("d", FileKind.DIR, 0o750)
     assert (ops[1].path, ops[1].kind, ops[1].mode) == ("d/fifo", FileKind.FIFO, 0o600)
     assert (ops[2].path, ops[2].target) == ("d/ln", "../before.txt")
-    assert ops[3] == SetAttr("d/ln", uid=42, gid=43)
-    assert ops[4:] == [Unlink("d/fifo"), Unlink("d/ln"), Rmdir("d")]
+    assert ops[3:] == [SetAttr("d/ln", uid=42, gid=43), Barrier("d"), Unlink("d/fifo"), Unlink("d/ln"),
+                       Rmdir("d")]
 
 
 def test_operations_in_the_excluded_subtree_produce_no_events(capture, source, real):
@@ -452,6 +457,15 @@ def test_stop_with_a_busy_file_does_not_hang(fuse_available, source):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_root_stays_put_and_reports_the_real_file_system(capture, source, tmp_path):
+    with pytest.raises(OSError) as err:
+        os.rename(source, tmp_path / "elsewhere")
+    assert err.value.errno == errno.EBUSY  # the root is the mountpoint
+    mounted_fs, real_fs = os.statvfs(source), os.statvfs(tmp_path)
+    assert (mounted_fs.f_blocks, mounted_fs.f_bsize) == (real_fs.f_blocks, real_fs.f_bsize)
+    assert capture.recorder.ops() == []
 
 
 def test_one_capture_per_directory(capture, source):
