@@ -336,6 +336,7 @@ class Mirror:
         self._position_path = None if dry_run else position_path
         self._progress, self._observer, self._origin = progress, observer, origin
         self._pause, self._stop = threading.Event(), threading.Event()
+        self._running = False
         self.stats = MirrorStats(mode=self.mode.value)
         self._batch: list[bytes] = []
         self._dirs: list[_Dir] = []
@@ -357,8 +358,15 @@ class Mirror:
         self._pause.set()
 
     def stop(self) -> None:
-        """Stop producing after the current object and forget the position."""
+        """Stop producing after the current object and forget the position (at once when
+        the mirror is paused, i.e. not running)."""
         self._stop.set()
+        if not self._running:
+            self._forget()
+
+    def _forget(self) -> None:
+        self._memo = None
+        forget_position(self._position_path)
 
     @property
     def halted(self) -> bool:
@@ -367,6 +375,14 @@ class Mirror:
     def run(self) -> MirrorStats:
         """Mirror until done, paused or stopped; return the statistics."""
         self._pause.clear()
+        self._stop.clear()
+        self._running = True
+        try:
+            return self._run()
+        finally:
+            self._running = False
+
+    def _run(self) -> MirrorStats:
         resume_key = self._begin()
         try:
             self._pass(resume_key)
@@ -376,12 +392,14 @@ class Mirror:
             # Keep the position of the last object whose events are all in the log; the
             # unappended rest of the batch is redone by the next run.
             self._batch = []
-            self._save(force=True)
+            try:
+                self._save(force=True)
+            except OSError as exc:
+                log.error("mirror position not saved", msgid="DT-M008", partition=self.partition, error=str(exc))
             self._set_status(MirrorStatus.PAUSED)
             raise
         if self._stop.is_set():
-            self._memo = None
-            forget_position(self._position_path)
+            self._forget()
             self._set_status(MirrorStatus.IDLE)
         elif self._pause.is_set():
             self._save(force=True)
@@ -721,7 +739,6 @@ class Mirror:
 
     def _finish(self) -> None:
         self._collect_problems()
-        self._memo = None
         s = self.stats
         s.elapsed_s = time.monotonic() - self._t0
         if not self.dry_run:
@@ -732,7 +749,7 @@ class Mirror:
                 self._emit(Gap(reason=f"mirror {s.mirror_id} incomplete, {len(s.problems)} "
                                       f"object(s) not mirrored: {shown}"))
             self._flush()
-        forget_position(self._position_path)
+        self._forget()
         self._set_status(MirrorStatus.IDLE)
         log.info("mirror finished", msgid="DT-M006", partition=self.partition, mirror_id=s.mirror_id,
                  sent_bytes=s.sent_bytes, skipped_bytes=s.skipped_bytes, objects=s.objects,

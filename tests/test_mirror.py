@@ -437,3 +437,25 @@ def test_a_view_rooted_at_a_link_to_a_directory_sees_that_directory(tmp_path):
     os.chmod(tmp_path / "real", 0o700)
     moved = view.refresh(root)
     assert moved.kind is FileKind.DIR and moved.mode == 0o700
+
+
+def test_stop_of_a_paused_mirror_forgets_its_position_at_once(env, monkeypatch):
+    state, src, dst = env
+    monkeypatch.setattr(mirror_mod, "GROUP_ITEMS", 2)
+    monkeypatch.setattr(mirror_mod, "PROGRESS_EVERY_S", 0.0)
+    for i in range(8):
+        (src / f"f{i}").write_text("x")
+    job = job_of(state, src, dst)
+    made = []
+
+    def produce(log, locks):
+        m = Mirror(job.source_view(), job.target_view(), log, job.partition, state.settings, locks,
+                   mode=MirrorMode.FULL, position_path=job.position_path,
+                   progress=lambda s: s.objects >= 3 and m.pause())
+        made.append(m)
+        return m.run()
+
+    paused, _ = runtime.apply_while(job, produce)
+    assert paused.status == MirrorStatus.PAUSED.value and job.position_path.exists()
+    made[0].stop()
+    assert not job.position_path.exists()
