@@ -55,6 +55,11 @@ may lag by the attribute timeout); when a directory moves, rules that select dif
 beneath its old and new place are not re-evaluated entry by entry, nor are entries
 selected beneath a directory the rules do not select (the next verification finds such
 differences); a link into the set is not linked to other names of the inode in the set.
+
+Message ids: DT-F020 started, DT-F021 serving loop failed, DT-F022 busy at stop (connection
+aborted), DT-F023 stopped, DT-F024 lazy unmount, DT-F025 dead mount removed, DT-F026/F027
+connection could not be aborted; DT-F010/F011 in fuse_session.py; DT-F001..F003 (gaps) in
+engine/capture.py.
 """
 
 from __future__ import annotations
