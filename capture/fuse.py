@@ -289,36 +289,43 @@ class CaptureFs:
             self._written.add(fh)
         return n
 
-    def _written_times(self, path, fh) -> None:
-        """After writes through ``fh``: the file's mtime, once (on flush, fsync or release)."""
+    def _pending_time(self, rel: str | None, fh: int) -> list[Operation]:
+        """After writes through ``fh``: the file's mtime, once (call under the path lock)."""
         if fh not in self._written:
-            return
-        rel = None if path is None else _rel(path)
-        with self._held(rel):
-            self._written.discard(fh)
-            if rel is not None:
-                self._emit(self._file_time(rel, fh))
+            return []
+        self._written.discard(fh)
+        return [] if rel is None else self._file_time(rel, fh)
+
+    def _report_time(self, path, fh) -> None:
+        if fh in self._written:
+            rel = None if path is None else _rel(path)
+            with self._held(rel):
+                self._emit(self._pending_time(rel, fh))
 
     def flush(self, path, fh):
-        self._written_times(path, fh)
+        self._report_time(path, fh)
 
     def release(self, path, fh):
         try:
-            self._written_times(path, fh)
+            self._report_time(path, fh)
         finally:
             os.close(fh)
 
     def fsync(self, path, datasync, fh):
-        self._written_times(path, fh)
-        self._barrier(path, fh, datasync, False)
+        self._sync(path, fh, datasync, False)
 
     def fsyncdir(self, path, datasync, fh):
-        self._barrier(path, fh, datasync, True)
+        self._sync(path, fh, datasync, True)
 
-    def _barrier(self, path, fh, datasync, is_dir):
+    def _sync(self, path, fh, datasync, is_dir):
+        """fsync, then the file's pending mtime and a Barrier."""
         (os.fdatasync if datasync else os.fsync)(fh)
-        if path is not None and self._matches(_rel(path), is_dir):
-            self._emit([Barrier(_rel(path))])
+        rel = None if path is None else _rel(path)
+        with self._held(rel):
+            ops = self._pending_time(rel, fh)
+            if rel is not None and self._matches(rel, is_dir):
+                ops.append(Barrier(rel))
+            self._emit(ops)
 
     def _data_change(self, path, fh, change, op) -> None:
         """Run ``change(fd)`` under the lock, then emit ``op(rel)`` and the new mtime."""
@@ -448,15 +455,16 @@ class CaptureFs:
                 fuse_libc.renameat2(self._root, sys_path(src), self._root, sys_path(dst), flags)
             else:
                 os.rename(sys_path(src), sys_path(dst), src_dir_fd=self._root, dst_dir_fd=self._root)
+            ops: list[Operation] = []
             if was_in and now_in:
-                self._emit([Rename(src, dst)])
+                ops.append(Rename(src, dst))
             elif now_in:
                 if replaced is not None and self._matches(dst, replaced):
                     self._emit([self._removal(dst, replaced)])
                 self._recreate(dst)
             elif was_in and not self._keep_deleted:
-                self._emit([self._removal(src, is_dir)])
-            self._emit(self._dir_times(src, dst))
+                ops.append(self._removal(src, is_dir))
+            self._emit(ops + self._dir_times(src, dst))
 
     def _kind_at(self, rel: str) -> bool | None:
         """Is there a directory (True), another object (False) or nothing (None) at rel?"""
@@ -470,12 +478,13 @@ class CaptureFs:
         with self._locks.hold(src, dst, _parent(dst)):
             os.link(sys_path(src), sys_path(dst), src_dir_fd=self._root, dst_dir_fd=self._root,
                     follow_symlinks=False)
+            ops: list[Operation] = []
             if self._matches(dst, False):
                 if self._matches(src, False):
-                    self._emit([Link(src, dst)])
+                    ops.append(Link(src, dst))
                 else:
                     self._recreate(dst)
-            self._emit(self._dir_times(dst))
+            self._emit(ops + self._dir_times(dst))
 
     def _recreate(self, rel: str) -> None:
         for batch in recreate(self._root, rel, self._matches, self._chunk):
