@@ -122,15 +122,16 @@ def _replay(log_: Log, partition: str, point: Point, root: Path, base: Snapshot 
     try:
         progress.commit(start)
         initial = TargetDataState(base.data_state) if base else TargetDataState.OK
-        progress.set_data_state(initial, "restore")
+        progress.set_data_state(initial, f"restored from snapshot {base.id}" if base else "restore")
         view = LogView(log_, last=offset, commits=False)
         applier = Applier(view, partition, root, source_root, progress,
                           settings.model_copy(update={"task_commands": False}), consumer=CONSUMER)
         try:
             while applier.applied_offset < offset:
                 before = applier.applied_offset
+                known = (progress.data_state, progress.data_state_reason)
                 applier.run_once()
-                _check(progress, point, before)
+                _check(progress, point, known)
                 if applier.applied_offset == before:
                     raise RestoreFailed(point=str(point), reason=f"no progress after offset {before}")
         finally:
@@ -141,10 +142,13 @@ def _replay(log_: Log, partition: str, point: Point, root: Path, base: Snapshot 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _check(progress: Progress, point: Point, before: int) -> None:
-    if progress.data_state is TargetDataState.MIRROR_REQUIRED:
+def _check(progress: Progress, point: Point, known: tuple) -> None:
+    """Fail on anything the replay itself ran into. A snapshot taken while the target was
+    already Mirror Required is replayed on as the target did; a new reason is a new failure."""
+    now = (progress.data_state, progress.data_state_reason)
+    if progress.data_state is TargetDataState.MIRROR_REQUIRED and now != known:
         raise RestoreFailed(point=str(point), reason=f"{progress.data_state_reason} "
-                            f"(events up to {before} replayed; nothing from that event on)")
+                            "(nothing was written to the destination)")
     if progress.status is TargetStatus.RETRYING:
         raise RestoreFailed(point=str(point), reason=progress.status_detail)
 

@@ -246,11 +246,48 @@ def test_a_corrupt_record_on_the_way_fails_and_leaves_nothing(world):
     corrupt_embedded(world.log, P, 6)
     into = world.base / "dest"
     into.mkdir()
-    with pytest.raises(RestoreFailed, match="event 6 refused: corrupt record.*events up to 5 replayed"):
+    with pytest.raises(RestoreFailed, match="event 6 refused: corrupt record.*nothing was written"):
         world.restore(Point(offset=LAST), into=into)
     assert list(into.iterdir()) == []
     into, _ = world.restore(Point(offset=5))  # before the damage: fine
     world.check(5, into)
+
+
+def test_an_undecodable_event_or_a_gap_fails_the_restore(tmp_path):
+    with EmbeddedLog(tmp_path / "log") as log:
+        log.ensure_partition(P)
+        append(log, P, create("f"), T0)
+        log.append(P, [b"\x02\x00 sealed and intact, but not an event"], timestamp_ns=T0 + SECOND)
+        append(log, P, ev.Write("f", 0, b"later"), T0 + 2 * SECOND)
+        append(log, P, ev.Gap("capture restarted"), T0 + 3 * SECOND)
+        kw = dict(snapshots_dir=tmp_path / "snaps", source_root=SOURCE, target_root=str(tmp_path / "t"),
+                  settings=SETTINGS)
+        into = tmp_path / "into"
+        with pytest.raises(RestoreFailed, match="event 1 refused: corrupt record"):
+            restore(log, P, Point(offset=2), into, **kw)
+        assert list(into.iterdir()) == []
+        target = tmp_path / "t"
+        target.mkdir()
+        (target / "f").write_bytes(b"later")
+        snapshots.take_snapshot(target, tmp_path / "snaps", 2, T0 + 2 * SECOND)
+        done = restore(log, P, Point(offset=2), tmp_path / "at-2", **kw)
+        assert done.snapshot is not None and (tmp_path / "at-2" / "f").read_bytes() == b"later"
+        with pytest.raises(RestoreFailed, match="gap at event 3"):
+            restore(log, P, Point(offset=3), tmp_path / "at-3", **kw)
+
+
+def test_a_snapshot_of_a_target_already_mirror_required_is_replayed_on(tmp_path):
+    with EmbeddedLog(tmp_path / "log") as log:
+        log.ensure_partition(P)
+        append(log, P, create("f"), T0)
+        append(log, P, ev.Write("f", 0, b"after"), T0 + SECOND)
+        target = tmp_path / "t"
+        target.mkdir()
+        (target / "f").write_bytes(b"")
+        snapshots.take_snapshot(target, tmp_path / "snaps", 0, T0, data_state="Mirror Required")
+        done = restore(log, P, Point(offset=1), tmp_path / "into", snapshots_dir=tmp_path / "snaps",
+                       source_root=SOURCE, target_root=str(target), settings=SETTINGS)
+        assert done.data_state == "Mirror Required" and (tmp_path / "into" / "f").read_bytes() == b"after"
 
 
 def test_a_snapshot_after_the_damage_avoids_it(tmp_path):
