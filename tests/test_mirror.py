@@ -34,6 +34,8 @@ def job_of(state, src, dst, excludes=()):
 
 
 def mirror(state, src, dst, mode=MirrorMode.FULL, *, newer=False, excludes=(), **kw):
+    """One mirror with the applier beside it (in a thread: quicker to start in tests; the
+    CLI tests and a few here use the applier process ``dt mirror`` uses)."""
     job = job_of(state, src, dst, excludes)
 
     def produce(log, locks):
@@ -42,8 +44,7 @@ def mirror(state, src, dst, mode=MirrorMode.FULL, *, newer=False, excludes=(), *
                    link_map=job.link_map(), **kw)
         return m.run()
 
-    stats, outcome = runtime.apply_while(job, produce)
-    return stats, outcome
+    return runtime.apply_while(job, produce, separate_process=False)
 
 
 def remapped(src, dst):
@@ -207,7 +208,7 @@ def test_stop_forgets_the_position(env, monkeypatch):
                    progress=lambda s: s.objects >= 10 and m.stop())
         return m.run()
 
-    stopped, _ = runtime.apply_while(job, produce)
+    stopped, _ = runtime.apply_while(job, produce, separate_process=False)
     assert stopped.status == MirrorStatus.IDLE.value and not job.position_path.exists()
     fresh, _ = mirror(state, src, dst)
     assert not fresh.resumed and fresh.mirror_id != stopped.mirror_id and fresh.sent_objects == 31
@@ -227,7 +228,7 @@ def test_a_position_of_other_options_is_not_resumed(env, monkeypatch):
                    progress=lambda s: s.objects >= 3 and m.pause())
         return m.run()
 
-    runtime.apply_while(job, produce)
+    runtime.apply_while(job, produce, separate_process=False)
     assert job.position_path.exists()
     stats, _ = mirror(state, src, dst, MirrorMode.DIFF)
     assert not stats.resumed and diff_trees(src, dst) == []
@@ -455,7 +456,7 @@ def test_stop_of_a_paused_mirror_forgets_its_position_at_once(env, monkeypatch):
         made.append(m)
         return m.run()
 
-    paused, _ = runtime.apply_while(job, produce)
+    paused, _ = runtime.apply_while(job, produce, separate_process=False)
     assert paused.status == MirrorStatus.PAUSED.value and job.position_path.exists()
     made[0].stop()
     assert not job.position_path.exists()

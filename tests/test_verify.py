@@ -34,7 +34,7 @@ def check(state, src, dst, **kw):
                       state_dir=state.dir, event_log=log, partition=job.partition, locks=locks,
                       link_map=job.link_map(), **kw)
 
-    return runtime.apply_while(job, produce)[0]
+    return runtime.apply_while(job, produce, separate_process=False)[0]
 
 
 def corrupt_in_place(path, offset=DIGEST_BLOCK + 10):
