@@ -143,8 +143,10 @@ class Tree:
     """A local directory seen through ``lstat``; ``matcher`` limits what belongs to it."""
 
     def __init__(self, root: str | os.PathLike, matcher: Matcher | None = None,
-                 on_problem: Callable[[Problem], None] | None = None):
+                 on_problem: Callable[[Problem], None] | None = None, *, details: bool = True):
+        """``details=False``: entries without xattrs and link targets (sizing walks)."""
         self.root = os.path.abspath(os.fspath(root))
+        self._details = details
         self.matcher = matcher or Everything()
         self.problems: list[Problem] = []
         self._on_problem = on_problem
@@ -183,7 +185,7 @@ class Tree:
             self.report(rel, "unknown file type")
             return None
         link_target = None
-        if kind is FileKind.SYMLINK:
+        if kind is FileKind.SYMLINK and self._details:
             try:
                 link_target = os.fsdecode(os.readlink(path))
             except OSError as exc:
@@ -194,8 +196,8 @@ class Tree:
                      atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
                      ino=st.st_ino, dev=st.st_dev, nlink=st.st_nlink,
                      rdev=st.st_rdev if kind in (FileKind.CHAR, FileKind.BLOCK) else 0,
-                     link_target=link_target, xattrs=read_xattrs(path), included=included,
-                     allocated=st.st_blocks * 512)
+                     link_target=link_target, xattrs=read_xattrs(path) if self._details else {},
+                     included=included, allocated=st.st_blocks * 512)
 
     def _stat_path(self, rel: str) -> bytes:
         # The root is named through "/." so a root given as a path through a link to a
@@ -287,7 +289,7 @@ class Tree:
         """(bytes of regular files, objects) that belong to the view. What cannot be read
         is left for the walk that uses the view to report."""
         total = count = 0
-        for item in Tree(self.root, self.matcher).walk():
+        for item in Tree(self.root, self.matcher, details=False).walk():
             if item.included:
                 count += 1
                 total += item.size
