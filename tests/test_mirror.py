@@ -460,3 +460,16 @@ def test_stop_of_a_paused_mirror_forgets_its_position_at_once(env, monkeypatch):
     assert paused.status == MirrorStatus.PAUSED.value and job.position_path.exists()
     made[0].stop()
     assert not job.position_path.exists()
+
+
+def test_a_checksum_block_size_other_than_the_digest_block_sends_that_granularity(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(10 * DIGEST_BLOCK + 123))
+    with runtime.open_state(tmp_path / "state", checksum_block_size=4096) as state:
+        mirror(state, src, dst)
+        _patch(src / "f", 5 * DIGEST_BLOCK + 100, b"!", keep_time=False)
+        seen = []
+        stats, outcome = mirror(state, src, dst, MirrorMode.CHECKSUM, observer=seen.append)
+    assert stats.sent_bytes == 4096 and seen[-1].blocks == [(5 * DIGEST_BLOCK + 100) // 4096]
+    assert outcome.data_state == "OK" and diff_trees(src, dst) == []
