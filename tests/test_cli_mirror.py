@@ -249,3 +249,13 @@ def test_orphans_are_handled_after_a_mirror_when_the_settings_ask(paths):
     verified = dt_json(state, "verify", str(src), str(dst), check_rc=1)  # the root's mtime moved
     assert [d["path"] for d in verified["differences"]] == ["."]
     assert verified["orphans"]["paths"] == ["stale-again"] and sorted(os.listdir(dst)) == ["keep"]
+
+
+def test_a_state_directory_inside_the_source_is_not_mirrored(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "data").write_text("d")
+    state = src / ".dt-state"
+    report = dt_json(state, "mirror", str(src), str(dst))
+    assert sorted(os.listdir(dst)) == ["data"] and report["problems"] == []
+    dt(state, "verify", str(src), str(dst), check_rc=0)

@@ -152,6 +152,7 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
     """The set and connection of this SOURCE/TARGET pair, created on first use.
 
     Excludes given now replace the stored ones when they differ (a new set generation).
+    A state directory inside SOURCE is excluded.
     """
     source, target = os.path.abspath(source), os.path.abspath(target)
     if not os.path.isdir(source):
@@ -159,6 +160,10 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
             raise UsageError(detail=f"the source {source} is not a directory")
         raise NotFound(what="source directory", name=source)
     rules = adhoc_rules(source, list(excludes or []))
+    state_dir = os.path.realpath(state.dir)
+    if state_dir.startswith(os.path.realpath(source).rstrip("/") + "/"):
+        # The state directory (its log above all) must never mirror itself.
+        rules.append(parse_rule(str(state.dir), False, True))
     conn = next((c for c in state.connections.list()
                  if c.source_root == source and c.target_root == target and c.target_host == "local"), None)
     if conn is None:
