@@ -15,15 +15,21 @@ What each mode sends (regular files; every other object is compared by metadata)
     checksum-all   always (also settings.checksum_all)         only blocks whose digest differs
 
 ``newer_only`` narrows any mode but full to files newer on the source (the reference's
-"only if source is newer"). Metadata (mode, owner, xattrs, times) that differs is sent
-in every mode. A missing object, or one of another type, is always sent whole.
+"only if source is newer"). Metadata that differs (mode, owner, xattrs; the times of
+anything but a regular file) is sent in every mode, as replication sends it (SetAttr,
+SetXattr, RemoveXattr); a file's mtime travels with its data. A missing object, or one
+of another type, is always sent whole. Block digests are taken at
+``settings.checksum_block_size``; at the default (engine/digest.DIGEST_BLOCK) they also
+give the file digest, at any other size the file digest costs a second read.
 
 Events of one object, in order: ``MirrorFile`` (metadata; ``whole`` makes the target
 start from an empty file), ``MirrorData`` packets of at most ``mirror_packet_size``,
 ``MirrorFileEnd`` (size, the engine/digest.py file digest, mtime). A directory's times
 are set again by a ``SetAttr`` after its last child, since creating children moves
 them. Hard links inside the set: the first path found is sent as a file, later paths as
-``MirrorFile(hardlink_of=first)``.
+``MirrorFile(hardlink_of=first)``; when the first path gets new content (a new file on
+the target) every later path is linked again, and a target file linked to other names
+is never changed in place (its other names would change too).
 
 Sparse files stay sparse: data is read extent by extent (SEEK_DATA/SEEK_HOLE) and holes
 are never sent, so a whole-file mirror recreates the holes on the target (the target

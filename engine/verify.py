@@ -23,7 +23,6 @@ strings (newlines and other control characters escaped; non-UTF-8 bytes as thems
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
