@@ -1,8 +1,10 @@
 """Target snapshots: frozen copies of the target tree, each tagged with its applied offset.
 
 A snapshot holds exactly the effects of the events up to ``offset`` (the applier's applied
-offset when it was taken) and nothing later. The caller guarantees it: the daemon pauses
-the applier around ``take_snapshot``; a standalone caller takes it of a stopped connection.
+offset when it was taken) and nothing later. The caller guarantees it: a running applier is
+paused around the copy (``take_while_paused``, for the daemon); a standalone caller
+(``dt snapshot take``) holds the target's progress lock, so no applier can start meanwhile.
+Scheduling (``due``) and retention (``prune``) are the caller's to run.
 
 Kinds, best first (``take_snapshot`` picks the first the filesystem offers):
 
@@ -52,10 +54,12 @@ import zstandard
 from datatether.engine import logs
 from datatether.engine.connection import Connection
 from datatether.engine.durable import fsync_dir, write_atomic
-from datatether.engine.errors import NotFound, UsageError
+from datatether.engine.errors import BackendUnavailable, NotFound, OffsetOutOfRange, UsageError
 from datatether.engine.history import Anchor
+from datatether.engine.log import Log
 from datatether.engine.offsets import NO_OFFSET, fmt
 from datatether.engine.settings import Settings
+from datatether.engine.states import TargetStatus
 
 log = logs.get(__name__)
 
@@ -188,6 +192,41 @@ def take_snapshot(target_root: str | Path, snapshots_dir: str | Path, applied_of
     log.info("snapshot taken", msgid="DT-H001", snapshot=snap.id, offset=applied_offset, kind=chosen,
              reason=reason, target=str(target_root))
     return snap
+
+
+def applied_time(log_: Log, partition: str, offset: int) -> int | None:
+    """Log time of the event at ``offset``, if the log still holds it (the snapshot's time)."""
+    if offset < 0:
+        return None
+    try:
+        return log_.read(partition, offset, max_records=1)[0].timestamp_ns
+    except OffsetOutOfRange:
+        return None
+
+
+def take_while_paused(applier, log_: Log, partition: str, target_root: str | Path, snapshots_dir: str | Path,
+                      *, reason: str = "manual", kind: str | None = None, resume: bool = True,
+                      timeout_s: float = 60.0) -> Snapshot:
+    """Snapshot the target of a running applier (apply/applier.py, applying in its own thread).
+
+    The applier is paused; once it reports Paused (the batch in hand is applied and
+    committed), the target holds exactly the events up to its applied offset and is
+    snapshotted; then it resumes unless ``resume`` is false (it was paused already).
+    """
+    progress = applier.progress
+    applier.pause()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while progress.status is not TargetStatus.PAUSED:
+            if time.monotonic() > deadline:
+                raise BackendUnavailable(backend="applier", detail=f"did not pause within {timeout_s:.0f} s")
+            time.sleep(0.01)
+        offset = applier.applied_offset
+        return take_snapshot(target_root, snapshots_dir, offset, applied_time(log_, partition, offset),
+                             reason=reason, kind=kind, data_state=progress.data_state.value)
+    finally:
+        if resume:
+            applier.resume()
 
 
 def _best_kind(target_root: Path, snapshots_dir: Path) -> str:

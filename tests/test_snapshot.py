@@ -209,3 +209,58 @@ def test_dt_snapshot_take_list_prune_and_refusals(tmp_path):
         assert gone.returncode == 2 and "snapshot not found" in gone.stderr
     finally:
         world.close()
+
+
+def test_take_while_paused_snapshots_a_running_applier_at_an_exact_offset(tmp_path):
+    import threading
+
+    from history_helpers import SECOND, append, create
+
+    from datatether.apply.applier import Applier
+    from datatether.apply.progress import Progress
+    from datatether.apply.restore import restore
+    from datatether.engine import events as ev
+    from datatether.engine.history import Point
+    from datatether.engine.log_embedded import EmbeddedLog
+    from datatether.engine.settings import Settings
+    from datatether.engine.states import TargetStatus
+
+    P = "conn-1"
+    with EmbeddedLog(tmp_path / "log") as log:
+        log.ensure_partition(P)
+        append(log, P, create("f"), T0)
+        progress = Progress(tmp_path / "progress")
+        applier = Applier(log, P, tmp_path / "target", "/src", progress, Settings())
+        stop, appended = threading.Event(), threading.Event()
+        threads = [threading.Thread(target=applier.run, args=(stop,))]
+
+        def writer():
+            for n in range(400):  # versions of one file, so any mix of two offsets shows
+                append(log, P, ev.Write("f", 0, b"%06d" % n * 100), T0 + n * SECOND)
+                if n == 100:
+                    appended.set()
+
+        threads.append(threading.Thread(target=writer))
+        for t in threads:
+            t.start()
+        try:
+            appended.wait(30)
+            snaps = [snapshots.take_while_paused(applier, log, P, tmp_path / "target", tmp_path / "snaps")
+                     for _ in range(3)]
+        finally:
+            threads[1].join()
+            while applier.applied_offset < log.end_offset(P) - 1 and threads[0].is_alive():
+                stop.wait(0.05)
+            status = progress.status  # resumed after each snapshot
+            stop.set()
+            threads[0].join()
+            applier.close()
+            progress.close()
+        assert status is TargetStatus.OK
+        assert (tmp_path / "target" / "f").read_bytes() == b"%06d" % 399 * 100
+        for snap in snaps:
+            assert snap.time_ns == T0 + max(0, snap.offset - 1) * SECOND
+            into = tmp_path / f"from-log-{snap.id}"
+            restore(log, P, Point(offset=snap.offset), into, snapshots_dir=tmp_path / "none", source_root="/src",
+                    target_root=str(tmp_path / "target"), settings=Settings())
+            assert (snap.tree / "f").read_bytes() == (into / "f").read_bytes()

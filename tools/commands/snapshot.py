@@ -27,7 +27,7 @@ import inspect
 from ...apply import snapshot as snapshots
 from ...apply.progress import RECORD_FILE, Progress
 from ...engine import history
-from ...engine.errors import BackendUnavailable, NotFound, OffsetOutOfRange
+from ...engine.errors import BackendUnavailable, NotFound
 from .. import output, stream
 
 
@@ -64,7 +64,7 @@ def cmd_take(args) -> int:
         try:
             applied = progress.applied_offset
             snap = snapshots.take_snapshot(job.conn.target_root, folder, applied,
-                                           _time_of(state.log, job.partition, applied), kind=args.kind,
+                                           snapshots.applied_time(state.log, job.partition, applied), kind=args.kind,
                                            data_state=progress.data_state.value)
         finally:
             progress.close()
@@ -106,16 +106,6 @@ def cmd_prune(args) -> int:
     else:
         print(f"deleted {len(gone)} snapshot(s)")
     return 0
-
-
-def _time_of(log, partition: str, offset: int) -> int | None:
-    """Log time of the event at ``offset`` if the log still holds it."""
-    if offset < 0:
-        return None
-    try:
-        return log.read(partition, offset, max_records=1)[0].timestamp_ns
-    except OffsetOutOfRange:
-        return None
 
 
 def _show(found: list, args) -> None:
