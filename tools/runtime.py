@@ -15,9 +15,10 @@ its parts live:
 every appended event is applied. The applier runs in a process of its own (spawned; it
 reads the log through a read-only view, dies with its parent, and the parent commits
 its advisory consumer offset at the end), because in one interpreter every system call
-of either side waits for the other to release the interpreter lock; ``separate_process=
-False`` keeps it in a thread (cheaper to start, for small jobs or low latency). The producer appends through the source queue
-(engine/queue.py), so it waits for room rather than fill the disk holding the log. An
+of either side waits for the other to release the interpreter lock;
+``separate_process=False`` keeps it in a thread (cheaper to start, for small jobs or low
+latency). The producer appends through the source queue (engine/queue.py), so it waits
+for room rather than fill the disk holding the log. An
 applier that keeps failing the same event (a full or read-only target, I/O errors) is
 given up after APPLY_ATTEMPTS tries: the target data state becomes Mirror Required with
 the reason, the producer is asked to pause (``on_apply_failure``) and ``ApplyFailed`` is
