@@ -56,6 +56,11 @@ _TRIM_AT = 1 << 16      # forget sizes of applied records once this many accumul
 _FREE_SPACE = "minimum free space"
 
 
+class Cancelled(Exception):
+    """A throttled append stopped waiting because its producer is being paused or stopped
+    (control flow between the daemon and its mirror, never shown to a user)."""
+
+
 @dataclass(frozen=True)
 class QueueLimits:
     """Limits in bytes. ``disk_bytes=None``: unlimited disk queue."""
@@ -150,11 +155,12 @@ class SourceQueue:
         with self._lock:
             return self._append_locked(values)
 
-    def append_when_room(self, values: Sequence[bytes]) -> int:
+    def append_when_room(self, values: Sequence[bytes], cancel: threading.Event | None = None) -> int:
         """Append once the queue is below ``MIRROR_SHARE`` of its limit (mirror data).
 
         A batch larger than that share goes into an empty queue (a producer cannot always
-        split its batches; waiting would never end); a lack of free space fails."""
+        split its batches; waiting would never end); a lack of free space fails. Setting
+        ``cancel`` ends the wait with Cancelled (whoever pauses or stops the producer)."""
         size = sum(len(v) for v in values)
         while True:
             with self._lock:
@@ -166,6 +172,8 @@ class SourceQueue:
                     raise self._full_error(reason)
             if self._closed.wait(THROTTLE_POLL_S):
                 raise BackendUnavailable(backend=f"source queue of {self.partition}", detail="closed")
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"append to {self.partition} cancelled while waiting for room")
 
     def reopen(self) -> int:
         """End an overflow (the repairing remirror starts now); return how many were dropped."""
@@ -191,9 +199,10 @@ class SourceQueue:
         """The partition's log where ``append`` always appends and is counted."""
         return _QueuedLog(self._log, self.partition, self.append)
 
-    def throttled(self) -> Log:
-        """The partition's log where ``append`` waits for room (for the mirror)."""
-        return _QueuedLog(self._log, self.partition, self.append_when_room)
+    def throttled(self, cancel: threading.Event | None = None) -> Log:
+        """The partition's log where ``append`` waits for room (for the mirror); ``cancel``
+        ends a wait (``append_when_room``)."""
+        return _QueuedLog(self._log, self.partition, lambda values: self.append_when_room(values, cancel))
 
     # -- accounting ----------------------------------------------------------------------
 

@@ -186,3 +186,25 @@ def test_refusal_names_the_limit_hit(elog, tmp_path):
     by_space = make(elog, tmp_path, Applied(), memory=1 << 40, disk=None, min_free=free_bytes(tmp_path) + MiB)
     by_space.offer([b"x"])
     assert by_space.refusal().params["queue"] == "source (minimum free space)"
+
+
+def test_a_waiting_throttled_append_can_be_cancelled(elog, tmp_path):
+    from datatether.engine.queue import Cancelled
+
+    queue = make(elog, tmp_path, Applied(), memory=100)
+    queue.append([b"x" * 90])
+    cancel = threading.Event()
+    errors = []
+
+    def mirror():
+        try:
+            queue.throttled(cancel).append(PART, [b"m" * 20])
+        except Cancelled as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=mirror)
+    writer.start()
+    cancel.set()
+    writer.join(10)
+    assert not writer.is_alive() and len(errors) == 1
+    assert elog.end_offset(PART) == 1
