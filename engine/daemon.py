@@ -109,8 +109,6 @@ class MirrorLike(Protocol):
 
     stats: Any
 
-    @property
-    def halted(self) -> bool: ...
     def run(self) -> Any: ...
     def pause(self) -> None: ...
     def stop(self) -> None: ...
@@ -292,6 +290,8 @@ class Daemon:
         self._request: _MirrorRequest | None = None
         self._mirror: MirrorLike | None = None
         self._mirror_thread: threading.Thread | None = None
+        self._mirror_cancel = threading.Event()  # ends the current mirror's wait for queue room
+        self._halt: str | None = None          # "pause" or "stop" when the daemon halted the mirror
         self._mirror_reason = ""
         self._mirror_paused = False
         self._mirror_end: int | None = None   # last offset of the latest finished mirror
@@ -344,10 +344,10 @@ class Daemon:
         abort = abort or threading.Event()
         self.stop_requested.set()
         self._ending = "stopping"
-        mirror, thread = self._mirror, self._mirror_thread
-        if mirror is not None:
-            mirror.stop()
-        self.queue.close()  # wakes a mirror waiting for room in the queue
+        with self._lock:
+            thread = self._mirror_thread
+            self._halt_mirror("stop")
+        self.queue.close()
         if thread is not None:
             thread.join()
         self._reap_mirror()
@@ -419,8 +419,7 @@ class Daemon:
         log.warning("connection needs a mirror", msgid="DT-D026", connection=self.conn.name, reason=reason,
                     gap_offset=offset, remirror=remirror)
         with self._lock:
-            if self._mirror is not None:
-                self._mirror.stop()  # its pass missed what was lost
+            self._halt_mirror("stop")  # its pass missed what was lost
             if remirror:
                 self._request = _MirrorRequest(MirrorMode(self.settings.auto_remirror_mode),
                                                f"remirror after a gap: {reason}", offset,
@@ -461,27 +460,42 @@ class Daemon:
             self._episode = self._required = None
             self._moved = False
             dropped = self.queue.reopen()
-            self._mirror = self.parts.make_mirror(self.queue.throttled(), request.mode)
+            self._mirror_cancel = threading.Event()
+            self._mirror = self.parts.make_mirror(self.queue.throttled(self._mirror_cancel), request.mode)
             self._mirror_reason = request.reason
             self._mirror_paused = False
-            self._mirror_error = None
-            self._mirror_thread = threading.Thread(target=self._run_mirror, args=(self._mirror,),
-                                                   name=f"mirror-{self.conn.partition}", daemon=True)
-            self._mirror_thread.start()
+            self._launch_mirror()
         log.info("mirror started", msgid="DT-D029", connection=self.conn.name, mode=request.mode.value,
                  reason=request.reason, dropped_events=dropped)
+
+    def _launch_mirror(self) -> None:
+        """Run ``_mirror`` (new, or paused before) in its thread (under ``_lock``)."""
+        self._halt, self._mirror_error = None, None
+        self._mirror_cancel.clear()
+        self._mirror_thread = threading.Thread(target=self._run_mirror, args=(self._mirror,),
+                                               name=f"mirror-{self.conn.partition}", daemon=True)
+        self._mirror_thread.start()
+
+    def _halt_mirror(self, how: str) -> None:
+        """Pause or stop the mirror (under ``_lock``); a wait for queue room ends at once."""
+        if self._mirror is None or self._halt == "stop":
+            return
+        self._halt = how
+        (self._mirror.pause if how == "pause" else self._mirror.stop)()
+        self._mirror_cancel.set()
 
     def _run_mirror(self, mirror: MirrorLike) -> None:
         try:
             mirror.run()
-            if not mirror.halted and self.parts.remove_orphans is not None:
+            if self._halt is None and self.parts.remove_orphans is not None:
                 self._orphans = True
-                removed = self.parts.remove_orphans(self.queue.throttled(), self.stop_requested)
+                removed = self.parts.remove_orphans(self.queue.throttled(self._mirror_cancel), self.stop_requested)
                 log.info("orphans removed after the mirror", msgid="DT-D035", connection=self.conn.name,
                          removed=removed)
         except Exception as exc:  # noqa: BLE001 - reported in the status; the daemon goes on
-            self._mirror_error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
-            log.error("mirror failed", msgid="DT-D030", connection=self.conn.name, error=self._mirror_error)
+            if self._halt is None:  # not the end of a wait the daemon itself cancelled
+                self._mirror_error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+                log.error("mirror failed", msgid="DT-D030", connection=self.conn.name, error=self._mirror_error)
         finally:
             self._orphans = False
             self._wake.set()
@@ -494,15 +508,13 @@ class Daemon:
             if thread is None or thread.is_alive():
                 return
             self._mirror_thread = None
-            stats = self._mirror.stats.as_dict()
-            self._mirror_last = stats
-            status = stats.get("status")
-            if status == MirrorStatus.PAUSED.value and self._mirror_error is None:
+            self._mirror_last = self._mirror.stats.as_dict()
+            if self._halt == "pause" and self._mirror_last.get("status") == MirrorStatus.PAUSED.value:
                 self._mirror_paused = True  # kept for mirror_resume
                 return
             self._mirror_end = self._log.end_offset(self.conn.partition) - 1
             # Whoever stopped a mirror (a gap, an operator, the shutdown) already said why.
-            stopped = self._mirror.halted
+            stopped = self._halt == "stop"
             failed = None if stopped else self._mirror_error
             moved, self._moved = self._moved and not stopped, False
             self._mirror = None
@@ -681,7 +693,7 @@ class Daemon:
         with self._lock:
             if self._mirror_thread is None:
                 raise UsageError(detail="no mirror is running")
-            self._mirror.pause()
+            self._halt_mirror("pause")
         return {"mirror_status": MirrorStatus.PAUSED.value}
 
     def _op_mirror_resume(self, args: dict) -> dict:
@@ -689,9 +701,7 @@ class Daemon:
             if not self._mirror_paused or self._mirror_thread is not None:
                 raise UsageError(detail="no mirror is paused")
             self._mirror_paused = False
-            self._mirror_thread = threading.Thread(target=self._run_mirror, args=(self._mirror,),
-                                                   name=f"mirror-{self.conn.partition}", daemon=True)
-            self._mirror_thread.start()
+            self._launch_mirror()
         return {"mirror_status": MirrorStatus.MIRRORING.value}
 
     def _op_mirror_stop(self, args: dict) -> dict:
@@ -702,7 +712,7 @@ class Daemon:
             mirror, thread = self._mirror, self._mirror_thread
             if mirror is None:
                 raise UsageError(detail="no mirror is running or paused")
-            mirror.stop()
+            self._halt_mirror("stop")
             if thread is None:  # paused: nothing runs, forget it now
                 self._mirror, self._mirror_paused = None, False
                 self._mirror_last = mirror.stats.as_dict()

@@ -1,0 +1,232 @@
+"""engine/daemon.py without FUSE: the real log, applier, progress and mirror, and a scripted
+capture (the test changes the source itself and emits the events a capture would).
+
+Covers the supervision logic the end-to-end tests reach only by timing: gaps and the
+remirror after the queue drained, overflow, a target that diverged, the mirror control
+operations and the one-daemon-per-source lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from datatether.apply.applier import Applier
+from datatether.apply.progress import Progress
+from datatether.engine.capture import Emitter
+from datatether.engine.connection import ConnectionStore
+from datatether.engine.daemon import Daemon, DaemonLock, Parts, find_task_result, running_daemons
+from datatether.engine.errors import AlreadyRunning, UsageError
+from datatether.engine.events import Create, FileKind, Write
+from datatether.engine.log_embedded import EmbeddedLog
+from datatether.engine.mirror import Mirror
+from datatether.engine.pathlocks import PathLocks
+from datatether.engine.queue import QueueLimits
+from datatether.engine.settings import Settings
+from datatether.engine.states import MirrorMode
+from datatether.engine.tree import Tree
+from tests.daemon_helpers import wait_for
+from tests.trees import diff_trees
+
+
+class ScriptedCapture:
+    """A capture whose events the test emits (``emit``) after changing the source."""
+
+    origin = "test"
+
+    def __init__(self, sink, on_gap):
+        self.emitter = Emitter(sink, self.origin, on_gap)
+        self._running = False
+
+    def start(self):
+        self._running = True
+
+    def stop(self):
+        self._running = False
+
+    @property
+    def running(self):
+        return self._running
+
+    def emit(self, *ops):
+        return self.emitter.emit(ops)
+
+
+@pytest.fixture
+def world(tmp_path):
+    src, dst, state = tmp_path / "src", tmp_path / "dst", tmp_path / "state"
+    src.mkdir()
+    conn = ConnectionStore(state).create(name="c", set_name="c", source_root=str(src), target=str(dst))
+    log_ = EmbeddedLog(state / "log")
+    log_.ensure_partition(conn.partition)
+    made: list[Daemon] = []
+
+    def make(limit: int = 1 << 30, **settings) -> Daemon:
+        cfg = Settings(**settings)
+        locks = PathLocks()
+        progress = Progress(state / "targets" / conn.partition)
+        daemon = Daemon(Parts(
+            conn=conn, log=log_, settings=cfg, limits=QueueLimits(limit, 0, 0), space_path=state,
+            progress=progress,
+            make_applier=lambda lg: Applier(lg, conn.partition, conn.target_root, str(src), progress, cfg),
+            make_capture=ScriptedCapture,
+            make_mirror=lambda lg, mode: Mirror(Tree(src), Tree(dst), lg, conn.partition, cfg, locks, mode=mode)))
+        made.append(daemon)
+        return daemon
+
+    yield make, src, dst
+    for daemon in made:
+        if not daemon.stop_requested.is_set():
+            daemon.shutdown()
+    log_.close()
+
+
+def supervised(daemon: Daemon) -> threading.Thread:
+    thread = threading.Thread(target=daemon.supervise, daemon=True)
+    thread.start()
+    return thread
+
+
+def converged(daemon: Daemon) -> dict:
+    def done():
+        s = daemon.status()
+        ok = (s["state"] == "replicating" and s["mirror_status"] == "Idle" and s["queued_ops"] == 0
+              and s["target_data_state"] == "OK")
+        return s if ok else None
+    return wait_for(done, 60, "convergence")
+
+
+def create(src, rel: str, data: bytes) -> tuple:
+    """Change the source as a program would; return the events a capture would emit."""
+    path = src / rel
+    path.write_bytes(data)
+    st = path.stat()
+    return (Create(rel, FileKind.FILE, 0o644, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns),
+            Write(rel, 0, data))
+
+
+def test_initial_mirror_then_captured_events(world):
+    make, src, dst = world
+    (src / "old.txt").write_text("before\n")
+    daemon = make()
+    daemon.start(restarted=False, mirror=MirrorMode.FULL)
+    supervised(daemon)
+    converged(daemon)
+    assert daemon.capture.emit(*create(src, "new.txt", b"captured\n"))
+    converged(daemon)
+    assert (dst / "old.txt").read_text() == "before\n" and (dst / "new.txt").read_bytes() == b"captured\n"
+    final = daemon.shutdown()
+    assert final["replication_status"] == "Stopped" and final["queued_ops"] == 0
+
+
+def test_lost_events_are_a_gap_and_the_remirror_waits_for_the_queue(world):
+    make, src, dst = world
+    daemon = make(limit=4096)
+    daemon.start(restarted=False, mirror=MirrorMode.FULL)
+    supervised(daemon)
+    converged(daemon)
+    daemon.operations()["pause"].handler({})
+    assert daemon.capture.emit(*create(src, "a.bin", os.urandom(3000)))
+    assert not daemon.capture.emit(*create(src, "b.bin", os.urandom(3000)))  # over the limit: lost
+    status = daemon.status()
+    assert status["queue_overflow"] and status["target_data_state"] == "Mirror Required"
+    assert status["replication_status"] == "Pending"
+    assert status["state"] == "waiting for the queue to drain before mirroring"
+    assert not daemon.capture.emit(*create(src, "c.bin", b"c"))  # still dropped until the remirror
+    daemon.operations()["resume"].handler({})
+    status = converged(daemon)
+    assert status["mirror_reason"].startswith("remirror after a gap")
+    assert diff_trees(src, dst) == []
+
+
+def test_restart_without_auto_remirror_stays_mirror_required_until_an_operator_mirrors(world):
+    make, src, dst = world
+    (src / "f").write_text("x\n")
+    daemon = make(auto_remirror=False)
+    daemon.start(restarted=True, mirror=None)
+    supervised(daemon)
+    wait_for(lambda: daemon.status()["target_data_state"] == "Mirror Required", what="Mirror Required")
+    time.sleep(0.3)  # it does not mirror on its own
+    status = daemon.status()
+    assert status["state"] == "mirror required" and status["replication_status"] == "Pending"
+    assert not (dst / "f").exists()
+    assert daemon.operations()["mirror_start"].handler({"mode": "diff"}) == {"requested": "diff"}
+    converged(daemon)
+    assert diff_trees(src, dst) == []
+
+
+def test_a_target_the_applier_marks_mirror_required_is_remirrored(world):
+    make, src, dst = world
+    (src / "f").write_text("x\n")
+    daemon = make()
+    daemon.start(restarted=False, mirror=MirrorMode.FULL)
+    supervised(daemon)
+    converged(daemon)
+    (src / "f").write_text("y\n")
+    # An event the applier must refuse (it would leave the target): Mirror Required.
+    assert daemon.capture.emit(Write("../outside", 0, b"y\n"))
+    wait_for(lambda: daemon.status()["mirror_reason"] != "initial mirror", what="the remirror")
+    status = converged(daemon)
+    assert status["mirror_reason"].startswith("remirror:")
+    assert diff_trees(src, dst) == []
+
+
+def test_mirror_pause_resume_and_stop(world):
+    make, src, dst = world
+    for i in range(30):
+        (src / f"f{i:02d}").write_bytes(os.urandom(20_000))
+    daemon = make(limit=64 << 10)
+    ops = daemon.operations()
+    daemon.start(restarted=False, mirror=None)
+    supervised(daemon)
+    ops["pause"].handler({})  # the mirror fills its share of the queue and waits
+    ops["mirror_start"].handler({"mode": "full"})
+    wait_for(lambda: daemon.status()["mirror_status"] == "Mirroring", what="the mirror")
+    assert ops["mirror_pause"].handler({}) == {"mirror_status": "Paused"}
+    ops["resume"].handler({})
+    wait_for(lambda: daemon.status()["mirror_status"] == "Paused", what="a paused mirror")
+    with pytest.raises(UsageError):
+        ops["mirror_start"].handler({})
+    assert ops["mirror_resume"].handler({}) == {"mirror_status": "Mirroring"}
+    converged(daemon)
+    assert diff_trees(src, dst) == []
+    ops["pause"].handler({})
+    ops["mirror_start"].handler({"mode": "full"})
+    wait_for(lambda: daemon.status()["mirror_status"] == "Mirroring", what="the second mirror")
+    assert ops["mirror_stop"].handler({}) == {"mirror_status": "Idle"}
+    ops["resume"].handler({})
+    wait_for(lambda: daemon.status()["queued_ops"] == 0, what="the queue to drain")
+    status = daemon.status()
+    assert status["target_data_state"] == "Mirror Required" and status["mirror_status"] == "Idle"
+    assert "stopped by an operator" in status["target_data_state_reason"]
+
+
+def test_task_operation(world):
+    make, src, dst = world
+    daemon = make()
+    daemon.start(restarted=False, mirror=MirrorMode.FULL)
+    supervised(daemon)
+    task = daemon.operations()["task"].handler
+    with pytest.raises(UsageError):
+        task({"name": "t"})
+    with pytest.raises(UsageError):
+        task({"name": "t", "argv": "not a list"})
+    answer = task({"name": "t", "argv": ["sh", "-c", "echo hi; exit 4"], "wait": True})
+    assert answer["result"]["exit_status"] == 4 and answer["result"]["output"] == "hi\n"
+    found = find_task_result(daemon.queue.log(), "conn-1", answer["task_id"], answer["offset"])
+    assert found is not None and found.exit_status == 4
+
+
+def test_one_daemon_per_source(tmp_path):
+    first = DaemonLock(tmp_path, "/data")
+    first.acquire(socket="/x.sock")
+    assert running_daemons(tmp_path) == [{"pid": os.getpid(), "source": "/data", "socket": "/x.sock"}]
+    with pytest.raises(AlreadyRunning) as refused:
+        DaemonLock(tmp_path, "/data").acquire()
+    assert str(os.getpid()) in refused.value.message
+    DaemonLock(tmp_path, "/other").acquire()  # another source: another lock
+    first.release()
+    assert DaemonLock(tmp_path, "/data").holder() is None
