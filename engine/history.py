@@ -332,8 +332,11 @@ def follow(log_: Log, partition: str, first: int, *, glob: str | None = None,
 # -- presentation shared by tail and history --------------------------------------------
 
 def display_path(path: str) -> str:
-    """A path as text that always prints on one line: undecodable bytes become ``\\xNN``,
-    and a name holding control characters (a newline) is shown escaped."""
+    """A path as text that always prints on one line: the set root ``""`` is ``.``,
+    undecodable bytes become ``\\xNN``, and a name holding control characters (a newline)
+    is shown escaped."""
+    if path == "":
+        return "."
     text = os.fsencode(path).decode("utf-8", "backslashreplace")
     if any(ch < " " or ch == "\x7f" for ch in text):
         text = text.encode("unicode_escape").decode("ascii")
