@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 
 import pytest
@@ -217,3 +218,21 @@ def test_live_changes_race_the_mirror_from_several_threads(dirs, real, protected
     assert all(r["failed"] < 10 for r in results)
     daemon.converged()
     assert same(real, dst, mtimes=False) == []
+
+
+def test_sigint_with_a_paused_target_keeps_the_queue_for_the_next_start(dirs, real, protected):
+    src, dst, state = dirs
+    daemon = protected()
+    daemon.converged()
+    daemon.call("pause")
+    (src / "queued.txt").write_text("captured while the target was paused\n")
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(120) == 0
+    assert "DT-D023" in daemon.err.read_text()  # not drained: the target was paused
+    saved = daemon.saved_status()
+    assert saved["queued_ops"] >= 2 and saved["recovery_point_latency_ms"]["current"] > 0
+    assert not (dst / "queued.txt").exists()
+    again = protected()
+    again.converged()
+    assert (dst / "queued.txt").read_text() == "captured while the target was paused\n"
+    assert same(real, dst) == []
