@@ -192,35 +192,34 @@ class DaemonLock:
 
     def holder(self) -> dict | None:
         """What the running daemon wrote, or None when no daemon holds the lock."""
+        return lock_holder(self.path)
+
+
+def lock_holder(path: Path) -> dict | None:
+    """The JSON a live daemon wrote into its lock file; None when nobody holds the lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.pread(fd, 1 << 16, 0)
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raw = os.pread(fd, 1 << 16, 0)
-                try:
-                    return json.loads(raw) if raw else {"pid": "?"}
-                except ValueError:
-                    return {"pid": "?"}
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
+                return json.loads(raw) if raw else {"pid": "?"}
+            except ValueError:
+                return {"pid": "?"}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def running_daemons(state_dir: str | os.PathLike) -> list[dict]:
     """Holders of every daemon lock in the state directory (live daemons only)."""
-    found = []
-    for path in sorted(run_dir(state_dir).glob("*.lock")):
-        lock = DaemonLock.__new__(DaemonLock)
-        lock.path, lock.source_root, lock._fd = path, "", None
-        holder = lock.holder()
-        if holder is not None:
-            found.append(holder)
-    return found
+    holders = (lock_holder(path) for path in sorted(run_dir(state_dir).glob("*.lock")))
+    return [h for h in holders if h is not None]
 
 
 def refuse_other_daemons(state_dir: str | os.PathLike, source_root: str | None, doing: str) -> None:

@@ -7,6 +7,8 @@ connection, runs the initial mirror (--mirror, full by default) while already ca
 then replicates continuously. Run again after a stop or a crash, it resumes the same
 connection; changes made while it was not running were not captured, so it runs the
 configured remirror (settings auto_remirror_mode; --mirror overrides) while capturing.
+Objects deleted meanwhile stay on the target as orphans unless the state directory's
+config.toml says orphans_action = "delete" (then every mirror is followed by their removal).
 
 A live status line shows the state, the queue, the applied and end offsets and the
 recovery point latency (plain lines every --status-interval seconds when not on a
@@ -272,8 +274,7 @@ def _serve(args, state, job, created: bool, mode: MirrorMode | None) -> int:
             api.start()
             show.note(f"protecting {job.conn.source_root} -> {job.conn.target_root} "
                       f"(connection {job.conn.name}, pid {os.getpid()})"
-                      + ("" if created or mode is None else
-                         f"; resuming: changes made while stopped are repaired by a {mode.value} remirror"))
+                      + _resume_note(created, mode))
             daemon.supervise(tick=show, tick_s=show.interval)
         finally:
             final = daemon.shutdown(abort, tick=show, tick_s=show.interval)
@@ -283,6 +284,15 @@ def _serve(args, state, job, created: bool, mode: MirrorMode | None) -> int:
         return 0
     finally:
         os.close(source_fd)
+
+
+def _resume_note(created: bool, mode: MirrorMode | None) -> str:
+    if created:
+        return ""
+    if mode is None:
+        return ("; resuming with auto-remirror off: the target stays Mirror Required until a mirror "
+                "is started (control API mirror_start)")
+    return f"; resuming: changes made while stopped are repaired by a {mode.value} remirror"
 
 
 def _handle_signals(stop: threading.Event, abort: threading.Event):
