@@ -58,7 +58,9 @@ client already fetched. ``auto.offset.reset=error``: a record removed by retenti
 OffsetOutOfRange, never a silent jump. Two checks guard every record: Kafka's CRC32C of the
 batch (``check.crcs``; a damaged batch, e.g. a bad disk under the broker, makes every
 record in it CorruptRecord) and the frame's blake3 digest of the payload (damage anywhere
-between the appending process and the reader).
+between the appending process and the reader). A fetch error counts only for the record it
+is about: the reader fetches ahead after a read, and what that prefetch met further on
+(e.g. a damaged batch) never makes the intact records before it unreadable.
 
 Retention
 ---------
@@ -530,16 +532,21 @@ class KafkaLog(Log):
         """Under the read lock: the messages, and whether one more was consumed and dropped."""
         messages: list[Message] = []
         total = 0
+        stalled = False  # a stale offset reset came: it may have stopped the fetching
         deadline = time.monotonic() + self._timeout_s
         while start + len(messages) < stop:
             if time.monotonic() > deadline:
                 raise BackendUnavailable(backend=self._backend, detail=(
                     f"reading {topic} at offset {start + len(messages)}: no answer within "
                     f"{self._timeout_s:.0f} s"))
-            for message in self._reader.consume(stop - start - len(messages), timeout=POLL_S * 5):
+            batch = self._reader.consume(stop - start - len(messages), timeout=POLL_S * 5)
+            if stalled and not batch:  # nothing delivered since: nothing is lost by starting again
+                self._reader.assign([TopicPartition(topic, 0, start + len(messages))])
+                stalled = False
+            for message in batch:
                 expected = start + len(messages)
                 if message.error() is not None:
-                    self._fetch_error(topic, partition, expected, message.error())
+                    stalled |= self._fetch_error(topic, partition, expected, message)
                     continue
                 if message.offset() != expected:
                     self._missing(topic, partition, expected)
@@ -553,15 +560,33 @@ class KafkaLog(Log):
                 deadline = time.monotonic() + self._timeout_s
         return messages, False
 
-    def _fetch_error(self, topic: str, partition: str, expected: int, error: KafkaError) -> None:
+    def _fetch_error(self, topic: str, partition: str, expected: int, message: Message) -> bool:
+        """Raise for a fetch error about record ``expected``; ignore the others, returning
+        True for an offset reset that was not about it.
+
+        librdkafka reports a damaged batch at the batch's first offset (<= ``expected`` when
+        the batch holds it) and a position it could not fetch at that position. Not every
+        report is about this read: after a read the reader fetches ahead, and an offset
+        reset from that prefetch (e.g. the client misreads the bytes after a damaged batch
+        and asks for an offset that does not exist) outlives a new assignment: it may come
+        first in the queue and may even stop the new fetching. Blaming ``expected`` for it
+        would make the intact records before a damaged one unreadable."""
+        error = message.error()
+        offset = message.offset()
         if error.code() in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
-            self._missing(topic, partition, expected)
+            if offset == expected:
+                self._missing(topic, partition, expected)
+            log.debug("stale fetch error ignored", msgid="DT-K107", topic=topic, offset=offset,
+                      expected=expected, error=error.str())
+            return True
         if error.code() in _DAMAGED:
-            raise CorruptRecord(reason=f"partition {partition}: the Kafka batch holding offset {expected} "
-                                f"is damaged ({error.str()})")
+            if offset <= expected:
+                raise CorruptRecord(reason=f"partition {partition}: the Kafka batch holding offset {expected} "
+                                    f"is damaged ({error.str()})")
+            return False  # damage further on: a read that asks for it meets it again
         if error.fatal() or error.code() in _GONE:
             raise BackendUnavailable(backend=self._backend, detail=f"reading {topic} at offset {expected}: {error}")
-        # anything else (a broker connection lost, a leader moving) the client retries itself
+        return False  # anything else (a broker connection lost, a leader moving) the client retries itself
 
     def _missing(self, topic: str, partition: str, offset: int):
         low, high = self._watermarks(topic, partition)

@@ -5,10 +5,11 @@ other Kafka tools can decode, and an unreachable cluster."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from contract.log_contract import LogContract, values
+from contract.log_contract import READ_AHEAD_S, LogContract, values
 from kafka_fixture import damage_batch, unique_prefix
 
 from datatether.engine import frame
@@ -93,6 +94,23 @@ def test_a_damaged_batch_on_the_broker_disk_fails_its_records_only(kafka_broker,
     with pytest.raises(CorruptRecord, match="damaged"):
         log.read("p", 2)
     assert [r.value for r in log.read("p", 3)] == values(2, "b")
+
+
+def test_batches_before_a_damaged_one_stay_readable_after_reading_ahead(kafka_broker, log):
+    """The reader fetches ahead after a read; meeting a damaged batch (and the garbage the
+    client may read after it) must not spoil later reads of the batches before it."""
+    log.append("p", values(3, "a"))
+    log.append("p", values(3, "b"))  # offsets 3-5, one batch
+    log.append("p", values(2, "c"))
+    damage_batch(kafka_broker, log.prefix + "p", 4)
+    assert [r.value for r in log.read("p", 0, max_records=1)] == values(1, "a")
+    time.sleep(READ_AHEAD_S)
+    for _ in range(3):  # each read fetches ahead into the damage again
+        assert [r.value for r in log.read("p", 0, max_records=3)] == values(3, "a")
+    with pytest.raises(CorruptRecord, match="offset 4 is damaged"):  # read from inside the batch
+        log.read("p", 4)
+    assert [r.value for r in log.read("p", 6)] == values(2, "c")
+    assert [r.value for r in log.read("p", 1, max_records=2)] == values(3, "a")[1:]
 
 
 def test_records_decode_with_a_plain_kafka_consumer(log):

@@ -30,6 +30,7 @@ from datatether.engine.log import Log, LogRecord
 from datatether.engine.offsets import NO_OFFSET
 
 WAKE_TIMEOUT_S = 30.0  # generous: a wait that is woken returns long before this
+READ_AHEAD_S = 1.0  # lets a backend that fetches ahead after a read get far (a head start)
 
 
 def values(count: int, tag: str = "v", size: int = 0) -> list[bytes]:
@@ -271,6 +272,26 @@ class LogContract:
             log.read(name, 0)
         with pytest.raises(CorruptRecord):
             log.read(name, 1)
+
+    def test_records_before_a_damaged_one_stay_readable(self, log):
+        """Only the damaged record itself is CorruptRecord, whatever reads came before: one
+        that stopped short of it (a backend may fetch ahead past it meanwhile), one that met
+        it, one that continued after it."""
+        name = self.partition(log)
+        intact = values(8, size=64)
+        for value in intact:
+            log.append(name, [value])  # one append each, so the damage hits one record only
+        self.corrupt(log, name, 5)
+        assert [r.value for r in log.read(name, 0, max_records=1)] == intact[:1]
+        time.sleep(READ_AHEAD_S)
+        assert [r.value for r in log.read(name, 0, max_records=5)] == intact[:5]
+        assert [r.value for r in log.read(name, 1, max_records=2)] == intact[1:3]
+        assert [r.value for r in log.read(name, 3, max_records=2)] == intact[3:5]  # goes on
+        with pytest.raises(CorruptRecord, match=r"offset 5\b"):  # blamed on the damaged one
+            log.read(name, 3)
+        assert [r.value for r in log.read(name, 6)] == intact[6:]
+        assert [r.value for r in log.read(name, 4, max_records=1)] == intact[4:5]
+        assert [r.value for r in log.read(name, 0, max_records=5)] == intact[:5]
 
     # -- wait --------------------------------------------------------------------------
 
