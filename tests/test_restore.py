@@ -462,13 +462,7 @@ def test_dt_restore_stops_at_a_corrupt_record(stream_world, tmp_path, request):
     assert not into.exists() or list(into.iterdir()) == []
 
 
-# KafkaLog (engine/log_kafka.py) keeps fetching ahead after a read; when that prefetch meets
-# a damaged batch, later reads of intact records before it report "record N is missing".
-KAFKA_PREFETCH_BUG = "KafkaLog: a prefetch that met a damaged batch poisons later reads of earlier records"
-
-
-@pytest.mark.parametrize("backend", ["embedded", pytest.param("kafka", marks=[
-    pytest.mark.kafka, pytest.mark.xfail(strict=True, reason=KAFKA_PREFETCH_BUG)])])
+@backends()
 def test_dt_restore_before_a_damaged_record(stream_world, tmp_path, request):
     damage(stream_world, request, 5)
     dt("restore", "web", "--at", "4", "--into", tmp_path / "ok", state=stream_world.state)
