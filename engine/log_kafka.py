@@ -165,6 +165,7 @@ class KafkaLog(Log):
             "max.message.bytes": str(MAX_RECORD_BYTES + _BATCH_SLACK),
         }
         common = {"bootstrap.servers": bootstrap, "allow.auto.create.topics": False, **config}
+        self._common = common
         self._admin = AdminClient(common)
         self._producer = Producer({
             **common, "enable.idempotence": True, "acks": "all", "compression.type": "zstd",
@@ -618,15 +619,35 @@ class KafkaLog(Log):
     def _group_offsets(self, topic: str, groups: list[str]) -> dict[str, int]:
         """{consumer: last processed offset} of those ``groups`` that committed on ``topic``."""
         found = {}
-        for group in groups:  # the client asks about one group per request
-            request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])
-            result = self._call(lambda: self._admin.list_consumer_group_offsets(
-                [request], request_timeout=self._timeout_s)[group], f"reading offsets of {group}",
-                ignore={KafkaError.GROUP_ID_NOT_FOUND})
-            for tp in result.topic_partitions if result else ():
-                if tp.error is None and tp.offset != OFFSET_INVALID and tp.offset >= 0:
-                    found[group[len(topic) + 1:]] = tp.offset - 1
+        for group in groups:
+            offset = self._group_committed(topic, group)
+            if offset != OFFSET_INVALID and offset >= 0:
+                found[group[len(topic) + 1:]] = offset - 1
         return found
+
+    def _group_committed(self, topic: str, group: str) -> int:
+        """The next offset ``group`` committed on ``topic`` (OFFSET_INVALID: none), read by
+        a consumer client of that group. Not by the admin client: librdkafka (issue 5040,
+        still in 2.16) dereferences the consumer-group handle an admin client lacks when an
+        offset fetch meets NOT_COORDINATOR, as it does while a broker starts or restarts,
+        and the process dies with SIGSEGV. A consumer client has the handle: it asks for
+        the coordinator again and retries. It never subscribes, so it never joins the group."""
+        reader = Consumer({**self._common, "group.id": group, "enable.auto.commit": False})
+        try:
+            deadline = time.monotonic() + self._timeout_s
+            while True:
+                try:
+                    (tp,) = reader.committed([TopicPartition(topic, 0)], timeout=self._timeout_s)
+                    break
+                except KafkaException as exc:
+                    if not _transient(exc.args[0]) or time.monotonic() > deadline:
+                        raise self._unavailable(f"reading offsets of {group}", exc) from exc
+                time.sleep(POLL_S)
+        finally:
+            reader.close()
+        if tp.error is not None:
+            raise BackendUnavailable(backend=self._backend, detail=f"reading offsets of {group}: {tp.error}")
+        return tp.offset
 
 
 def _transient(error: KafkaError) -> bool:
