@@ -4,7 +4,8 @@ A snapshot holds exactly the effects of the events up to ``offset`` (the applier
 offset when it was taken) and nothing later. The caller guarantees it: a running applier is
 paused around the copy (``take_while_paused``, for the daemon); a standalone caller
 (``dt snapshot take``) holds the target's progress lock, so no applier can start meanwhile.
-Scheduling (``due``) and retention (``prune``) are the caller's to run.
+Scheduling (``due``) and retention (``prune``) are the caller's to run (``TargetSnapshots``
+bundles them with ``take_while_paused`` for the daemon).
 
 Kinds, best first (``take_snapshot`` picks the first the filesystem offers):
 
@@ -101,6 +102,11 @@ class Snapshot:
         out = asdict(self)
         out["folder"] = str(self.folder)
         return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Snapshot:
+        """The inverse of ``as_dict`` (a snapshot the daemon took, as its API answers it)."""
+        return cls(**{**values, "folder": Path(values["folder"])})
 
 
 def snapshots_dir_for(conn: Connection, settings: Settings) -> Path:
@@ -227,6 +233,27 @@ def take_while_paused(applier, log_: Log, partition: str, target_root: str | Pat
     finally:
         if resume:
             applier.resume()
+
+
+class TargetSnapshots:
+    """The snapshots of one connection's target as its daemon takes them (engine/daemon.py):
+    of a running applier (``take_while_paused``), each take followed by retention
+    (``prune`` with snapshot_max_count and snapshot_max_age_s), on the schedule of
+    snapshot_interval_s (``due``)."""
+
+    def __init__(self, log_: Log, conn: Connection, settings: Settings):
+        self._log, self._partition, self._target_root = log_, conn.partition, conn.target_root
+        self._settings = settings
+        self.folder = snapshots_dir_for(conn, settings)
+
+    def take(self, applier, reason: str, *, kind: str | None = None, resume: bool = True) -> Snapshot:
+        snap = take_while_paused(applier, self._log, self._partition, self._target_root, self.folder,
+                                 reason=reason, kind=kind, resume=resume)
+        prune(self.folder, self._settings.snapshot_max_count, self._settings.snapshot_max_age_s)
+        return snap
+
+    def due(self, now_ns: int) -> str | None:
+        return due(list_snapshots(self.folder), now_ns, self._settings.snapshot_interval_s)
 
 
 def _best_kind(target_root: Path, snapshots_dir: Path) -> str:

@@ -31,10 +31,20 @@ Life of a daemon (``start``, ``supervise``, ``shutdown``):
    is paused, or ``abort`` is set by a second signal: the events then stay in the log and the
    next start applies them), then the applier, the progress record and the queue close.
 
+Target snapshots (``Parts.snapshots``, apply/snapshot.py): one at a time, each holding
+exactly the events up to the applier's applied offset (the applier is paused for the copy,
+and stays paused afterwards when an operator paused the target meanwhile or before). The
+supervisor takes a scheduled one when ``snapshot_interval_s`` says it is due and the
+target is worth keeping (data state OK, no mirror running, requested or required); one
+that waited longer than an interval for that is labelled deferred. A failed scheduled
+snapshot is logged and tried again an interval later. Shutdown waits for a snapshot being
+taken and starts none.
+
 The control API (engine/api.py) operations are in ``operations()``: ``status`` (monitor
 role); ``pause``/``resume`` of the target (the applier stops advancing, the queue grows),
-``task`` (a TaskCommand appended to the stream), ``stop``, ``mirror_start``,
-``mirror_pause``, ``mirror_resume``, ``mirror_stop`` (administrator role).
+``task`` (a TaskCommand appended to the stream), ``snapshot_take`` (a target snapshot now,
+answered with its metadata), ``stop``, ``mirror_start``, ``mirror_pause``,
+``mirror_resume``, ``mirror_stop`` (administrator role).
 
 One daemon per source: ``DaemonLock`` (flock on ``<state>/run/<key>.lock``, key derived from
 the source path) is held for the daemon's life; the kernel releases it when the process
@@ -61,7 +71,7 @@ from . import codec, logs
 from .api import ApiClient, Operation, Role
 from .capture import Capture, GapReport, Sink
 from .connection import Connection
-from .errors import AlreadyRunning, CorruptRecord, DtError, UsageError
+from .errors import AlreadyRunning, BackendUnavailable, CorruptRecord, DtError, UsageError
 from .events import Event, Gap, Link, Rename, TaskCommand, TaskResult
 from .log import Log
 from .queue import QueueLimits, SourceQueue
@@ -73,6 +83,7 @@ log = logs.get(__name__)
 SUPERVISE_S = 0.1            # how often the supervisor looks at the parts
 CAPTURE_RESTART_S = 5.0      # wait before starting a capture that died again
 REMIRROR_BACKOFF_S = (5.0, 600.0)  # first and longest wait between remirrors that did not help
+SNAPSHOT_CHECK_S = 1.0       # how often the supervisor asks whether a scheduled snapshot is due
 TASK_WAIT_POLL_S = 0.05
 DEFAULT_TASK_TIMEOUT_S = 600
 RESTART_GAP = "the capture was not running: changes made meanwhile were not captured"
@@ -114,6 +125,14 @@ class MirrorLike(Protocol):
     def stop(self) -> None: ...
 
 
+class SnapshotsLike(Protocol):
+    """What the daemon needs of apply/snapshot.TargetSnapshots (``take`` answers a snapshot
+    with ``as_dict``; it leaves the applier paused unless ``resume``)."""
+
+    def take(self, applier: ApplierLike, reason: str, *, kind: str | None = None, resume: bool = True) -> Any: ...
+    def due(self, now_ns: int) -> str | None: ...
+
+
 @dataclass
 class Parts:
     """The concrete parts of one connection's daemon.
@@ -124,6 +143,7 @@ class Parts:
     mirror must share one PathLocks, which the assembler closes over). ``remove_orphans(log,
     stop)``, when given, runs after every complete mirror pass and appends removals of the
     target's orphans to ``log`` (returns how many); None leaves orphans alone.
+    ``snapshots``, when given, takes the target snapshots (module docstring); None: none.
     """
 
     conn: Connection
@@ -136,6 +156,7 @@ class Parts:
     make_capture: Callable[[Sink, GapReport], Capture]
     make_mirror: Callable[[Log, MirrorMode], MirrorLike]
     remove_orphans: Callable[[Log, threading.Event], int] | None = None
+    snapshots: SnapshotsLike | None = None
 
 
 @dataclass
@@ -301,6 +322,10 @@ class Daemon:
         self._retry_at = 0.0                  # no remirror for the target's own Mirror Required before
         self._backoff = 0.0
         self._ending: str | None = None       # "stopping", then "draining", once shutdown began
+        self._snapshot_lock = threading.Lock()  # one snapshot at a time
+        self._snapshotting = False            # a snapshot holds the applier paused (under _lock)
+        self._snapshot_thread: threading.Thread | None = None
+        self._snapshot_check_at = 0.0         # no look at the schedule before (time.monotonic)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -330,6 +355,7 @@ class Daemon:
             self._watch_capture()
             self._watch_target()
             self._maybe_start_mirror()
+            self._maybe_snapshot()
             now = time.monotonic()
             if tick is not None and now >= next_tick:
                 next_tick = now + tick_s
@@ -351,6 +377,10 @@ class Daemon:
             thread.join()
         self._reap_mirror()
         self.capture.stop()
+        with self._snapshot_lock:
+            pass  # a snapshot being taken ends first; none starts once _ending is set
+        if self._snapshot_thread is not None:
+            self._snapshot_thread.join()
         self._drain(abort, tick, tick_s)
         self._applier_stop.set()
         self._applier_thread.join()
@@ -553,6 +583,55 @@ class Daemon:
             self._required = reason
         self._request_mirror(MirrorMode(self.settings.auto_remirror_mode), f"remirror: {reason}")
 
+    # -- snapshots -----------------------------------------------------------------------
+
+    def _take_snapshot(self, reason: str, kind: str | None = None) -> Any:
+        """A target snapshot now (module docstring); the applier resumes afterwards unless
+        the target is paused by then."""
+        if self.parts.snapshots is None:
+            raise UsageError(detail=f"the daemon of connection {self.conn.name} takes no snapshots")
+        with self._snapshot_lock:
+            with self._lock:
+                if self._ending is not None:
+                    raise BackendUnavailable(backend="daemon", detail="it is stopping; take the snapshot "
+                                                                      "with dt snapshot take once it stopped")
+                self._snapshotting = True
+            try:
+                return self.parts.snapshots.take(self.applier, reason, kind=kind, resume=False)
+            finally:
+                with self._lock:
+                    self._snapshotting = False
+                    if not self._paused:
+                        self.applier.resume()
+
+    def _maybe_snapshot(self) -> None:
+        """Start a scheduled snapshot in its own thread when one is due (module docstring)."""
+        now = time.monotonic()
+        if (self.parts.snapshots is None or self.settings.snapshot_interval_s <= 0 or now < self._snapshot_check_at
+                or self.stop_requested.is_set()):
+            return
+        self._snapshot_check_at = now + SNAPSHOT_CHECK_S
+        with self._lock:
+            settled = self._phase() == "replicating" and not self._snapshotting
+        if not settled or self._progress.data_state is not TargetDataState.OK:
+            return
+        reason = self.parts.snapshots.due(time.time_ns())
+        if reason is None:
+            return
+        self._snapshot_thread = threading.Thread(target=self._scheduled_snapshot, args=(reason,),
+                                                 name=f"snapshot-{self.conn.partition}", daemon=True)
+        self._snapshot_thread.start()
+
+    def _scheduled_snapshot(self, reason: str) -> None:
+        try:
+            self._take_snapshot(reason)
+        except Exception as exc:  # noqa: BLE001 - replication goes on; the next try is an interval later
+            if self._ending is not None:
+                return  # the daemon began stopping before this snapshot could start
+            self._snapshot_check_at = time.monotonic() + self.settings.snapshot_interval_s
+            log.error("scheduled snapshot failed", msgid="DT-D036", connection=self.conn.name, reason=reason,
+                      error=f"{type(exc).__name__}: {getattr(exc, 'message', exc)}")
+
     # -- status --------------------------------------------------------------------------
 
     def _phase(self) -> str:
@@ -632,6 +711,7 @@ class Daemon:
             "resume": Operation(Role.ADMIN, self._op_resume),
             "stop": Operation(Role.ADMIN, self._op_stop),
             "task": Operation(Role.ADMIN, self._op_task),
+            "snapshot_take": Operation(Role.ADMIN, self._op_snapshot_take),
             "mirror_start": Operation(Role.ADMIN, self._op_mirror_start),
             "mirror_pause": Operation(Role.ADMIN, self._op_mirror_pause),
             "mirror_resume": Operation(Role.ADMIN, self._op_mirror_resume),
@@ -639,14 +719,17 @@ class Daemon:
         }
 
     def _op_pause(self, args: dict) -> dict:
-        self._paused = True
-        self.applier.pause()
+        with self._lock:
+            self._paused = True
+            self.applier.pause()
         log.info("target paused", msgid="DT-D031", connection=self.conn.name)
         return {"transmit_mode": TransmitMode.PAUSED.value}
 
     def _op_resume(self, args: dict) -> dict:
-        self._paused = False
-        self.applier.resume()
+        with self._lock:
+            self._paused = False
+            if not self._snapshotting:  # else the snapshot resumes the applier when it is done
+                self.applier.resume()
         log.info("target resumed", msgid="DT-D032", connection=self.conn.name)
         return {"transmit_mode": TransmitMode.STARTED.value}
 
@@ -679,6 +762,12 @@ class Daemon:
         result = find_task_result(self._log, self.conn.partition, task_id, offset)
         return None if result is None else {"task_id": result.task_id, "exit_status": result.exit_status,
                                             "output": result.output, "offset": result.applied_offset}
+
+    def _op_snapshot_take(self, args: dict) -> dict:
+        kind = args.get("kind")
+        if kind is not None and not isinstance(kind, str):
+            raise UsageError(detail="a snapshot kind is a name (btrfs, reflink or linktree)")
+        return self._take_snapshot("manual", kind).as_dict()
 
     def _op_mirror_start(self, args: dict) -> dict:
         mode = MirrorMode(args.get("mode") or self.settings.auto_remirror_mode)

@@ -16,11 +16,12 @@ import pytest
 
 from datatether.apply.applier import Applier
 from datatether.apply.progress import Progress
+from datatether.apply.snapshot import TargetSnapshots, list_snapshots
 from datatether.engine import logs
 from datatether.engine.capture import Emitter
 from datatether.engine.connection import ConnectionStore
 from datatether.engine.daemon import Daemon, DaemonLock, Parts, find_task_result, running_daemons
-from datatether.engine.errors import AlreadyRunning, UsageError
+from datatether.engine.errors import AlreadyRunning, BackendUnavailable, UsageError
 from datatether.engine.events import Create, FileKind, Write
 from datatether.engine.log_embedded import EmbeddedLog
 from datatether.engine.mirror import Mirror
@@ -77,10 +78,12 @@ def world(tmp_path):
             progress=progress,
             make_applier=lambda lg: Applier(lg, conn.partition, conn.target_root, str(src), progress, cfg),
             make_capture=ScriptedCapture,
-            make_mirror=lambda lg, mode: Mirror(Tree(src), Tree(dst), lg, conn.partition, cfg, locks, mode=mode)))
+            make_mirror=lambda lg, mode: Mirror(Tree(src), Tree(dst), lg, conn.partition, cfg, locks, mode=mode),
+            snapshots=TargetSnapshots(log_, conn, cfg)))
         made.append(daemon)
         return daemon
 
+    make.snapshots_dir = tmp_path / "dst.dt-snapshots"
     yield make, src, dst
     for daemon in made:
         if not daemon.stop_requested.is_set():
@@ -234,3 +237,56 @@ def test_one_daemon_per_source(tmp_path):
     DaemonLock(tmp_path, "/other").acquire()  # another source: another lock
     first.release()
     assert DaemonLock(tmp_path, "/data").holder() is None
+
+
+def test_snapshot_take_holds_the_applied_offset_and_keeps_an_operator_pause(world):
+    make, src, dst = world
+    (src / "old.txt").write_text("before\n")
+    daemon = make()
+    ops = daemon.operations()
+    daemon.start(restarted=False, mirror=MirrorMode.FULL)
+    supervised(daemon)
+    applied = converged(daemon)["applied_offset"]
+    ops["pause"].handler({})
+    assert daemon.capture.emit(*create(src, "queued.txt", b"queued while paused\n"))
+    snap = ops["snapshot_take"].handler({})
+    assert (snap["offset"], snap["reason"], snap["data_state"]) == (applied, "manual", "OK")
+    assert diff_trees(snap["folder"] + "/tree", dst) == [] and not (dst / "queued.txt").exists()
+    status = daemon.status()  # the operator's pause outlives the snapshot
+    assert status["transmit_mode"] == "Paused" and status["target_status"] == "Paused" and status["queued_ops"] > 0
+    with pytest.raises(UsageError):
+        ops["snapshot_take"].handler({"kind": "zfs"})
+    ops["resume"].handler({})
+    converged(daemon)
+    assert (dst / "queued.txt").read_bytes() == b"queued while paused\n"
+    second = ops["snapshot_take"].handler({"kind": "linktree"})
+    assert second["offset"] > snap["offset"] and second["kind"] == "linktree"
+    assert daemon.capture.emit(*create(src, "after.txt", b"the applier resumed\n"))
+    converged(daemon)  # it resumed after the snapshot: nobody paused the target
+    assert (dst / "after.txt").read_bytes() == b"the applier resumed\n"
+    assert [s.id for s in list_snapshots(make.snapshots_dir)] == [snap["id"], second["id"]]
+    daemon.shutdown()
+    with pytest.raises(BackendUnavailable):
+        ops["snapshot_take"].handler({})
+
+
+def test_scheduled_snapshots_are_taken_on_their_interval_and_pruned(world):
+    make, src, dst = world
+    (src / "f").write_text("x\n")
+    daemon = make(snapshot_interval_s=1, snapshot_max_count=2)
+    daemon.start(restarted=False, mirror=MirrorMode.FULL)
+    supervised(daemon)
+    seen: set[str] = set()
+
+    def three_taken():
+        listed = list_snapshots(make.snapshots_dir)
+        seen.update(s.id for s in listed)
+        return listed if len(seen) >= 3 else None
+
+    listed = wait_for(three_taken, 60, "three scheduled snapshots")
+    assert len(listed) <= 2 and {s.reason for s in listed} <= {"scheduled", "deferred"}
+    newest = listed[-1]
+    assert newest.data_state == "OK" and (newest.tree / "f").read_text() == "x\n"
+    assert daemon.capture.emit(*create(src, "g", b"applied between snapshots\n"))
+    converged(daemon)  # every snapshot resumed the applier
+    assert (dst / "g").read_bytes() == b"applied between snapshots\n"

@@ -14,7 +14,12 @@ import threading
 
 import pytest
 
+from datatether.apply.restore import restore
+from datatether.engine.history import Point
+from datatether.engine.log_embedded import EmbeddedLog
+from datatether.engine.settings import Settings
 from tests.daemon_helpers import Protected, dt, make_tree, wait_for, workload
+from tests.history_helpers import tree_state
 from tests.trees import diff_trees
 
 pytestmark = pytest.mark.fuse
@@ -236,3 +241,60 @@ def test_sigint_with_a_paused_target_keeps_the_queue_for_the_next_start(dirs, re
     again.converged()
     assert (dst / "queued.txt").read_text() == "captured while the target was paused\n"
     assert same(real, dst) == []
+
+
+def test_snapshot_through_the_daemon_holds_its_offset_and_restores_exactly(dirs, real, protected, tmp_path):
+    src, dst, state = dirs
+    make_tree(src, files=10)
+    daemon = protected()
+    first = daemon.converged()
+    name, partition = first["connection"], first["partition"]
+    taking = threading.Event()
+
+    def changes():  # they keep arriving while the snapshot is taken
+        seed = 100
+        while not taking.is_set():
+            workload(src, seed, 20)
+            seed += 1
+
+    busy = threading.Thread(target=changes)
+    busy.start()
+    try:
+        snap = json.loads(dt("snapshot", "take", name, "--json", "--state", str(state), check=True).stdout)[0]
+    finally:
+        taking.set()
+        busy.join()
+    assert snap["reason"] == "manual" and snap["data_state"] == "OK"
+    taken = tree_state(snap["folder"] + "/tree")
+    workload(src, seed=5, ops=100)
+    daemon.converged()
+    assert same(real, dst, mtimes=False) == []
+    assert daemon.stop() == 0
+    restored = tmp_path / "restored"
+    dt("restore", name, "--at", str(snap["offset"]), "--into", str(restored), state=state, check=True)
+    assert diff_trees(snap["folder"] + "/tree", restored) == []
+    assert tree_state(restored) == taken
+    # The snapshot is the state at its offset: a replay of the log alone up to there agrees.
+    settings = Settings.load(state)
+    with EmbeddedLog(state / "log") as log:
+        replayed = tmp_path / "replayed"
+        restore(log, partition, Point(offset=snap["offset"]), replayed, snapshots_dir=tmp_path / "no-snapshots",
+                source_root=str(src), target_root=str(dst), settings=settings)
+    assert tree_state(replayed, times=False) == tree_state(restored, times=False)
+
+
+def test_scheduled_snapshots_appear_and_are_pruned(dirs, protected):
+    src, dst, state = dirs
+    with open(state / "config.toml", "a") as config:
+        config.write("snapshot_interval_s = 1\nsnapshot_max_count = 2\n")
+    make_tree(src, files=3)
+    daemon = protected()
+    daemon.converged()
+    wait_for(lambda: daemon.err.read_text().count("DT-H001") >= 3, 60, "three scheduled snapshots")
+    listed = json.loads(dt("snapshot", "list", daemon.status()["connection"], "--json", "--state", str(state),
+                           check=True).stdout)
+    assert 1 <= len(listed) <= 2 and {s["reason"] for s in listed} <= {"scheduled", "deferred"}
+    (src / "after.txt").write_text("applied: the snapshots resumed the applier\n")
+    daemon.converged()
+    assert (dst / "after.txt").exists()
+    assert daemon.stop() == 0

@@ -16,8 +16,12 @@ terminal, JSON lines with --json). SIGINT or SIGTERM stops cleanly: the capture 
 unmounted, every captured change is applied, the state is saved, exit status 0 (a second
 signal skips applying what is left: it stays in the log for the next start).
 
-Control it from another shell with dt status, dt task, dt unprotect (through the daemon's
-socket in the state directory; root and group dtadmin may act, group dtmonitor may read).
+Target snapshots are taken every snapshot_interval_s seconds when config.toml sets it (and
+on demand with dt snapshot take), kept per snapshot_max_count and snapshot_max_age_s.
+
+Control it from another shell with dt status, dt task, dt snapshot take, dt unprotect
+(through the daemon's socket in the state directory; root and group dtadmin may act, group
+dtmonitor may read).
 One daemon per source; with the embedded log, one daemon per state directory.
 """
 
@@ -35,6 +39,7 @@ from pathlib import Path
 from ...apply.applier import Applier
 from ...apply.orphans import process_orphans
 from ...apply.progress import Progress
+from ...apply.snapshot import TargetSnapshots
 from ...capture.fuse import FuseCapture
 from ...engine import codec, logs
 from ...engine.api import ApiServer
@@ -214,7 +219,8 @@ def build_daemon(args, state: runtime.State, job: runtime.Job, source_fd: int) -
         make_capture=lambda sink, on_gap: FuseCapture(conn.source_root, sink, settings, matches=matches,
                                                       locks=locks, on_gap=on_gap),
         make_mirror=make_mirror,
-        remove_orphans=orphan_remover(settings, job, locks, view_root)))
+        remove_orphans=orphan_remover(settings, job, locks, view_root),
+        snapshots=TargetSnapshots(state.log, conn, settings)))
 
 
 def orphan_remover(settings, job: runtime.Job, locks: PathLocks, view_root: str):

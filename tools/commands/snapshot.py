@@ -12,7 +12,8 @@ copy (xfs, btrfs), else a link tree (files unchanged since the previous snapshot
 hard-linked to it, others copied; never sharing an inode with the live target).
 Snapshots live beside the target root (<target>.dt-snapshots) unless snapshot_dir is set.
 
-take works on a connection whose target is not being applied (no daemon running it): it
+take asks the running daemon of the connection (dt protect) when there is one: it pauses
+its applier for the copy and resumes it (root or group dtadmin). Without a daemon, take
 holds the target's progress lock while copying, so no event is applied meanwhile. After
 taking, snapshots beyond snapshot_max_count or older than snapshot_max_age_s are pruned
 (the newest is always kept); prune does only that. Scheduled snapshots are the daemon's
@@ -27,6 +28,7 @@ import inspect
 from ...apply import snapshot as snapshots
 from ...apply.progress import RECORD_FILE, Progress
 from ...engine import history
+from ...engine.daemon import connect
 from ...engine.errors import BackendUnavailable, NotFound
 from .. import output, stream
 
@@ -48,29 +50,41 @@ def register(subparsers, common) -> None:
 
 
 def cmd_take(args) -> int:
-    """Snapshot the target now, tagged with its applied offset."""
+    """Snapshot the target now, tagged with its applied offset (through the connection's
+    daemon when one runs)."""
     with stream.open_state(args.state) as state:
         job = stream.job(state, args.connection)
-        if not (job.target_state_dir / RECORD_FILE).exists():
-            raise NotFound(what=f"applied target of connection {job.conn.name} (nothing applied yet)",
-                           name=job.conn.target_root)
-        try:
-            progress = Progress(job.target_state_dir)
-        except BackendUnavailable:
-            raise BackendUnavailable(backend=f"target of connection {job.conn.name}",
-                                     detail="a running applier (the daemon) is applying it; "
-                                            "take the snapshot through the daemon") from None
-        folder = snapshots.snapshots_dir_for(job.conn, state.settings)
-        try:
-            applied = progress.applied_offset
-            snap = snapshots.take_snapshot(job.conn.target_root, folder, applied,
-                                           snapshots.applied_time(state.log, job.partition, applied), kind=args.kind,
-                                           data_state=progress.data_state.value)
-        finally:
-            progress.close()
-        snapshots.prune(folder, state.settings.snapshot_max_count, state.settings.snapshot_max_age_s)
+        client = connect(state.dir, job.conn.source_root, timeout_s=None)
+        if client is not None:
+            with client:
+                snap = snapshots.Snapshot.from_dict(client.call("snapshot_take", {"kind": args.kind}, timeout_s=None))
+        else:
+            snap = _take_standalone(state, job, args.kind)
     _show([snap], args)
     return 0
+
+
+def _take_standalone(state, job, kind: str | None) -> snapshots.Snapshot:
+    """Snapshot a target no daemon applies, holding its progress lock meanwhile; then prune."""
+    if not (job.target_state_dir / RECORD_FILE).exists():
+        raise NotFound(what=f"applied target of connection {job.conn.name} (nothing applied yet)",
+                       name=job.conn.target_root)
+    try:
+        progress = Progress(job.target_state_dir)
+    except BackendUnavailable:
+        raise BackendUnavailable(backend=f"target of connection {job.conn.name}",
+                                 detail="another applier (dt apply, or a daemon starting or stopping) "
+                                        "is applying it; try again when it is done") from None
+    folder = snapshots.snapshots_dir_for(job.conn, state.settings)
+    try:
+        applied = progress.applied_offset
+        snap = snapshots.take_snapshot(job.conn.target_root, folder, applied,
+                                       snapshots.applied_time(state.log, job.partition, applied), kind=kind,
+                                       data_state=progress.data_state.value)
+    finally:
+        progress.close()
+    snapshots.prune(folder, state.settings.snapshot_max_count, state.settings.snapshot_max_age_s)
+    return snap
 
 
 def cmd_list(args) -> int:
