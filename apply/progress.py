@@ -44,6 +44,7 @@ import json
 import math
 import os
 import struct
+import threading
 import time
 import uuid
 from collections import deque
@@ -136,6 +137,7 @@ class Progress:
         self.status = TargetStatus.OK
         self.status_detail = ""
         self._latency: deque[tuple[int, int]] = deque(maxlen=100_000)
+        self._latency_lock = threading.Lock()  # the applier appends while status readers copy
         self._last_applied_ns: int | None = None
         self._last_file: str | None = None
         self._events = 0
@@ -231,7 +233,8 @@ class Progress:
     def sample(self, capture_ns: int, path: str | None, nbytes: int, applied_ns: int | None = None) -> None:
         """Record one applied event: recovery point latency (capture -> applied), last file."""
         now = time.time_ns() if applied_ns is None else applied_ns
-        self._latency.append((now, max(0, now - capture_ns)))
+        with self._latency_lock:
+            self._latency.append((now, max(0, now - capture_ns)))
         self._last_applied_ns = now
         if path is not None:
             self._last_file = path
@@ -239,8 +242,11 @@ class Progress:
         self._bytes += nbytes
 
     def snapshot(self) -> dict:
+        """What readers see; any thread may ask while the applier's thread samples."""
         now = time.time_ns()
-        window = [lat for at, lat in self._latency if now - at <= LATENCY_WINDOW_S * 1e9]
+        with self._latency_lock:
+            samples = self._latency.copy()
+        window = [lat for at, lat in samples if now - at <= LATENCY_WINDOW_S * 1e9]
         return {
             "applied_offset": self._rec.applied,
             "target_data_state": self._rec.state.value,

@@ -111,7 +111,7 @@ class ProgressLike(Protocol):
     def applied_offset(self) -> int: ...
     @property
     def data_state(self) -> TargetDataState: ...
-    def snapshot(self) -> dict: ...
+    def snapshot(self) -> dict: ...  # safe from any thread
     def close(self) -> None: ...
 
 
@@ -577,7 +577,7 @@ class Daemon:
         if busy or behind or now < self._retry_at:
             return
         self._retry_at = now + self._next_backoff()
-        reason = _snapshot(self._progress).get("target_data_state_reason") or "the target needs a mirror"
+        reason = self._progress.snapshot().get("target_data_state_reason") or "the target needs a mirror"
         log.warning("the target needs a mirror", msgid="DT-D034", connection=self.conn.name, reason=reason)
         with self._lock:
             self._required = reason
@@ -659,7 +659,7 @@ class Daemon:
 
     def status(self) -> dict:
         """Every statistic ``dt status`` shows, for this connection, now."""
-        snap = _snapshot(self._progress)
+        snap = self._progress.snapshot()
         stats = self.queue.stats()
         applied = snap["applied_offset"]
         end = self._log.end_offset(self.conn.partition)
@@ -828,12 +828,3 @@ def find_task_result(log_: Log, partition: str, task_id: str, after: int) -> Tas
         start = records[-1].offset + 1
     return None
 
-
-def _snapshot(progress: ProgressLike) -> dict:
-    """``progress.snapshot()``; retried when the applier changed it during the copy."""
-    for _ in range(10):
-        try:
-            return progress.snapshot()
-        except RuntimeError:  # a deque mutated while being read (apply/progress.py)
-            continue
-    return progress.snapshot()

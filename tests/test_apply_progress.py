@@ -128,3 +128,33 @@ def test_latency_summary_nearest_rank():
 def test_snapshot_of_a_target_never_loaded(tmp_path):
     snap = Progress.read_snapshot(tmp_path / "nothing")
     assert snap["target_status"] == "Not Loaded" and snap["applied_offset"] == NO_OFFSET
+
+
+def test_snapshot_while_the_applier_samples_from_another_thread(tmp_path):
+    import threading
+    import time
+
+    p = Progress(tmp_path)
+    for _ in range(5000):  # a full latency window to copy, so a copy takes a while
+        p.sample(time.time_ns(), "f", 1)
+    stop = threading.Event()
+    sampled = []
+
+    def applier():
+        n = 0
+        while not stop.is_set():
+            p.sample(0, "f", 1)
+            n += 1
+        sampled.append(n)
+
+    thread = threading.Thread(target=applier)
+    thread.start()
+    try:
+        snaps = [p.snapshot() for _ in range(200)]  # never "deque mutated during iteration"
+    finally:
+        stop.set()
+        thread.join()
+    assert sampled[0] > 0
+    assert snaps[-1]["applied_events"] >= snaps[0]["applied_events"] >= 5000
+    assert all(s["recovery_point_latency_ms"]["samples"] > 0 for s in snaps)
+    p.close()
