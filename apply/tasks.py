@@ -30,8 +30,8 @@ import threading
 import time
 
 from datatether.engine import codec, logs
-from datatether.engine.errors import CorruptRecord
 from datatether.engine.events import Event, TaskCommand, TaskResult
+from datatether.engine.history import find_task_result
 from datatether.engine.log import Log
 
 from .progress import Progress
@@ -108,7 +108,7 @@ class TaskRunner:
                         task_id=cmd.task_id, name=cmd.name, offset=offset)
             result = TaskResult(cmd.task_id, TASK_NOT_RUN, "not run: task commands are disabled on the target", offset)
         elif progress.task_offset == offset:
-            recorded = self._recorded(offset, cmd.task_id)
+            recorded = find_task_result(self._log, self._partition, cmd.task_id, offset)
             if recorded is not None:
                 return recorded
             log.warning("task interrupted by a restart of the applier; not run again", msgid="DT-A010",
@@ -122,17 +122,3 @@ class TaskRunner:
                      exit_status=result.exit_status)
         self._log.append(self._partition, [codec.encode(Event(result, time.time_ns(), origin="applier"))])
         return result
-
-    def _recorded(self, offset: int, task_id: str) -> TaskResult | None:
-        """The TaskResult of ``task_id`` appended after ``offset``, if any."""
-        start = offset + 1
-        while records := self._log.read(self._partition, start):
-            for rec in records:
-                try:
-                    op = codec.decode(rec.value).op
-                except CorruptRecord:
-                    continue  # the applier meets it in turn; here it is not the result sought
-                if isinstance(op, TaskResult) and op.task_id == task_id:
-                    return op
-            start = records[-1].offset + 1
-        return None

@@ -71,8 +71,9 @@ from . import codec, logs
 from .api import ApiClient, Operation, Role
 from .capture import Capture, GapReport, Sink
 from .connection import Connection
-from .errors import AlreadyRunning, BackendUnavailable, CorruptRecord, DtError, UsageError
-from .events import Event, Gap, Link, Rename, TaskCommand, TaskResult
+from .errors import AlreadyRunning, BackendUnavailable, DtError, UsageError
+from .events import Event, Gap, Link, Rename, TaskCommand
+from .history import find_task_result
 from .log import Log
 from .queue import QueueLimits, SourceQueue
 from .settings import Settings
@@ -811,20 +812,3 @@ class Daemon:
         with self._lock:
             self._required = self._required or reason
         return {"mirror_status": MirrorStatus.IDLE.value}
-
-
-def find_task_result(log_: Log, partition: str, task_id: str, after: int) -> TaskResult | None:
-    """The TaskResult of ``task_id`` appended after offset ``after``, if there is one yet."""
-    start = after + 1
-    while start < log_.end_offset(partition):
-        records = log_.read(partition, start)
-        for rec in records:
-            try:
-                op = codec.decode(rec.value).op
-            except CorruptRecord:
-                continue  # the applier reports it; it is not the result sought
-            if isinstance(op, TaskResult) and op.task_id == task_id:
-                return op
-        start = records[-1].offset + 1
-    return None
-

@@ -31,6 +31,12 @@ Paths and globs
 glob (``fnmatch.fnmatchcase``, ``*`` also crosses ``/``) or lies beneath a directory that
 matches it: ``--path docs`` selects everything under ``docs``. Block events name their
 device, so a glob can select a device as well.
+
+Task results
+------------
+``find_task_result`` looks for the TaskResult of a task command after the command's
+offset (the target appends it once the task ran): the daemon answers a waiting caller
+with it, and a restarted applier learns from it that the task already ran.
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ from typing import Iterable, Iterator, Sequence
 
 from . import codec, logs
 from .errors import CorruptRecord, OutsideHistory, UsageError
-from .events import Event, FileKind
-from .log import Log
+from .events import Event, FileKind, TaskResult
+from .log import Log, LogRecord
 from .offsets import NO_OFFSET
 
 log = logs.get(__name__)
@@ -303,17 +309,37 @@ def selected(hev: HistoryEvent, glob: str | None) -> bool:
 def read(log_: Log, partition: str, first: int, stop: int | None = None, *,
          glob: str | None = None) -> Iterator[HistoryEvent]:
     """Events at offsets ``first .. stop-1`` (``stop`` None: the end when called), in order."""
+    for record in _records(log_, partition, first, stop):
+        hev = decode_record(record.offset, record.timestamp_ns, record.value)
+        if selected(hev, glob):
+            yield hev
+
+
+def _records(log_: Log, partition: str, first: int, stop: int | None = None) -> Iterator[LogRecord]:
+    """Records at offsets ``first .. stop-1`` (``stop`` None: the end when called), in batches."""
     stop = log_.end_offset(partition) if stop is None else stop
     offset = first
     while offset < stop:
         batch = log_.read(partition, offset, max_records=min(READ_BATCH, stop - offset))
         if not batch:
             return
-        for record in batch:
-            hev = decode_record(record.offset, record.timestamp_ns, record.value)
-            if selected(hev, glob):
-                yield hev
+        yield from batch
         offset = batch[-1].offset + 1
+
+
+def find_task_result(log_: Log, partition: str, task_id: str, after: int) -> TaskResult | None:
+    """The TaskResult of ``task_id`` appended after offset ``after``, if there is one yet.
+
+    An undecodable record is passed over: whoever applies the partition meets it in turn
+    and reports it; here it is only not the result sought."""
+    for record in _records(log_, partition, after + 1):
+        try:
+            op = codec.decode(record.value).op
+        except CorruptRecord:
+            continue
+        if isinstance(op, TaskResult) and op.task_id == task_id:
+            return op
+    return None
 
 
 def follow(log_: Log, partition: str, first: int, *, glob: str | None = None,

@@ -20,7 +20,8 @@ from datatether.apply.snapshot import TargetSnapshots, list_snapshots
 from datatether.engine import logs
 from datatether.engine.capture import Emitter
 from datatether.engine.connection import ConnectionStore
-from datatether.engine.daemon import Daemon, DaemonLock, Parts, find_task_result, running_daemons
+from datatether.engine.daemon import Daemon, DaemonLock, Parts, running_daemons
+from datatether.engine.history import find_task_result
 from datatether.engine.errors import AlreadyRunning, BackendUnavailable, UsageError
 from datatether.engine.events import Create, FileKind, Write
 from datatether.engine.log_embedded import EmbeddedLog

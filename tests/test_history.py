@@ -272,3 +272,15 @@ def test_dt_history_bad_inputs(stream_world):
     w.log.truncate_before(w.partition, 3)
     done = dt("history", "web", "--between", "2026-03-01T10:00:00Z", "6", state=w.state, check=False)
     assert done.returncode == 2 and "oldest retained event: offset 3" in done.stderr
+
+
+def test_find_task_result_after_the_command_passing_over_undecodable_records(log):
+    after = append(log, P, ev.TaskCommand("t1", "backup", ["true"], 0), T0)
+    assert history.find_task_result(log, P, "t1", after) is None  # not run yet
+    log.append(P, [b"not an event"])  # sealed by the log, but no event inside
+    append(log, P, ev.TaskResult("t2", 0, "another task", after), T0 + SECOND)
+    append(log, P, ev.TaskResult("t1", 3, "its output", after), T0 + 2 * SECOND)
+    found = history.find_task_result(log, P, "t1", after)
+    assert (found.task_id, found.exit_status, found.output) == ("t1", 3, "its output")
+    assert history.find_task_result(log, P, "t1", log.end_offset(P) - 1) is None  # only after the command
+    assert history.find_task_result(log, P, "t3", after) is None

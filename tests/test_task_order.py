@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from datatether.engine.daemon import find_task_result
+from datatether.engine.history import find_task_result
 from datatether.engine.log_embedded import EmbeddedLog
 from tests.daemon_helpers import Protected, dt, wait_for
 
