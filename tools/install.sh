@@ -3,7 +3,29 @@
 #   tools/install.sh          runtime: FUSE, Python packages, the dt command
 #   tools/install.sh --test   also what the tests and benchmarks use: rsync, lsyncd, fio,
 #                             mkfs tools, Java and Maven (for the Kafka broker)
-# As root it installs Debian packages with apt-get; otherwise it says what is missing.
+# As root it installs Debian packages with apt-get and creates the groups of the control API;
+# otherwise it says what is missing.
+
+# engine/api.py: members of dtadmin may act through a daemon's control API, members of
+# dtmonitor may read its state; without the groups only root can.
+ensure_groups() {
+    local g missing=()
+    for g in dtadmin dtmonitor; do
+        getent group "$g" >/dev/null || missing+=("$g")
+    done
+    ((${#missing[@]})) || return 0
+    if [[ $(id -u) -eq 0 ]]; then
+        for g in "${missing[@]}"; do
+            groupadd --system "$g"
+            echo "install: created group $g"
+        done
+    else
+        echo "install: missing groups ${missing[*]} (only root can use the daemons' control API); as root run:" >&2
+        for g in "${missing[@]}"; do echo "  groupadd --system $g" >&2; done
+    fi
+}
+[[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0  # sourced (tests): the functions only
+
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +51,8 @@ if ((${#missing[@]})); then
         exit 2
     fi
 fi
+
+ensure_groups
 
 extra=""
 [[ "${1:-}" == "--test" ]] && extra="[test]"
