@@ -14,8 +14,21 @@ import structlog
 _configured = False
 
 
+class _Stderr:
+    """``sys.stderr`` as it is when a line is written, not when logging was configured: a
+    caller that swaps it (a test capturing the output of ``dt`` run in-process) must not
+    leave the loggers of every thread writing to a stream that is closed afterwards."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(json: bool = False, level: str = "info", stream=None) -> None:
-    """Configure once per process: key=value lines on stderr, or JSON lines."""
+    """Key=value lines, or JSON lines, on ``stream`` (default: whatever sys.stderr is when
+    each line is written). Later calls replace the configuration."""
     global _configured
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
@@ -25,7 +38,7 @@ def configure(json: bool = False, level: str = "info", stream=None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream or _Stderr()),
         cache_logger_on_first_use=False,
     )
     _configured = True

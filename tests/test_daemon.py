@@ -17,7 +17,6 @@ import pytest
 from datatether.apply.applier import Applier
 from datatether.apply.progress import Progress
 from datatether.apply.snapshot import TargetSnapshots, list_snapshots
-from datatether.engine import logs
 from datatether.engine.capture import Emitter
 from datatether.engine.connection import ConnectionStore
 from datatether.engine.daemon import Daemon, DaemonLock, Parts, running_daemons
@@ -60,9 +59,6 @@ class ScriptedCapture:
 
 @pytest.fixture
 def world(tmp_path):
-    # The daemon logs from its threads: bind the logger to this test's stderr (a test that
-    # ran dt in-process before may have left it bound to a stream pytest has closed).
-    logs.configure(level="warning")
     src, dst, state = tmp_path / "src", tmp_path / "dst", tmp_path / "state"
     src.mkdir()
     conn = ConnectionStore(state).create(name="c", set_name="c", source_root=str(src), target=str(dst))
