@@ -68,70 +68,114 @@ def same_content(a: Path, b: Path) -> bool:
 
 
 class Protected:
-    """`dt protect` running on a fresh source/target pair for the duration of a block."""
+    """`dt protect` running on a fresh source/target pair for the duration of a block.
 
-    def __init__(self, work: Path, name: str):
+    Entering returns once the initial mirror (of the empty source) is applied and live
+    replication runs (``dt status --json``: state "replicating", mirror Idle, target data
+    state OK, capture running). ``drain`` waits until the target applied everything
+    captured; leaving stops the daemon with SIGTERM (it unmounts and drains) and removes
+    the directories. The daemon's stderr goes to ``<name>-protect.err`` in the work dir.
+    """
+
+    START_S = 60.0
+
+    def __init__(self, work: Path, name: str, *extra: str):
         self.source, self.target, self.state = work / f"{name}-src", work / f"{name}-dst", work / f"{name}-state"
+        self.err = work / f"{name}-protect.err"
+        self.extra = extra
 
     def __enter__(self) -> "Protected":
         self.source.mkdir()
-        self.proc = subprocess.Popen(["dt", "protect", str(self.source), "--to", str(self.target),
-                                      "--state", str(self.state)], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            st = self.status()
-            if st.get("replication_status") == "Replicating" and st.get("target_data_state") == "OK":
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError("dt protect exited during start-up")
-            time.sleep(0.2)
-        raise RuntimeError("dt protect did not reach Replicating/OK within 60 s")
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(["dt", "protect", str(self.source), "--to", str(self.target),
+                                          "--state", str(self.state), "--status-interval", "3600", *self.extra],
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            self._await(_live, self.START_S, "live replication after the initial mirror")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
 
     def status(self) -> dict:
+        """This connection's entry of `dt status --json` ({} while the daemon does not answer)."""
         out = subprocess.run(["dt", "status", "--json", "--state", str(self.state)], capture_output=True, text=True)
         if out.returncode != 0 or not out.stdout.strip():
             return {}
-        data = json.loads(out.stdout)
-        conns = data.get("connections", data) if isinstance(data, dict) else data
-        return conns[0] if conns else {}
+        conns = json.loads(out.stdout).get("connections") or [{}]
+        return conns[0]
 
-    def drain(self, timeout: float = 120) -> None:
+    def drain(self, timeout: float = 300) -> dict:
+        """Wait until every captured event is applied; the final status."""
+        return self._await(_drained, timeout, "the queue to drain")
+
+    def _await(self, done, timeout: float, what: str) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dt protect exited {self.proc.returncode} waiting for {what}: "
+                                   f"{self.err.read_text()[-2000:]}")
             st = self.status()
-            if st.get("queued_ops", st.get("queued_operations", 1)) == 0:
-                return
+            if done(st):
+                return st
             time.sleep(0.2)
+        raise RuntimeError(f"dt protect: no {what} within {timeout} s (last status {self.status()})")
 
     def __exit__(self, *exc) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=120)
-        for d in (self.source, self.target, self.state):
-            shutil.rmtree(d, ignore_errors=True)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=300)
+        finally:
+            subprocess.run(["fusermount3", "-u", "-z", "-q", str(self.source)], capture_output=True)
+            for d in (self.source, self.target, self.state):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _live(st: dict) -> bool:
+    return (st.get("state") == "replicating" and st.get("mirror_status") == "Idle"
+            and st.get("target_data_state") == "OK" and st.get("capture") == "running")
+
+
+def _drained(st: dict) -> bool:
+    return bool(st) and st["queued_ops"] == 0 and st["applied_offset"] == st["end_offset"] - 1
 
 
 class Lsyncd:
-    """lsyncd in rsync mode with delay = 0 between a fresh source and target."""
+    """lsyncd in rsync mode with delay = 0 between a fresh source and target.
+
+    Its default inotify mode (CloseWrite): a file still open for writing, like a
+    benchmark's load file, is synced once closed; new small files are synced at once.
+    Entering returns once lsyncd's start-up sync is done (a marker file made before it
+    started is on the target) and its inotify watches are set."""
 
     def __init__(self, work: Path, name: str):
-        self.source, self.target, self.conf = work / f"{name}-src", work / f"{name}-dst", work / f"{name}.lua"
+        self.source, self.target = work / f"{name}-src", work / f"{name}-dst"
+        self.conf, self.log = work / f"{name}.lua", work / f"{name}.log"
 
     def __enter__(self) -> "Lsyncd":
         self.source.mkdir()
         self.target.mkdir()
+        (self.source / ".started").write_bytes(b"")
         self.conf.write_text(
-            'settings { nodaemon = true, inotifyMode = "CloseWrite or Modify" }\n'
-            f'sync {{ default.rsync, source = "{self.source}", target = "{self.target}", delay = 0 }}\n')
+            f'settings {{ nodaemon = true, logfile = "{self.log}" }}\n'
+            f'sync {{ default.rsync, source = "{self.source}/", target = "{self.target}/", delay = 0 }}\n')
         self.proc = subprocess.Popen(["lsyncd", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(2)  # lsyncd's start-up rsync of the (empty) tree
+        deadline = time.monotonic() + 30
+        while not (self.target / ".started").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"lsyncd did not start: {self.log.read_text()[-2000:] if self.log.exists() else ''}")
+            time.sleep(0.05)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
         self.proc.wait(timeout=30)
         for d in (self.source, self.target):
             shutil.rmtree(d, ignore_errors=True)
-        self.conf.unlink()
+        self.conf.unlink(missing_ok=True)
 
 
 class Probe:
