@@ -68,6 +68,7 @@ _lib.fuse_unmount.argtypes = [ctypes.c_void_p]
 _lib.fuse_destroy.argtypes = [ctypes.c_void_p]
 _lib.fuse_loop_cfg_create.restype = ctypes.c_void_p
 _lib.fuse_loop_cfg_set_max_threads.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+_lib.fuse_loop_cfg_set_idle_threads.argtypes = [ctypes.c_void_p, ctypes.c_uint]
 _lib.fuse_loop_cfg_destroy.argtypes = [ctypes.c_void_p]
 _lib.fuse_loop_mt_312.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
@@ -277,10 +278,27 @@ class _Adapters:
 
 
 _SESSION_OPS = ("init", "destroy")  # answered by the session itself, never raise
+_pinned = threading.local()
+
+
+def _pin_thread_state() -> None:
+    """Keep this libfuse worker's Python thread state for the thread's life.
+
+    A ctypes callback on a thread Python did not create gets a new thread state for the
+    call and loses it on return: every request paid for creating one, and anything kept
+    per thread (threading.local: the codec's zstd contexts) started over each time,
+    which made a captured 4 KiB write about twice as slow. One extra PyGILState_Ensure,
+    never released, keeps the state; the workers live as long as the session (idle
+    threads are never destroyed, ``Session.serve``). A state is left behind per worker
+    when the session ends (a few KiB each)."""
+    if not getattr(_pinned, "done", False):
+        ctypes.pythonapi.PyGILState_Ensure()
+        _pinned.done = True
 
 
 def _guard(name: str, adapter):
     def call(*args):
+        _pin_thread_state()
         try:
             return adapter(*args) or 0
         except OSError as exc:
@@ -336,6 +354,7 @@ class Session:
         """Serve requests until the connection ends, then release the session."""
         config = _lib.fuse_loop_cfg_create()
         _lib.fuse_loop_cfg_set_max_threads(config, self._tuning.max_threads)
+        _lib.fuse_loop_cfg_set_idle_threads(config, self._tuning.max_threads)  # workers never end early
         try:
             return _lib.fuse_loop_mt_312(self._fuse, config)
         finally:
