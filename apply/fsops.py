@@ -36,12 +36,6 @@ _UTIME_OMIT = (1 << 30) - 2
 _AT_SYMLINK_NOFOLLOW = 0x100
 _ZEROS = bytes(1 << 20)
 
-_IFMT = {
-    FileKind.FILE: stat.S_IFREG, FileKind.DIR: stat.S_IFDIR, FileKind.SYMLINK: stat.S_IFLNK,
-    FileKind.FIFO: stat.S_IFIFO, FileKind.CHAR: stat.S_IFCHR, FileKind.BLOCK: stat.S_IFBLK,
-    FileKind.SOCKET: stat.S_IFSOCK,
-}
-
 
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
@@ -68,7 +62,7 @@ def lstat(loc: Loc) -> os.stat_result | None:
 
 
 def is_kind(st: os.stat_result, kind: FileKind, rdev: int = 0) -> bool:
-    if stat.S_IFMT(st.st_mode) != _IFMT[kind]:
+    if stat.S_IFMT(st.st_mode) != kind.ifmt:
         return False
     return kind not in (FileKind.CHAR, FileKind.BLOCK) or st.st_rdev == rdev
 
@@ -100,7 +94,7 @@ def make(loc: Loc, kind: FileKind, rdev: int = 0, link_target: str | None = None
     elif kind is FileKind.FIFO:
         os.mkfifo(loc.name, 0o600, dir_fd=loc.dir_fd)
     else:
-        os.mknod(loc.name, 0o600 | _IFMT[kind], rdev, dir_fd=loc.dir_fd)
+        os.mknod(loc.name, 0o600 | kind.ifmt, rdev, dir_fd=loc.dir_fd)
 
 
 def set_meta(loc: Loc, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,

@@ -23,11 +23,6 @@ from datatether.engine.capture import Matches
 from datatether.engine.events import (Create, FileKind, Operation, SetAttr, SetXattr, Symlink,
                                       Truncate, Write)
 
-KINDS = {
-    stat.S_IFREG: FileKind.FILE, stat.S_IFDIR: FileKind.DIR, stat.S_IFLNK: FileKind.SYMLINK,
-    stat.S_IFIFO: FileKind.FIFO, stat.S_IFCHR: FileKind.CHAR, stat.S_IFBLK: FileKind.BLOCK,
-    stat.S_IFSOCK: FileKind.SOCKET,
-}
 # Batches handed to the sink stay around this size, whatever the size of what moved in.
 BATCH_BYTES = 8 << 20
 # Reading must not change the source's access times (O_NOATIME is allowed to root and owners).
@@ -41,7 +36,7 @@ def sys_path(rel: str) -> bytes:
 
 
 def create_op(rel: str, st: os.stat_result) -> Create:
-    return Create(rel, KINDS[stat.S_IFMT(st.st_mode)], stat.S_IMODE(st.st_mode), st.st_uid,
+    return Create(rel, FileKind.of_mode(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
                   st.st_gid, st.st_atime_ns, st.st_mtime_ns,
                   st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0)
 

@@ -11,6 +11,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import stat
 from dataclasses import dataclass, field
 
 
@@ -22,6 +23,24 @@ class FileKind(str, enum.Enum):
     CHAR = "CHAR"
     BLOCK = "BLOCK"
     SOCKET = "SOCKET"
+
+    @property
+    def ifmt(self) -> int:
+        """The file type bits (``stat.S_IFMT``) of an object of this kind."""
+        return _IFMT[self]
+
+    @classmethod
+    def of_mode(cls, mode: int) -> FileKind | None:
+        """The kind of an ``st_mode`` (Linux has no file type outside the seven)."""
+        return _KIND_OF_IFMT.get(stat.S_IFMT(mode))
+
+
+_IFMT = {
+    FileKind.FILE: stat.S_IFREG, FileKind.DIR: stat.S_IFDIR, FileKind.SYMLINK: stat.S_IFLNK,
+    FileKind.FIFO: stat.S_IFIFO, FileKind.CHAR: stat.S_IFCHR, FileKind.BLOCK: stat.S_IFBLK,
+    FileKind.SOCKET: stat.S_IFSOCK,
+}
+_KIND_OF_IFMT = {ifmt: kind for kind, ifmt in _IFMT.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,12 +37,6 @@ _AFTER_ALL_NAMES = b"\xff" * 256
 # Reading for a mirror must not touch the source's access times (allowed to root/owners).
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_NOATIME if os.geteuid() == 0 else 0)
 
-_KINDS = {
-    stat.S_IFREG: FileKind.FILE, stat.S_IFDIR: FileKind.DIR, stat.S_IFLNK: FileKind.SYMLINK,
-    stat.S_IFIFO: FileKind.FIFO, stat.S_IFCHR: FileKind.CHAR, stat.S_IFBLK: FileKind.BLOCK,
-    stat.S_IFSOCK: FileKind.SOCKET,
-}
-
 
 class Matcher(Protocol):
     """What a replication set offers the walker (engine/replset.py implements it)."""
@@ -180,7 +174,7 @@ class Tree:
         return self._entry(rel, path, st)
 
     def _entry(self, rel: str, path: bytes, st: os.stat_result, included: bool = True) -> Entry | None:
-        kind = _KINDS.get(stat.S_IFMT(st.st_mode))
+        kind = FileKind.of_mode(st.st_mode)
         if kind is None:
             self.report(rel, "unknown file type")
             return None
