@@ -17,6 +17,7 @@ import stat
 
 import blake3
 
+from datatether.engine import durable
 from datatether.engine.errors import InvalidEvent, PathEscapes
 from datatether.engine.events import FileKind
 
@@ -248,8 +249,4 @@ def syncfs(fd: int) -> None:
 
 def fsync_dir(dir_fd: int) -> None:
     """fsync a directory known by an O_PATH descriptor (which cannot be fsynced itself)."""
-    fd = os.open(f"/proc/self/fd/{dir_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.fsync_dir(f"/proc/self/fd/{dir_fd}")

@@ -53,6 +53,7 @@ from pathlib import Path
 import blake3
 
 from datatether.engine import logs
+from datatether.engine.durable import fsync_dir
 from datatether.engine.errors import BackendUnavailable
 from datatether.engine.offsets import NO_OFFSET
 from datatether.engine.states import TargetDataState, TargetStatus
@@ -132,7 +133,7 @@ class Progress:
             raise BackendUnavailable(backend=f"target state {self.state_dir}",
                                      detail="another applier is using it") from None
         if created:
-            _fsync_dir(self.state_dir)
+            fsync_dir(self.state_dir)
         self._boot = boot_id()
         self.status = TargetStatus.OK
         self.status_detail = ""
@@ -325,11 +326,3 @@ def _alive(pid) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -36,7 +36,6 @@ first for the same reason.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
@@ -45,7 +44,6 @@ import shutil
 import stat
 import subprocess
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -54,13 +52,15 @@ import zstandard
 
 from datatether.engine import logs
 from datatether.engine.connection import Connection
-from datatether.engine.durable import fsync_dir, write_atomic
+from datatether.engine.durable import folder_lock, fsync_dir, write_atomic
 from datatether.engine.errors import BackendUnavailable, NotFound, OffsetOutOfRange, UsageError
 from datatether.engine.history import Anchor
 from datatether.engine.log import Log
 from datatether.engine.offsets import NO_OFFSET, fmt
 from datatether.engine.settings import Settings
 from datatether.engine.states import TargetStatus
+
+from . import fsops
 
 log = logs.get(__name__)
 
@@ -168,7 +168,7 @@ def take_snapshot(target_root: str | Path, snapshots_dir: str | Path, applied_of
         raise UsageError(detail=f"bad applied offset {applied_offset}")
     snapshots_dir.mkdir(parents=True, exist_ok=True)
     taken = time.time_ns() if now_ns is None else now_ns
-    with _locked(snapshots_dir):
+    with folder_lock(snapshots_dir):
         _remove_incomplete(snapshots_dir)
         previous = list_snapshots(snapshots_dir)
         chosen = kind or _best_kind(target_root, snapshots_dir)
@@ -305,10 +305,11 @@ def _run(argv: list[str]) -> None:
 
 def _syncfs(path: Path) -> None:
     """Flush the filesystem holding the snapshot before its metadata says it is complete."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
-            os.sync()
+        fsops.syncfs(fd)
+    except OSError:
+        os.sync()
     finally:
         os.close(fd)
 
@@ -410,7 +411,7 @@ def _write_manifest(folder: Path, manifest: dict[str, list[int]]) -> None:
 # -- deleting, retention, schedule ---------------------------------------------------
 
 def delete_snapshot(snapshots_dir: str | Path, snapshot_id: str) -> Snapshot:
-    with _locked(Path(snapshots_dir)):
+    with folder_lock(Path(snapshots_dir)):
         snap = get_snapshot(snapshots_dir, snapshot_id)
         _delete(snap)
     return snap
@@ -434,7 +435,7 @@ def prune(snapshots_dir: str | Path, max_count: int, max_age_s: int | None,
     snapshots_dir = Path(snapshots_dir)
     if not snapshots_dir.is_dir():
         return []
-    with _locked(snapshots_dir):
+    with folder_lock(snapshots_dir):
         _remove_incomplete(snapshots_dir)
         snaps = list_snapshots(snapshots_dir)
         keep = snaps[-max(1, max_count):]
@@ -464,16 +465,6 @@ def due(snapshots: list[Snapshot], now_ns: int, interval_s: int) -> str | None:
 
 
 # -- helpers -------------------------------------------------------------------------
-
-@contextmanager
-def _locked(snapshots_dir: Path):
-    snapshots_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(snapshots_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _remove_incomplete(snapshots_dir: Path) -> None:

@@ -27,14 +27,12 @@ Export files are JSON (``EXPORT_FORMAT``), meant to be read and edited by people
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import io
 import json
 import os
 import posixpath
 import stat
 import time
-from contextlib import contextmanager
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -43,7 +41,7 @@ from typing import Iterable, Iterator, NamedTuple
 import fastavro
 
 from . import frame, logs
-from .durable import write_atomic
+from .durable import folder_lock, fsync_dir, write_atomic
 from .errors import (AlreadyExists, CorruptRecord, InvalidName, InvalidRule, NotFound, Overlap,
                      PathEscapes, StaleGeneration, UsageError)
 from .events import ReplicationSetDefinition, Rule
@@ -354,14 +352,6 @@ def from_json(text: str, source: str) -> ReplicationSet:
     return ReplicationSet(name=doc.get("name"), rules=tuple(parsed))
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- storage -----------------------------------------------------------------------------
 
 class SetStore:
@@ -412,7 +402,7 @@ class SetStore:
             if expected_generation is not None and current.generation != expected_generation:
                 raise StaleGeneration(name=name, actual=current.generation, expected=expected_generation)
             self._path(name).unlink()
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         log.info("replication set deleted", msgid="DT-R003", set=name, generation=current.generation)
         return current
 
@@ -463,15 +453,8 @@ class SetStore:
     def _path(self, name: str) -> Path:
         return self.dir / (validate_name(name) + _SUFFIX)
 
-    @contextmanager
     def _lock(self):
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return folder_lock(self.dir)
 
     def _write(self, rset: ReplicationSet, *, generation: int, previous: dict | None,
                event: str, msgid: str, **kw) -> ReplicationSet:
