@@ -11,6 +11,13 @@ checksum (engine/frame.py), and the same sealed frame travels on the wire.
 
 Invariant: ``decode(encode(e)) == e`` for every event, and records written by any older
 schema version in SCHEMAS still decode (Avro schema resolution, new fields have defaults).
+
+Hot path: the events the capture produces for every write (Write, MirrorData and the
+SetAttr of a file's new mtime) are written and read by hand-rolled Avro (``_FAST``), tens
+of microseconds per 4 KiB write cheaper than fastavro's generic walk and with one copy
+of the data instead of four. The bytes are exactly fastavro's (tests compare both on
+random events); any other record, or one the fast reader cannot parse, goes through
+fastavro.
 """
 
 from __future__ import annotations
@@ -95,28 +102,46 @@ def _op_from_avro(record_name: str, body: dict):
     return cls(**kwargs)
 
 
-def encode(event: ev.Event) -> bytes:
+def avro_body(event: ev.Event) -> bytes:
+    """The Avro binary body of ``event`` under the current schema (before compression)."""
+    fast = _FAST_WRITERS.get(type(event.op))
+    if fast is not None:
+        return b"".join(fast(event))
+    return generic_avro_body(event)
+
+
+def generic_avro_body(event: ev.Event) -> bytes:
+    """``avro_body`` by fastavro, for every kind of event (the reference for the fast path)."""
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, SCHEMAS[CURRENT_VERSION], {
         "time_ns": event.time_ns, "origin": event.origin, "op": _op_to_avro(event.op)})
-    body = buf.getvalue()
-    flags = 0
+    return buf.getvalue()
+
+
+def encode(event: ev.Event) -> bytes:
+    body = avro_body(event)
     if len(body) > COMPRESS_ABOVE:
         packed = _compressor().compress(body)
         if len(packed) < len(body):
-            body, flags = packed, _FLAG_ZSTD
-    return bytes((CURRENT_VERSION, flags)) + body
+            return b"".join((bytes((CURRENT_VERSION, _FLAG_ZSTD)), packed))
+    return b"".join((bytes((CURRENT_VERSION, 0)), body))
 
 
 def decode(blob: bytes) -> ev.Event:
     """Decode a stored event; raises CorruptRecord for anything that is not one."""
     if len(blob) < 3 or blob[0] not in SCHEMAS:
         raise CorruptRecord(reason="unknown schema version or truncated record")
-    version, flags, body = blob[0], blob[1], blob[2:]
+    version, flags = blob[0], blob[1]
     try:
         if flags & _FLAG_ZSTD:
-            body = _decompressor().decompress(body)
-        rec = fastavro.schemaless_reader(io.BytesIO(body), SCHEMAS[version], SCHEMAS[CURRENT_VERSION],
+            body, start = _decompressor().decompress(blob[2:]), 0
+        else:
+            body, start = blob, 2
+        if version == CURRENT_VERSION:
+            event = _fast_read(body, start)
+            if event is not None:
+                return event
+        rec = fastavro.schemaless_reader(io.BytesIO(body[start:]), SCHEMAS[version], SCHEMAS[CURRENT_VERSION],
                                          return_record_name=True)
         name, op_body = rec["op"]
         return ev.Event(op=_op_from_avro(name, op_body), time_ns=rec["time_ns"], origin=rec["origin"])
@@ -124,3 +149,116 @@ def decode(blob: bytes) -> ev.Event:
         raise
     except Exception as exc:  # any decoding failure means the bytes are not a valid event
         raise CorruptRecord(reason=f"undecodable event: {exc}") from exc
+
+
+# -- the hot path: Avro binary by hand for the events of every write ---------------------
+# Avro: long = zigzag varint; bytes and string = long length + the bytes; union = long
+# branch index + the value; a record = its fields in order.
+
+def _long(n: int) -> bytes:
+    n = (n << 1) ^ (n >> 63)
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _branch(name: str) -> int:
+    """Index of an operation's record in the ``op`` union of the current schema."""
+    op_field = next(f for f in SCHEMAS[CURRENT_VERSION]["fields"] if f["name"] == "op")
+    return next(i for i, branch in enumerate(op_field["type"]) if branch["name"] == _NAMESPACE + name)
+
+
+def _head(event: ev.Event, branch: bytes, path: str) -> list[bytes]:
+    origin = event.origin.encode("utf-8")
+    raw_path = os.fsencode(path)
+    return [_long(event.time_ns), _long(len(origin)), origin, branch, _long(len(raw_path)), raw_path]
+
+
+def _data_writer(cls):
+    branch = _long(_branch(cls.__name__))
+
+    def parts(event: ev.Event) -> list[bytes]:
+        op = event.op
+        return _head(event, branch, op.path) + [_long(op.offset), _long(len(op.data)), op.data]
+    return parts
+
+
+_NULL, _SOME = _long(0), _long(1)
+_ATTR_FIELDS = ("mode", "uid", "gid", "atime_ns", "mtime_ns")  # all ["null", int|long]
+
+
+def _set_attr_writer():
+    branch = _long(_branch("SetAttr"))
+
+    def parts(event: ev.Event) -> list[bytes]:
+        op = event.op
+        out = _head(event, branch, op.path)
+        for name in _ATTR_FIELDS:
+            value = getattr(op, name)
+            out += (_NULL,) if value is None else (_SOME, _long(value))
+        return out
+    return parts
+
+
+_FAST_WRITERS = {ev.Write: _data_writer(ev.Write), ev.MirrorData: _data_writer(ev.MirrorData),
+                 ev.SetAttr: _set_attr_writer()}
+_FAST_BRANCHES = {_branch(cls.__name__): cls for cls in _FAST_WRITERS}
+
+
+def _read_long(buf, pos: int) -> tuple[int, int]:
+    byte = buf[pos]
+    n, shift = byte & 0x7F, 7
+    while byte & 0x80:
+        pos += 1
+        byte = buf[pos]
+        n |= (byte & 0x7F) << shift
+        shift += 7
+    return (n >> 1) ^ -(n & 1), pos + 1
+
+
+def _read_bytes(buf, pos: int) -> tuple[bytes, int]:
+    size, pos = _read_long(buf, pos)
+    end = pos + size
+    if size < 0 or end > len(buf):
+        raise ValueError("truncated")
+    return bytes(buf[pos:end]), end
+
+
+def _fast_read(body: bytes, pos: int) -> ev.Event | None:
+    """The event of a current-version body at ``pos`` if it is one of ``_FAST_WRITERS``'
+    kinds and parses to the last byte; None otherwise (fastavro decides)."""
+    try:
+        time_ns, pos = _read_long(body, pos)
+        origin, pos = _read_bytes(body, pos)
+        branch, pos = _read_long(body, pos)
+        cls = _FAST_BRANCHES.get(branch)
+        if cls is None:
+            return None
+        raw_path, pos = _read_bytes(body, pos)
+        path = os.fsdecode(raw_path)
+        if cls is ev.SetAttr:
+            values = []
+            for _ in _ATTR_FIELDS:
+                some, pos = _read_long(body, pos)
+                if some == 0:
+                    values.append(None)
+                elif some == 1:
+                    value, pos = _read_long(body, pos)
+                    values.append(value)
+                else:
+                    return None
+            op = ev.SetAttr(path, *values)
+        else:
+            offset, pos = _read_long(body, pos)
+            data, pos = _read_bytes(body, pos)
+            op = cls(path, offset, data)
+        if pos != len(body):
+            return None
+        return ev.Event(op=op, time_ns=time_ns, origin=origin.decode("utf-8"))
+    except (IndexError, ValueError):
+        return None
