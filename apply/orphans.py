@@ -120,7 +120,7 @@ def process_orphans(target_root: str, rset, source_exists: Callable[[str], bool]
                 break
             if isinstance(item, DirEnd):
                 if stack.pop() and item.rel:
-                    _finish_dir(item.entry, result, tree, move_to, cutoff)
+                    _one(item.entry, result, tree, move_to, cutoff)
                 continue
             in_orphan_dir = bool(stack) and stack[-1]
             is_orphan = item.rel != "" and classify.orphan(item.rel, item.is_dir, in_orphan_dir)
@@ -137,28 +137,20 @@ def process_orphans(target_root: str, rset, source_exists: Callable[[str], bool]
 
 
 def _one(entry: Entry, result: OrphanResult, tree: TargetTree | None, move_to: str | None, cutoff: int) -> None:
+    """One orphan; a directory comes after its entries and goes if nothing is left in it."""
     if entry.mtime_ns > cutoff:
         result.kept_recent += 1
         return
     if tree is not None and not _act(tree, entry, move_to, result):
         return
-    result.files += 1
-    result.bytes += entry.size
+    size = 0 if entry.is_dir else entry.size
+    if entry.is_dir:
+        result.dirs += 1
+    else:
+        result.files += 1
+        result.bytes += size
     result.paths.append(entry.rel)
-    log.info("orphan", msgid="DT-M020", action=result.action, path=entry.rel, bytes=entry.size)
-
-
-def _finish_dir(entry: Entry, result: OrphanResult, tree: TargetTree | None, move_to: str | None,
-                cutoff: int) -> None:
-    """An orphan directory, after its entries: it goes if nothing is left in it."""
-    if entry.mtime_ns > cutoff:
-        result.kept_recent += 1
-        return
-    if tree is not None and not _act(tree, entry, move_to, result):
-        return
-    result.dirs += 1
-    result.paths.append(entry.rel)
-    log.info("orphan", msgid="DT-M020", action=result.action, path=entry.rel, bytes=0)
+    log.info("orphan", msgid="DT-M020", action=result.action, path=entry.rel, bytes=size)
 
 
 def _act(tree: TargetTree, entry: Entry, move_to: str | None, result: OrphanResult) -> bool:
