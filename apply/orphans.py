@@ -36,7 +36,7 @@ from typing import Callable
 from datatether.engine import logs
 from datatether.engine.errors import UsageError
 from datatether.engine.events import Rule
-from datatether.engine.rules import RuleSet
+from datatether.engine.rules import RuleSet, is_within
 from datatether.engine.tree import DirEnd, Entry, Tree
 
 from . import fsops
@@ -66,8 +66,7 @@ def check_move_to(move_to: str, target_root: str, source_root: str) -> str:
     """The move folder, refused when inside the target set or the source set."""
     dest = os.path.realpath(move_to)
     for root, what in ((target_root, "the target set"), (source_root, "the source set")):
-        real = os.path.realpath(root)
-        if dest == real or dest.startswith(real.rstrip("/") + "/"):
+        if is_within(dest, os.path.realpath(root)):
             raise UsageError(detail=f"the orphan folder {move_to} is inside {what} ({root}); "
                                     "choose a folder outside it")
     return dest

@@ -23,6 +23,7 @@ import fastavro
 
 from .durable import write_atomic
 from .errors import AlreadyExists, InvalidName, NotFound, UsageError
+from .rules import is_within
 
 MAPPINGS = ("custom", "all_to_one", "one_to_one")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -70,10 +71,10 @@ def check_roots(source_root: str, target_root: str, target_host: str = "local") 
     tgt = os.path.realpath(target_root)
     if src == tgt:
         raise UsageError(detail=f"the target {target_root} is the source itself")
-    if tgt.startswith(src.rstrip("/") + "/"):
+    if is_within(tgt, src):
         raise UsageError(detail=f"the target {target_root} is inside the source {source_root}: "
                                 "it would replicate its own replica forever")
-    if src.startswith(tgt.rstrip("/") + "/"):
+    if is_within(src, tgt):
         raise UsageError(detail=f"the source {source_root} is inside the target {target_root}")
 
 

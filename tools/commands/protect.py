@@ -51,6 +51,7 @@ from ...engine.mirror import Mirror
 from ...engine.pathlocks import PathLocks
 from ...engine.queue import QueueLimits
 from ...engine.replset import check_no_overlap
+from ...engine.rules import is_within
 from ...engine.settings import Settings
 from ...engine.states import MirrorMode
 from ...engine.tree import Tree
@@ -108,8 +109,7 @@ def _source_dir(path: str) -> str:
 
 
 def _refuse_state_inside(state_dir: Path, source: str) -> None:
-    real = os.path.realpath(state_dir)
-    if real == source or real.startswith(source.rstrip("/") + "/"):
+    if is_within(os.path.realpath(state_dir), source):
         raise UsageError(detail=f"the state directory {state_dir} is inside the source {source}: "
                                 "the log would replicate itself; use --state elsewhere")
 

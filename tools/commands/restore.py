@@ -21,12 +21,14 @@ empty.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ...apply.restore import restore
 from ...apply.snapshot import snapshots_dir_for
 from ...engine import history
 from ...engine.errors import UsageError
+from ...engine.rules import is_within
 from .. import output, stream
 
 
@@ -48,7 +50,7 @@ def run(args) -> int:
         conn = job.conn
         snaps = snapshots_dir_for(conn, state.settings)
         for where, what in ((conn.target_root, "the target"), (snaps, "the snapshots"), (job.rset.root, "the source")):
-            if _within(into, Path(where)):
+            if is_within(os.path.realpath(into), os.path.realpath(where)):
                 raise UsageError(detail=f"{into} is inside {what} of connection {conn.name} ({where})")
         done = restore(state.log, job.partition, point, into, snapshots_dir=snaps, source_root=job.rset.root,
                        target_root=conn.target_root, settings=state.settings, glob=args.path)
@@ -63,8 +65,3 @@ def run(args) -> int:
         if done.data_state != "OK":
             print(f"note: at that point the target was {done.data_state}: the tree is what the target held then")
     return 0
-
-
-def _within(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
