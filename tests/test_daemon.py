@@ -94,6 +94,12 @@ def supervised(daemon: Daemon) -> threading.Thread:
     return thread
 
 
+def running(daemon: Daemon) -> None:
+    """Started as a new connection (initial full mirror) and supervised in a thread."""
+    daemon.start(restarted=False, mirror=MirrorMode.FULL)
+    supervised(daemon)
+
+
 def converged(daemon: Daemon) -> dict:
     def done():
         s = daemon.status()
@@ -116,8 +122,7 @@ def test_initial_mirror_then_captured_events(world):
     make, src, dst = world
     (src / "old.txt").write_text("before\n")
     daemon = make()
-    daemon.start(restarted=False, mirror=MirrorMode.FULL)
-    supervised(daemon)
+    running(daemon)
     converged(daemon)
     assert daemon.capture.emit(*create(src, "new.txt", b"captured\n"))
     converged(daemon)
@@ -129,8 +134,7 @@ def test_initial_mirror_then_captured_events(world):
 def test_lost_events_are_a_gap_and_the_remirror_waits_for_the_queue(world):
     make, src, dst = world
     daemon = make(limit=4096)
-    daemon.start(restarted=False, mirror=MirrorMode.FULL)
-    supervised(daemon)
+    running(daemon)
     converged(daemon)
     daemon.operations()["pause"].handler({})
     assert daemon.capture.emit(*create(src, "a.bin", os.urandom(3000)))
@@ -166,8 +170,7 @@ def test_a_target_the_applier_marks_mirror_required_is_remirrored(world):
     make, src, dst = world
     (src / "f").write_text("x\n")
     daemon = make()
-    daemon.start(restarted=False, mirror=MirrorMode.FULL)
-    supervised(daemon)
+    running(daemon)
     converged(daemon)
     (src / "f").write_text("y\n")
     # An event the applier must refuse (it would leave the target): Mirror Required.
@@ -211,8 +214,7 @@ def test_mirror_pause_resume_and_stop(world):
 def test_task_operation(world):
     make, src, dst = world
     daemon = make()
-    daemon.start(restarted=False, mirror=MirrorMode.FULL)
-    supervised(daemon)
+    running(daemon)
     task = daemon.operations()["task"].handler
     with pytest.raises(UsageError):
         task({"name": "t"})
@@ -241,8 +243,7 @@ def test_snapshot_take_holds_the_applied_offset_and_keeps_an_operator_pause(worl
     (src / "old.txt").write_text("before\n")
     daemon = make()
     ops = daemon.operations()
-    daemon.start(restarted=False, mirror=MirrorMode.FULL)
-    supervised(daemon)
+    running(daemon)
     applied = converged(daemon)["applied_offset"]
     ops["pause"].handler({})
     assert daemon.capture.emit(*create(src, "queued.txt", b"queued while paused\n"))
@@ -271,8 +272,7 @@ def test_scheduled_snapshots_are_taken_on_their_interval_and_pruned(world):
     make, src, dst = world
     (src / "f").write_text("x\n")
     daemon = make(snapshot_interval_s=1, snapshot_max_count=2)
-    daemon.start(restarted=False, mirror=MirrorMode.FULL)
-    supervised(daemon)
+    running(daemon)
     seen: set[str] = set()
 
     def three_taken():
