@@ -54,6 +54,8 @@ class Settings(BaseModel):
     snapshot_max_count: int = Field(30, ge=1, le=1000, description="Keep at most this many snapshots per connection; the oldest go first")
     snapshot_max_age_s: int | None = Field(None, ge=0, description="Delete snapshots older than this (the newest is always kept); None keeps them by count only")
     snapshot_dir: str | None = Field(None, description="Where snapshots live (one folder per connection below it); None puts them beside the target root, on its filesystem, so they can be copy-on-write")
+    kafka_timeout_s: float = Field(30.0, gt=0, le=3600, description="Kafka log: how long one request (offsets, metadata, a read) may wait for the cluster before it counts as unavailable")
+    kafka_delivery_timeout_s: float = Field(120.0, gt=0, le=86400, description="Kafka log: how long an append may wait for the cluster; past it the capture's changes count as lost (a gap that remirrors)")
 
     @field_validator("log")
     @classmethod

@@ -65,7 +65,8 @@ def open_log(state_dir: Path, settings: Settings) -> Log:
         from ..engine.log_embedded import EmbeddedLog
         return EmbeddedLog(state_dir / "log")
     from ..engine.log_kafka import KafkaLog
-    return KafkaLog(settings.log)
+    return KafkaLog(settings.log, timeout_s=settings.kafka_timeout_s,
+                    delivery_timeout_s=settings.kafka_delivery_timeout_s)
 
 
 @dataclass
