@@ -164,7 +164,8 @@ class Parts:
 class _MirrorRequest:
     mode: MirrorMode
     reason: str
-    after: int               # start once the applier applied this offset
+    after: int | None        # start once the applier applied this offset (None: the log's
+                             # end once it answers; a gap it could not take, _on_gap)
     not_before: float = 0.0  # and not before this time (time.monotonic) after failures
 
 
@@ -445,7 +446,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - the log itself failing: the state still says it
             log.error("could not record the gap in the log", msgid="DT-D025", connection=self.conn.name,
                       error=repr(exc))
-            offset = self._log.end_offset(self.conn.partition) - 1
+            offset = None  # asking the log now would fail too and lose the remirror request
         log.warning("connection needs a mirror", msgid="DT-D026", connection=self.conn.name, reason=reason,
                     gap_offset=offset, remirror=remirror)
         with self._lock:
@@ -479,10 +480,25 @@ class Daemon:
             self._request = _MirrorRequest(mode, reason, self._log.end_offset(self.conn.partition) - 1)
         self._wake.set()
 
+    def _resolve_gap_offset(self) -> None:
+        """A remirror for a gap the log could not record waits for everything appended
+        before the gap: up to the log's end, asked once the log answers again."""
+        request = self._request
+        if request is None or request.after is not None:
+            return
+        try:
+            after = self._log.end_offset(self.conn.partition) - 1
+        except DtError:
+            return  # still unreachable: asked again on the next round
+        with self._lock:
+            if self._request is request:
+                request.after = after
+
     def _maybe_start_mirror(self) -> None:
+        self._resolve_gap_offset()
         with self._lock:
             request = self._request
-            if request is None or self._mirror_thread is not None:
+            if request is None or self._mirror_thread is not None or request.after is None:
                 return
             if self._progress.applied_offset < request.after or time.monotonic() < request.not_before:
                 return  # module docstring, 2.; or waiting after a failure
