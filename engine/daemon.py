@@ -51,7 +51,7 @@ the source path) is held for the daemon's life; the kernel releases it when the 
 dies, so a killed daemon never blocks the next start. Its socket is ``<key>.sock`` beside it.
 
 Message ids DT-D0xx (engine/queue.py DT-D001..D002, engine/api.py DT-D010..D016, here
-DT-D020 and up).
+DT-D020 and up); DT-X001 a status tick skipped while the log is unreachable.
 """
 
 from __future__ import annotations
@@ -361,9 +361,20 @@ class Daemon:
             now = time.monotonic()
             if tick is not None and now >= next_tick:
                 next_tick = now + tick_s
-                tick(self.status())
+                self._tick(tick)
             self._wake.wait(SUPERVISE_S)
             self._wake.clear()
+
+    def _tick(self, tick: Callable[[dict], None]) -> None:
+        """The status needs the log's end offset: while the log is unreachable (a Kafka
+        cluster away longer than its timeout) the tick is skipped, the daemon goes on."""
+        try:
+            status = self.status()
+        except BackendUnavailable as exc:
+            log.warning("status unavailable while the log is unreachable", msgid="DT-X001",
+                        connection=self.conn.name, error=exc.message)
+            return
+        tick(status)
 
     def shutdown(self, abort: threading.Event | None = None,
                  tick: Callable[[dict], None] | None = None, tick_s: float = 1.0) -> dict:
