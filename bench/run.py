@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workloads  # noqa: E402  (bench/workloads.py, beside this file)
+import kafka  # noqa: E402  (bench/kafka.py)
 
 
 @dataclass
@@ -189,6 +190,8 @@ BENCHES = {
     "mirror-full": bench_mirror_full,
     "mirror-checksum": bench_mirror_checksum,
     "mirror-memory": bench_mirror_memory,
+    "kafka-e2e": kafka.bench_e2e,
+    "restore": kafka.bench_restore,
 }
 
 
