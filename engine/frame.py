@@ -24,13 +24,28 @@ HEADER_LEN = len(MAGIC) + 1 + DIGEST_LEN
 
 
 def seal(payload: bytes) -> bytes:
-    return MAGIC + bytes((VERSION,)) + blake3.blake3(payload).digest(DIGEST_LEN) + payload
+    return header(payload) + payload
+
+
+def header(*parts: bytes) -> bytes:
+    """The header sealing the concatenation of ``parts`` (a writer that keeps a large
+    payload apart, to write it with ``pwritev``, never has to copy it)."""
+    digest = blake3.blake3()
+    for part in parts:
+        digest.update(part)
+    return MAGIC + bytes((VERSION,)) + digest.digest(DIGEST_LEN)
 
 
 def unseal(frame: bytes) -> bytes:
-    if len(frame) < HEADER_LEN or frame[:2] != MAGIC or frame[2] != VERSION:
+    return frame[check(frame):]
+
+
+def check(buf: bytes, start: int = 0) -> int:
+    """Verify the frame that starts at ``buf[start]`` and runs to the end of ``buf``,
+    without copying it; return where its payload starts."""
+    view = memoryview(buf)[start:]
+    if len(view) < HEADER_LEN or view[:2] != MAGIC or view[2] != VERSION:
         raise CorruptRecord(reason="bad frame header")
-    payload = frame[HEADER_LEN:]
-    if blake3.blake3(payload).digest(DIGEST_LEN) != frame[3:HEADER_LEN]:
+    if blake3.blake3(view[HEADER_LEN:]).digest(DIGEST_LEN) != view[3:HEADER_LEN]:
         raise CorruptRecord(reason="checksum mismatch")
-    return payload
+    return start + HEADER_LEN

@@ -56,7 +56,7 @@ from typing import Sequence
 
 import rocksdict
 
-from . import frame, logs
+from . import frame, log_segments, logs
 from .errors import BackendUnavailable, CorruptRecord, NotFound, OffsetOutOfRange, UsageError
 from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, Log, LogRecord, check_partition_name
 from .offsets import NO_OFFSET
@@ -70,6 +70,7 @@ _I64 = struct.Struct(">q")
 _META = struct.Struct(">qqqq")  # start, end, appended bytes, last timestamp
 _INDEX = struct.Struct(">qq")  # timestamp, payload bytes appended before this record
 _SEP = b"\x00"
+_FRAMING = frame.HEADER_LEN + _I64.size  # stored frame bytes that are not payload
 
 
 class _Partition:
@@ -110,10 +111,12 @@ class EmbeddedLog(Log):
         self._parts: dict[str, _Partition] = {}
         self._write_opt = rocksdict.WriteOptions()
         self._write_opt.sync = sync
+        self._segments = log_segments.Segments(self.path / "segments", sync=sync)
         self._open_db()
         if not self.readonly:
             for name, meta in self._cf["partitions"].items():
                 self._parts[name.decode("ascii")] = _Partition(name.decode("ascii"), meta)
+            self._tidy_segments()
         log.info("log opened", msgid="DT-L001", path=str(self.path), sync=sync, readonly=self.readonly)
 
     @classmethod
@@ -168,6 +171,7 @@ class EmbeddedLog(Log):
             self._cf = self._handle = None
             self._db.close()
             self._db = None
+            self._segments.close()
             if self._secondary:
                 shutil.rmtree(self._secondary, ignore_errors=True)
         log.info("log closed", msgid="DT-L002", path=str(self.path))
@@ -181,6 +185,7 @@ class EmbeddedLog(Log):
             if partition in self._parts:
                 return
             part = _Partition(partition)
+            self._segments.drop(partition)  # what a crashed drop_partition left behind
             self._cf["partitions"].put(partition.encode("ascii"), part.meta(), self._write_opt)
             self._parts[partition] = part
         log.info("partition created", msgid="DT-L003", partition=partition)
@@ -198,6 +203,7 @@ class EmbeddedLog(Log):
             self._db.write(batch, self._write_opt)
             part.dropped = True
             del self._parts[partition]
+            self._segments.drop(partition)
             part.cond.notify_all()
         log.info("partition dropped", msgid="DT-L004", partition=partition)
 
@@ -220,23 +226,39 @@ class EmbeddedLog(Log):
         with part.lock:
             self._alive(part)
             first, appended, stamp = part.end, part.appended, max(stamp, part.last_ts)
-            packed_stamp = _I64.pack(stamp)
-            batch = rocksdict.WriteBatch(raw_mode=True)
-            records, index = self._handle["records"], self._handle["index"]
-            for offset, value in enumerate(values, first):
-                key = part.key(offset)
-                batch.put(key, frame.seal(packed_stamp + value), records)
-                batch.put(key, _INDEX.pack(stamp, appended), index)
-                appended += len(value)
             count = len(values)
             if count == 0:
                 return first
+            stored = self._store(part, first, _I64.pack(stamp), values)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            records, index = self._handle["records"], self._handle["index"]
+            for offset, (value, record) in enumerate(zip(values, stored), first):
+                key = part.key(offset)
+                batch.put(key, record, records)
+                batch.put(key, _INDEX.pack(stamp, appended), index)
+                appended += len(value)
             batch.put(part.prefix[:-1], _META.pack(part.start, first + count, appended, stamp),
                       self._handle["partitions"])
             self._db.write(batch, self._write_opt)
             part.end, part.appended, part.last_ts = first + count, appended, stamp
             part.cond.notify_all()
         return first
+
+    def _store(self, part: _Partition, first: int, stamp: bytes, values: Sequence[bytes]) -> list[bytes]:
+        """What the records family stores for each value: its sealed frame, or for a large
+        one a pointer to the frame written to a segment (engine/log_segments.py)."""
+        stored: list[bytes | None] = []
+        large: list[tuple[int, list[bytes]]] = []
+        for offset, value in enumerate(values, first):
+            if len(value) + _FRAMING < log_segments.MIN_BYTES:
+                stored.append(frame.seal(stamp + value))
+            else:
+                stored.append(None)
+                large.append((offset, [frame.header(stamp, value), stamp, value]))
+        if large:
+            pointers = iter(self._segments.write(part.name, large))
+            stored = [next(pointers) if record is None else record for record in stored]
+        return stored
 
     def read(self, partition: str, start: int, max_records: int = DEFAULT_READ_RECORDS,
              max_bytes: int = DEFAULT_READ_BYTES) -> list[LogRecord]:
@@ -256,10 +278,11 @@ class EmbeddedLog(Log):
             offset = _I64.unpack_from(key, len(part.prefix))[0]
             if offset != expected:
                 self._missing(part, expected)
-            size = len(stored) - frame.HEADER_LEN - _I64.size
+            pointer = log_segments.is_pointer(stored)
+            size = (log_segments.frame_length(stored) if pointer else len(stored)) - _FRAMING
             if records and total + size > max_bytes:
                 return records
-            records.append(_unseal(part, offset, stored))
+            records.append(self._record(part, offset, stored, pointer))
             total += size
             expected += 1
             if total >= max_bytes:
@@ -315,6 +338,7 @@ class EmbeddedLog(Log):
                       self._handle["partitions"])
             self._db.write(batch, self._write_opt)
             part.start = new_start
+            self._segments.trim(partition, new_start)
         log.info("log truncated", msgid="DT-L005", partition=partition, start=new_start)
 
     def size(self, partition: str) -> tuple[int, int]:
@@ -380,6 +404,34 @@ class EmbeddedLog(Log):
             raise NotFound(what="partition", name=check_partition_name(partition))
         return part
 
+    def _record(self, part: _Partition, offset: int, stored: bytes, pointer: bool) -> LogRecord:
+        """The verified record from what the records family stores for it."""
+        where = f"partition {part.name} offset {offset}"
+        start = 0
+        if pointer:
+            try:
+                stored, start = self._segments.read(part.name, offset, stored)
+            except FileNotFoundError:
+                self._missing(part, offset)  # removed by retention meanwhile, or lost
+            except ValueError as exc:
+                raise CorruptRecord(reason=f"{where}: {exc}") from None
+        try:
+            body = frame.check(stored, start)
+        except CorruptRecord as exc:
+            raise CorruptRecord(reason=f"{where}: {exc.params['reason']}") from exc
+        if len(stored) - body < _I64.size:
+            raise CorruptRecord(reason=f"{where}: no timestamp")
+        return LogRecord(offset, _I64.unpack_from(stored, body)[0], stored[body + _I64.size:])
+
+    def _tidy_segments(self) -> None:
+        """Remove segments a crash left behind: those of dropped partitions, and those
+        holding only records below their partition's start."""
+        for name in self._segments.partitions():
+            if name not in self._parts:
+                self._segments.drop(name)
+        for name, part in self._parts.items():
+            self._segments.trim(name, part.start)
+
     @staticmethod
     def _alive(part: _Partition) -> None:
         """Under ``part.lock``: the partition was not dropped since it was looked up."""
@@ -400,13 +452,3 @@ class EmbeddedLog(Log):
         if offset < start:
             raise OffsetOutOfRange(offset=offset, start=start, end=end)
         raise CorruptRecord(reason=f"partition {part.name}: record {offset} is missing")
-
-
-def _unseal(part: _Partition, offset: int, stored: bytes) -> LogRecord:
-    try:
-        body = frame.unseal(stored)
-    except CorruptRecord as exc:
-        raise CorruptRecord(reason=f"partition {part.name} offset {offset}: {exc.params['reason']}") from exc
-    if len(body) < _I64.size:
-        raise CorruptRecord(reason=f"partition {part.name} offset {offset}: no timestamp")
-    return LogRecord(offset, _I64.unpack_from(body)[0], body[_I64.size:])

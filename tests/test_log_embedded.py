@@ -4,6 +4,7 @@ crash survival of a killed process, readers in other processes while a writer ho
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import threading
 import pytest
 from contract.log_contract import LogContract, values
 
+from datatether.engine import log_segments
 from datatether.engine.errors import BackendUnavailable, CorruptRecord, NotFound, OffsetOutOfRange, UsageError
 from datatether.engine.log_embedded import EmbeddedLog
 from datatether.engine.offsets import NO_OFFSET
@@ -35,6 +37,30 @@ class TestEmbeddedLogContract(LogContract):
         damaged = bytearray(records[key])
         damaged[-1] ^= 0x01
         records[key] = bytes(damaged)
+
+
+def segment_entry(log: EmbeddedLog, partition: str, offset: int) -> tuple[str, int, int]:
+    """(segment file, position, length) of a record stored in a segment."""
+    _, _, segment, position, length = log_segments.POINTER.unpack(log._cf["records"][stored_key(log, partition, offset)])
+    return str(log._segments.path(partition, segment)), position, length
+
+
+class TestEmbeddedLogContractInSegments(LogContract):
+    """The same contract with every record in a segment file, segments rolling often."""
+
+    @pytest.fixture
+    def make_log(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(log_segments, "MIN_BYTES", 0)
+        monkeypatch.setattr(log_segments, "ROLL_BYTES", 300)
+        return lambda: EmbeddedLog(tmp_path / "log")
+
+    def corrupt(self, log, partition, offset):
+        path, position, length = segment_entry(log, partition, offset)
+        with open(path, "r+b") as f:
+            f.seek(position + length - 1)
+            last = f.read(1)[0]
+            f.seek(position + length - 1)
+            f.write(bytes((last ^ 0x01,)))
 
 
 @pytest.fixture
@@ -200,6 +226,88 @@ def test_readonly_log_refuses_writes(log, tmp_path):
     assert log.end_offset("p") == 2
 
 
+# -- segments ---------------------------------------------------------------------------
+
+LARGE = log_segments.MIN_BYTES
+
+
+def test_large_records_are_written_once_to_a_segment(log):
+    big = [b"%d" % i * LARGE for i in range(3)]
+    log.append("p", [big[0], b"small", big[1]])
+    log.append("p", [big[2]])
+    stored = [log._cf["records"][stored_key(log, "p", o)] for o in range(4)]
+    assert [log_segments.is_pointer(v) for v in stored] == [True, False, True, True]
+    assert max(len(v) for v in stored) < 100
+    assert [r.value for r in log.read("p", 0)] == [big[0], b"small", big[1], big[2]]
+    assert log.size("p") == (3 * len(big[0]) + 5, 4)
+    assert len(log._segments.segments("p")) == 1  # one writer process, one segment
+
+
+def test_truncation_deletes_only_segments_wholly_below_start(log, monkeypatch):
+    monkeypatch.setattr(log_segments, "ROLL_BYTES", 2 * LARGE)
+    big = values(8, size=LARGE)
+    for value in big:
+        log.append("p", [value])
+    before = log._segments.segments("p")
+    assert len(before) == 8  # each record fills a segment beyond half of ROLL_BYTES
+    log.truncate_before("p", 5)
+    assert log._segments.segments("p") == before[5:]
+    assert [r.value for r in log.read("p", 5)] == big[5:]
+
+
+def test_damage_in_a_segment_stays_local_to_its_record(log):
+    big = values(3, size=LARGE)
+    log.append("p", big)
+    TestEmbeddedLogContractInSegments().corrupt(log, "p", 1)
+    with pytest.raises(CorruptRecord, match="offset 1"):
+        log.read("p", 0)
+    assert [r.value for r in log.read("p", 0, max_records=1)] == big[:1]
+    assert [r.value for r in log.read("p", 2)] == big[2:]
+
+
+def test_a_pointer_to_another_records_entry_is_corruption(log):
+    log.append("p", values(2, size=LARGE))
+    records = log._cf["records"]
+    first, second = stored_key(log, "p", 0), stored_key(log, "p", 1)
+    records[first], records[second] = records[second], records[first]
+    for offset in (0, 1):
+        with pytest.raises(CorruptRecord, match="no entry of this record"):
+            log.read("p", offset)
+
+
+def test_a_lost_segment_is_corruption(log):
+    log.append("p", values(2, size=LARGE))
+    path, _, _ = segment_entry(log, "p", 0)
+    log.close()
+    os.unlink(path)
+    with EmbeddedLog(log.path) as reopened, pytest.raises(CorruptRecord, match="record 0 is missing"):
+        reopened.read("p", 0)
+
+
+def test_what_a_crash_leaves_in_segments_is_ignored_or_removed(tmp_path):
+    path = tmp_path / "log"
+    with EmbeddedLog(path) as opened:
+        for name in ("p", "gone"):
+            opened.ensure_partition(name)
+            opened.append(name, values(2, size=LARGE))
+        segment, position, length = segment_entry(opened, "p", 1)
+        stale = opened._segments.folder("gone")
+    # A crash after writing a segment entry but before its batch (a torn tail), and one in
+    # drop_partition after its batch but before the segments were deleted.
+    with open(segment, "ab") as f:
+        f.write(b"torn" * 1000)
+    with EmbeddedLog(path) as opened:
+        opened.drop_partition("gone")
+    stale.mkdir()
+    (stale / f"{0:020d}.seg").write_bytes(b"left")
+    with EmbeddedLog(path) as opened:
+        assert not stale.exists()
+        opened.append("p", values(2, "again", size=LARGE))
+        opened.ensure_partition("gone")
+        assert [r.value for r in opened.read("p", 0)] == values(2, size=LARGE) + values(2, "again", size=LARGE)
+        assert opened.read("gone", 0) == []
+
+
 # -- real processes ----------------------------------------------------------------------
 
 WRITER = textwrap.dedent("""
@@ -207,18 +315,20 @@ WRITER = textwrap.dedent("""
     from datatether.engine.log_embedded import EmbeddedLog
     log = EmbeddedLog(sys.argv[1])
     log.ensure_partition("p")
+    pad = int(sys.argv[2])
     batch = 0
     while True:  # until killed
-        first = log.append("p", [b"r%d-%d" % (batch, i) for i in range(1 + batch % 3)])
+        first = log.append("p", [(b"r%d-%d-" % (batch, i)).ljust(pad, b".") for i in range(1 + batch % 3)])
         log.commit("p", "applier", first)
         print(first, log.end_offset("p"), flush=True)
         batch += 1
 """)
 
 
-def test_records_and_commits_survive_sigkill_of_the_writer(tmp_path):
+@pytest.mark.parametrize("pad", [0, LARGE], ids=["inline", "segments"])
+def test_records_and_commits_survive_sigkill_of_the_writer(tmp_path, pad):
     path = tmp_path / "log"
-    child = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(pad)], stdout=subprocess.PIPE, text=True)
     try:
         reported = [tuple(map(int, child.stdout.readline().split())) for _ in range(200)]
     finally:
@@ -229,7 +339,7 @@ def test_records_and_commits_survive_sigkill_of_the_writer(tmp_path):
     with EmbeddedLog(path) as reopened:
         assert reopened.end_offset("p") >= last_end
         assert reopened.committed("p", "applier") >= last_commit
-        records = reopened.read("p", 0, max_records=reopened.end_offset("p"))
+        records = LogContract.read_all(reopened, "p")
         assert [r.offset for r in records] == list(range(reopened.end_offset("p")))
         batch_of = [r.value.split(b"-")[0] for r in records]
         # whole batches only: a batch is one atomic write
@@ -256,19 +366,20 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_a_reader_process_follows_the_writer(log, tmp_path):
-    log.append("p", values(3, "before"))
+@pytest.mark.parametrize("size", [0, LARGE], ids=["inline", "segments"])
+def test_a_reader_process_follows_the_writer(log, tmp_path, size):
+    log.append("p", values(3, "before", size))
     log.commit("p", "applier", 1)
     reader = subprocess.Popen([sys.executable, "-c", READER, str(tmp_path / "log")],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert reader.stdout.readline().strip() == "ready"
-        log.append("p", values(2, "after"))
+        log.append("p", values(2, "after", size))
         report = json.loads(reader.stdout.readline())
     finally:
         reader.wait(CHILD_TIMEOUT_S)
     assert reader.returncode == 0
     assert report["woke"] and report["refused"]
-    assert report["seen"] == [v.decode() for v in values(3, "before") + values(2, "after")]
+    assert report["seen"] == [v.decode() for v in values(3, "before", size) + values(2, "after", size)]
     assert report["committed"] == 1
     assert report["size"] == [log.size("p")[0], 5]
