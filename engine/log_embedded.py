@@ -41,7 +41,8 @@ microseconds to milliseconds instead of about ten microseconds).
 
 ``EmbeddedLog.open_readonly(path)`` opens a RocksDB *secondary* instance, which works while
 a daemon holds the directory for writing: every call first catches up with the writer's
-files, and ``wait`` polls every ``POLL_S`` for records another process appends.
+files (``read`` only when it asks for a record it has not seen yet), and ``wait`` polls
+every ``POLL_S`` for records another process appends.
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ class EmbeddedLog(Log):
 
     def read(self, partition: str, start: int, max_records: int = DEFAULT_READ_RECORDS,
              max_bytes: int = DEFAULT_READ_BYTES) -> list[LogRecord]:
-        part = self._part(partition)
+        part = self._reading(partition, start)
         end = part.end  # before the iterator: every record below it is in the iterator's view
         if start < part.start or start > end:
             raise OffsetOutOfRange(offset=start, start=part.start, end=end)
@@ -387,6 +388,16 @@ class EmbeddedLog(Log):
             raise UsageError(detail=f"the log {self.path} is closed")
         if self.readonly:
             self._db.try_catch_up_with_primary()
+
+    def _reading(self, partition: str, start: int) -> _Partition:
+        """The partition for a read from ``start``. A reader process catches up with the
+        writer only when it has not seen that record yet: catching up costs about a
+        millisecond, and what it has seen stays readable (RocksDB files and segments it
+        has open; one removed meanwhile reads as out of range, see ``_missing``)."""
+        part = self._parts.get(partition) if self.readonly and self._db is not None else None
+        if part is not None and start < part.end:
+            return part
+        return self._part(partition)
 
     def _part(self, partition: str) -> _Partition:
         self._refresh()

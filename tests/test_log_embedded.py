@@ -284,6 +284,18 @@ def test_a_lost_segment_is_corruption(log):
         reopened.read("p", 0)
 
 
+def test_a_reader_behind_retention_sees_out_of_range_never_corruption(log, tmp_path, monkeypatch):
+    monkeypatch.setattr(log_segments, "ROLL_BYTES", LARGE)
+    log.append("p", values(1, size=LARGE))
+    log.append("p", values(1, "second", size=LARGE))
+    with EmbeddedLog.open_readonly(tmp_path / "log") as reader:
+        assert reader.end_offset("p") == 2  # it has seen both records
+        log.truncate_before("p", 1)  # removes the first segment
+        with pytest.raises(OffsetOutOfRange):
+            reader.read("p", 0)
+        assert [r.value for r in reader.read("p", 1)] == values(1, "second", size=LARGE)
+
+
 def test_what_a_crash_leaves_in_segments_is_ignored_or_removed(tmp_path):
     path = tmp_path / "log"
     with EmbeddedLog(path) as opened:
