@@ -39,6 +39,7 @@ CURRENT_VERSION = 2
 COMPRESS_ABOVE = 512  # bytes of Avro body; smaller bodies rarely shrink enough to pay off
 _ZSTD_LEVEL = 1
 _FLAG_ZSTD = 1
+_PLAIN = bytes((CURRENT_VERSION, 0))
 
 
 def _load(name: str) -> dict:
@@ -118,13 +119,19 @@ def generic_avro_body(event: ev.Event) -> bytes:
     return buf.getvalue()
 
 
-def encode(event: ev.Event) -> bytes:
+def encode(event: ev.Event, *, compress: bool = True) -> bytes:
+    """The stored form of ``event``. ``compress=False`` never compresses (a writer whose
+    events are mostly file data on their way to a local log, see engine/mirror.py); then
+    a hot-path event's data is copied once, straight into the result."""
+    if not compress:
+        fast = _FAST_WRITERS.get(type(event.op))
+        return b"".join([_PLAIN, *fast(event)] if fast is not None else [_PLAIN, generic_avro_body(event)])
     body = avro_body(event)
     if len(body) > COMPRESS_ABOVE:
         packed = _compressor().compress(body)
         if len(packed) < len(body):
             return b"".join((bytes((CURRENT_VERSION, _FLAG_ZSTD)), packed))
-    return b"".join((bytes((CURRENT_VERSION, 0)), body))
+    return b"".join((_PLAIN, body))
 
 
 def decode(blob: bytes) -> ev.Event:

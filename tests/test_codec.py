@@ -77,6 +77,14 @@ def test_large_bodies_are_compressed():
     assert len(blob) < 2000
 
 
+@pytest.mark.parametrize("op", [ev.MirrorData("f", 7, b"a" * 100_000), ev.Marker("m", "a" * 100_000)])
+def test_uncompressed_encoding_round_trips(op):
+    event = ev.Event(op, 1)
+    blob = codec.encode(event, compress=False)
+    assert blob == bytes((codec.CURRENT_VERSION, 0)) + codec.avro_body(event)
+    assert codec.decode(blob) == event
+
+
 @pytest.mark.parametrize("blob", [b"", b"\x09\x00abc", b"\x02\x00\xff\xff\xff", b"\x02\x01notzstd"])
 def test_garbage_is_a_corrupt_record(blob):
     with pytest.raises(CorruptRecord):
