@@ -69,6 +69,8 @@ FLAG_SYNCED = 1
 MAX_REASON = 400
 LATENCY_WINDOW_S = 60.0
 PUBLISH_EVERY_S = 1.0
+LATENCY_PRECISION = 0.01  # relative width of a latency histogram bucket
+_LOG_STEP = math.log1p(LATENCY_PRECISION)
 _HEAD = struct.Struct("<4sHHQqqB16sH")
 _DIGEST = 16
 _STATE_CODES = {
@@ -137,8 +139,8 @@ class Progress:
         self._boot = boot_id()
         self.status = TargetStatus.OK
         self.status_detail = ""
-        self._latency: deque[tuple[int, int]] = deque(maxlen=100_000)
-        self._latency_lock = threading.Lock()  # the applier appends while status readers copy
+        self._latency = LatencyWindow()
+        self._latency_lock = threading.Lock()  # the applier adds while status readers summarise
         self._last_applied_ns: int | None = None
         self._last_file: str | None = None
         self._events = 0
@@ -235,7 +237,7 @@ class Progress:
         """Record one applied event: recovery point latency (capture -> applied), last file."""
         now = time.time_ns() if applied_ns is None else applied_ns
         with self._latency_lock:
-            self._latency.append((now, max(0, now - capture_ns)))
+            self._latency.add(now, max(0, now - capture_ns))
         self._last_applied_ns = now
         if path is not None:
             self._last_file = path
@@ -246,8 +248,7 @@ class Progress:
         """What readers see; any thread may ask while the applier's thread samples."""
         now = time.time_ns()
         with self._latency_lock:
-            samples = self._latency.copy()
-        window = [lat for at, lat in samples if now - at <= LATENCY_WINDOW_S * 1e9]
+            latency = self._latency.summary(now)
         return {
             "applied_offset": self._rec.applied,
             "target_data_state": self._rec.state.value,
@@ -256,7 +257,7 @@ class Progress:
             "target_status_detail": self.status_detail,
             "last_applied_ns": self._last_applied_ns,
             "last_file": self._last_file,
-            "recovery_point_latency_ms": latency_summary(window),
+            "recovery_point_latency_ms": latency,
             "applied_events": self._events,
             "applied_bytes": self._bytes,
             "pid": os.getpid(),
@@ -303,17 +304,73 @@ class Progress:
         os.close(self._fd)
 
 
+class LatencyWindow:
+    """Recovery point latencies of the last ``window_s`` seconds, in bounded memory and time.
+
+    One histogram per second, buckets ``LATENCY_PRECISION`` wide on a log scale, each
+    keeping its count and its largest latency. A percentile is the largest latency in the
+    bucket holding its nearest rank: never below the exact value, at most 1 % above it, and
+    exact when that bucket holds one distinct value. Adding is O(1) and a summary costs the
+    buckets in use, whatever the event rate (sorting every sample of the window instead
+    held the interpreter lock for about 10 ms a second at 5,000 events a second, a pause
+    every captured write had to wait out)."""
+
+    def __init__(self, window_s: float = LATENCY_WINDOW_S):
+        self.window_s = window_s
+        self._seconds: deque[tuple[int, dict[int, list[int]]]] = deque()
+        self._last: int | None = None
+
+    def add(self, at_ns: int, latency_ns: int) -> None:
+        second = at_ns // 1_000_000_000
+        if not self._seconds or second > self._seconds[-1][0]:
+            self._seconds.append((second, {}))
+            while self._seconds[0][0] <= second - self.window_s:
+                self._seconds.popleft()
+        buckets = self._seconds[-1][1]  # a clock stepping back counts in the latest second
+        bucket = int(math.log(latency_ns) / _LOG_STEP) if latency_ns > 0 else -1
+        slot = buckets.get(bucket)
+        if slot is None:
+            buckets[bucket] = [1, latency_ns]
+        else:
+            slot[0] += 1
+            slot[1] = max(slot[1], latency_ns)
+        self._last = latency_ns
+
+    def summary(self, now_ns: int | None = None) -> dict:
+        """current (the latest sample), p50 and p99 in milliseconds, None when empty."""
+        horizon = (time.time_ns() if now_ns is None else now_ns) // 1_000_000_000 - self.window_s
+        merged: dict[int, list[int]] = {}
+        for second, buckets in self._seconds:
+            if second <= horizon:
+                continue
+            for bucket, (count, top) in buckets.items():
+                slot = merged.setdefault(bucket, [0, top])
+                slot[0] += count
+                slot[1] = max(slot[1], top)
+        total = sum(count for count, _ in merged.values())
+        if not total:
+            return {"current": None, "p50": None, "p99": None, "samples": 0, "window_s": self.window_s}
+        ordered = sorted(merged.items())
+
+        def rank(p: float) -> float:
+            wanted, seen = max(1, math.ceil(p * total)), 0
+            for _, (count, top) in ordered:
+                seen += count
+                if seen >= wanted:
+                    return top / 1e6
+            return ordered[-1][1][1] / 1e6
+
+        return {"current": self._last / 1e6, "p50": rank(0.50), "p99": rank(0.99), "samples": total,
+                "window_s": self.window_s}
+
+
 def latency_summary(latencies_ns: list[int]) -> dict:
-    """current (the latest), p50 and p99 (nearest rank) in milliseconds, None when empty."""
-    if not latencies_ns:
-        return {"current": None, "p50": None, "p99": None, "samples": 0, "window_s": LATENCY_WINDOW_S}
-    ordered = sorted(latencies_ns)
-
-    def rank(p: float) -> float:
-        return ordered[max(0, math.ceil(p * len(ordered)) - 1)] / 1e6
-
-    return {"current": latencies_ns[-1] / 1e6, "p50": rank(0.50), "p99": rank(0.99),
-            "samples": len(ordered), "window_s": LATENCY_WINDOW_S}
+    """``LatencyWindow.summary`` of these latencies, all taken now (the last is current)."""
+    window = LatencyWindow()
+    now = time.time_ns()
+    for latency in latencies_ns:
+        window.add(now, latency)
+    return window.summary(now)
 
 
 def _alive(pid) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -158,3 +159,27 @@ def test_snapshot_while_the_applier_samples_from_another_thread(tmp_path):
     assert snaps[-1]["applied_events"] >= snaps[0]["applied_events"] >= 5000
     assert all(s["recovery_point_latency_ms"]["samples"] > 0 for s in snaps)
     p.close()
+
+
+def test_latency_window_percentiles_within_its_precision_and_old_seconds_dropped():
+    import random
+
+    from datatether.apply.progress import LATENCY_PRECISION, LatencyWindow
+
+    rng = random.Random(3)
+    window = LatencyWindow(window_s=60)
+    base = 1_700_000_000 * 10**9
+    old = [rng.randrange(1, 10**9) for _ in range(1000)]  # a minute and more ago: forgotten
+    for i, latency in enumerate(old):
+        window.add(base + i * 10**6, latency)
+    later = base + 100 * 10**9
+    recent = [int(rng.lognormvariate(13, 1.5)) for _ in range(20_000)]
+    for i, latency in enumerate(recent):
+        window.add(later + i * 10**6, latency)
+    summary = window.summary(later + 20 * 10**9)
+    ordered = sorted(recent)
+    assert summary["samples"] == len(recent) and summary["current"] == recent[-1] / 1e6
+    for p, key in ((0.50, "p50"), (0.99, "p99")):
+        exact = ordered[math.ceil(p * len(ordered)) - 1] / 1e6
+        assert exact <= summary[key] <= exact * (1 + LATENCY_PRECISION)
+    assert window.summary(later + 200 * 10**9)["samples"] == 0
