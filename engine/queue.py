@@ -30,6 +30,11 @@ Sizes are payload bytes (``len(value)``), the unit of ``Log.size``. The settings
 (32 MiB of memory queue) are for production; tests build ``QueueLimits`` directly in bytes
 (``dt protect`` has a hidden ``--queue-limit-bytes`` for the same purpose).
 
+Free space is measured (statvfs) at most every FREE_SPACE_CHECK_S while appends leave
+room: in between, what was appended since is subtracted from the last measure. A refusal is
+always decided on a fresh measure. (A system call per captured write handed the
+interpreter lock to other threads each time.)
+
 Thread safety: every method may be called from any thread. One lock covers "check room,
 append, record the sizes", so recorded sizes follow offset order.
 """
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from array import array
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -51,6 +57,7 @@ from .settings import MiB, Settings
 log = logs.get(__name__)
 
 THROTTLE_POLL_S = 0.01  # how often a throttled append looks for room again
+FREE_SPACE_CHECK_S = 0.1  # how long a measure of the free space may be trusted (minus what was appended)
 MIRROR_SHARE = 0.5      # the part of the limit a throttled (mirror) append may fill
 _TRIM_AT = 1 << 16      # forget sizes of applied records once this many accumulated
 _FREE_SPACE = "minimum free space"
@@ -123,6 +130,8 @@ class SourceQueue:
         self._dropped = 0
         # _cum[i] = payload bytes appended up to and including offset _base + i, counted
         # from an arbitrary origin; _floor is the same count just before _base.
+        self._free = 0              # free bytes measured at _free_at, minus appends since
+        self._free_at = -FREE_SPACE_CHECK_S
         self._base = max(applied(), NO_OFFSET) + 1
         self._cum = array("q")
         self._floor = 0
@@ -225,7 +234,9 @@ class SourceQueue:
 
     def _append_locked(self, values: Sequence[bytes]) -> int:
         first = self._log.append(self.partition, values)
-        self._record_locked(first, [len(v) for v in values])
+        sizes = [len(v) for v in values]
+        self._free -= sum(sizes)
+        self._record_locked(first, sizes)
         return first
 
     def _record_locked(self, first: int, sizes: list[int]) -> None:
@@ -266,9 +277,17 @@ class SourceQueue:
         total = self.limits.total_bytes
         if total is not None and self._queued_bytes_locked() + size > total * share:
             return f"queue limit of {total} bytes (memory {self.limits.memory_bytes} + disk {self.limits.disk_bytes})"
-        if free_bytes(self._space_path) - size < self.limits.min_free_bytes:
+        if self._free_bytes_locked(size) - size < self.limits.min_free_bytes:
             return f"{_FREE_SPACE} of {self.limits.min_free_bytes} bytes on {os.fspath(self._space_path)}"
         return None
+
+    def _free_bytes_locked(self, size: int) -> int:
+        """Free bytes where the log lives: measured again when the last measure is old or
+        would not leave room for ``size`` more (module docstring)."""
+        now = time.monotonic()
+        if now - self._free_at >= FREE_SPACE_CHECK_S or self._free - size < self.limits.min_free_bytes:
+            self._free, self._free_at = free_bytes(self._space_path), now
+        return self._free
 
     def _full_error(self, reason: str) -> QueueFull:
         if reason.startswith(_FREE_SPACE):
