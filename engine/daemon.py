@@ -76,6 +76,7 @@ from .events import Event, Gap, Link, Rename, TaskCommand
 from .history import find_task_result
 from .log import Log
 from .queue import QueueLimits, SourceQueue
+from .retention import apply_retention
 from .settings import Settings
 from .states import MirrorMode, MirrorStatus, ReplicationStatus, TargetDataState, TargetStatus, TransmitMode
 
@@ -84,6 +85,7 @@ log = logs.get(__name__)
 SUPERVISE_S = 0.1            # how often the supervisor looks at the parts
 CAPTURE_RESTART_S = 5.0      # wait before starting a capture that died again
 REMIRROR_BACKOFF_S = (5.0, 600.0)  # first and longest wait between remirrors that did not help
+RETENTION_CHECK_S = 60.0     # how often the history window is enforced on the log
 SNAPSHOT_CHECK_S = 1.0       # how often the supervisor asks whether a scheduled snapshot is due
 TASK_WAIT_POLL_S = 0.05
 DEFAULT_TASK_TIMEOUT_S = 600
@@ -328,6 +330,7 @@ class Daemon:
         self._snapshotting = False            # a snapshot holds the applier paused (under _lock)
         self._snapshot_thread: threading.Thread | None = None
         self._snapshot_check_at = 0.0         # no look at the schedule before (time.monotonic)
+        self._retain_at = time.monotonic() + RETENTION_CHECK_S  # next enforcement of the history window
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -358,6 +361,7 @@ class Daemon:
             self._watch_target()
             self._maybe_start_mirror()
             self._maybe_snapshot()
+            self._maybe_retain()
             now = time.monotonic()
             if tick is not None and now >= next_tick:
                 next_tick = now + tick_s
@@ -649,6 +653,23 @@ class Daemon:
         self._snapshot_thread = threading.Thread(target=self._scheduled_snapshot, args=(reason,),
                                                  name=f"snapshot-{self.conn.partition}", daemon=True)
         self._snapshot_thread.start()
+
+    def _maybe_retain(self) -> None:
+        """Enforce the history window (engine/retention.py) every RETENTION_CHECK_S: applied
+        events older than ``history_window_s`` go, the byte bound ``history_max_mb`` may cut
+        into the window, and nothing a consumer has not processed is ever dropped."""
+        now = time.monotonic()
+        if now < self._retain_at:
+            return
+        self._retain_at = now + RETENTION_CHECK_S
+        try:
+            start = apply_retention(self._log, self.conn.partition, window_s=self.settings.history_window_s,
+                                    max_bytes=self.settings.history_max_mb << 20)
+        except (DtError, OSError) as exc:  # the log is away or busy: the next check tries again
+            log.warning("history retention skipped", msgid="DT-D051", connection=self.conn.name,
+                        error=getattr(exc, "message", str(exc)))
+            return
+        log.debug("history retention applied", msgid="DT-D050", connection=self.conn.name, start_offset=start)
 
     def _scheduled_snapshot(self, reason: str) -> None:
         try:

@@ -287,3 +287,22 @@ def test_scheduled_snapshots_are_taken_on_their_interval_and_pruned(world):
     assert daemon.capture.emit(*create(src, "g", b"applied between snapshots\n"))
     converged(daemon)  # every snapshot resumed the applier
     assert (dst / "g").read_bytes() == b"applied between snapshots\n"
+
+
+def test_the_history_window_is_enforced_on_the_log(world, monkeypatch):
+    import datatether.engine.daemon as daemon_module
+    monkeypatch.setattr(daemon_module, "RETENTION_CHECK_S", 0.2)
+    make, src, dst = world
+    daemon = make(history_window_s=0)
+    running(daemon)
+    converged(daemon)
+    for i in range(5):
+        assert daemon.capture.emit(*create(src, f"f{i}", b"x" * 100))
+    converged(daemon)
+    log_, part = daemon.parts.log, daemon.conn.partition
+    # Everything is applied and outside a zero window: retention moves the start, but
+    # only up to what every consumer has committed.
+    wait_for(lambda: log_.start_offset(part) > 0, 30, "retention to drop applied events")
+    consumed = min(log_.consumers(part).values())
+    assert log_.start_offset(part) <= consumed + 1
+    daemon.shutdown()
