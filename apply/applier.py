@@ -97,7 +97,11 @@ Semantics
 - Sparse files: a whole mirrored file is emptied, only its data blocks are written and
   MirrorFileEnd truncates it to its size, so holes stay holes. MirrorFileEnd then checks
   the blake3 digest (engine/digest.py; a mismatch is Mirror Required, DT-A006) and sets
-  the mtime last.
+  the mtime last. For a file mirrored whole the digest is built from the data as it is
+  written, holes as zeros (digest.Stream): no second pass over the file. It is read back
+  instead when not every byte went by in order with nothing else in between that may
+  have changed it (a block mirror, another event about the file or a namespace change,
+  a restart of the applier).
 - Directory times in a mirror pass: a directory's header (MirrorFile) sets its times at
   once, right for a directory without children; creating children moves them, so the
   producer sends a SetAttr with the directory's times after its last child
@@ -125,7 +129,7 @@ import time
 from typing import Callable, Mapping
 
 from datatether.engine import codec, logs
-from datatether.engine.digest import file_digest
+from datatether.engine.digest import Stream, file_digest
 from datatether.engine import events as ev
 from datatether.engine.errors import CorruptRecord, InvalidEvent, NotFound, OffsetOutOfRange, PathEscapes
 from datatether.engine.log import Log, LogRecord
@@ -149,6 +153,8 @@ DATA_EVENTS = (ev.Write, ev.Truncate, ev.Fallocate, ev.SetAttr, ev.SetXattr, ev.
                ev.MirrorData, ev.BlockWrite, ev.BlockDiscard, ev.TaskResult, ev.Marker,
                ev.ReplicationSetDefinition)
 NO_OPS = (ev.TaskResult, ev.Marker, ev.ReplicationSetDefinition)
+# Events that change at most the attributes or content of the object their path names.
+_PATH_DATA_EVENTS = (ev.Write, ev.Truncate, ev.Fallocate, ev.SetAttr, ev.SetXattr, ev.RemoveXattr, ev.MirrorData)
 _REFUSED = (PathEscapes, InvalidEvent, CorruptRecord)
 _IN_THE_WAY = (errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY, errno.EEXIST)
 
@@ -177,6 +183,7 @@ class Applier:
         self._sync_fd = os.open(self.tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._pause = threading.Event()
         self._pending = False  # data events applied past the committed offset
+        self._stream: tuple[str, Stream] | None = None  # the whole mirrored file being written
         self._durable = False  # the commit after the current event must be fsynced
         now = time.monotonic()
         self._last_effect = now
@@ -335,6 +342,8 @@ class Applier:
             if not isinstance(op, NO_OPS):
                 self.progress.mark_dirty()
                 self._last_effect = time.monotonic()
+            if self._stream is not None:
+                self._keep_stream(op)
             try:
                 self._handlers[type(op)](record.offset, op)
             except Missing as exc:
@@ -453,7 +462,9 @@ class Applier:
             self._remove(loc)
             st = None
         if st is None:
-            fsops.make(loc, kind, rdev, link_target)
+            fd = fsops.make(loc, kind, rdev, link_target)
+            if fd is not None:
+                self.files.adopt(loc.path, fd)
         elif kind is ev.FileKind.FILE and not keep_data and st.st_size:
             os.ftruncate(self.files.get(loc.path), 0)
 
@@ -662,29 +673,49 @@ class Applier:
         else:
             link = self._link_text(op.link_target, op.path) if op.kind is ev.FileKind.SYMLINK else None
             self._ensure(loc, op.kind, rdev=op.rdev, link_target=link, keep_data=not op.whole)
-        fsops.set_meta(loc, uid=op.uid, gid=op.gid)
         for name in op.xattrs:
             self._check_xattr_name(name, op.path)
-        fsops.replace_xattrs(loc, op.xattrs)
-        fsops.set_meta(loc, mode=op.mode, atime_ns=op.atime_ns, mtime_ns=op.mtime_ns)
+        # A file's data follows: work through its descriptor (a new file's is already open).
+        regular = op.kind is ev.FileKind.FILE and not loc.is_root
+        obj = self.files.get(op.path) if regular else loc
+        fsops.set_meta(obj, uid=op.uid, gid=op.gid, st=os.fstat(obj) if regular else None)
+        fsops.replace_xattrs(obj, op.xattrs)
+        fsops.set_meta(obj, mode=op.mode, atime_ns=op.atime_ns, mtime_ns=op.mtime_ns)
+        if regular and op.whole:
+            self._stream = (op.path, Stream())
 
     def _mirror_data(self, offset: int, op: ev.MirrorData) -> None:
         self._write(offset, op)
+        if self._stream is not None and self._stream[0] == op.path:
+            self._stream[1].feed(op.offset, op.data)
 
     def _mirror_file_end(self, offset: int, op: ev.MirrorFileEnd) -> None:
         fd = self.files.get(op.path)
         os.ftruncate(fd, op.size)
-        # A separate O_NOATIME descriptor: reading back must not change the atime mirrored.
-        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
-        try:
-            digest = file_digest(reader, op.size)
-        finally:
-            os.close(reader)
+        stream, self._stream = self._stream, None
+        digest = stream[1].finish(op.size) if stream is not None and stream[0] == op.path else None
+        if digest is None:  # not every byte went by (blocks only, a replay): read it back
+            # A separate O_NOATIME descriptor: reading back must not change the atime mirrored.
+            reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+            try:
+                digest = file_digest(reader, op.size)
+            finally:
+                os.close(reader)
         if digest != op.digest:
             log.error("mirrored file differs from the source after being written", msgid="DT-A006",
                       partition=self.partition, path=op.path, offset=offset)
             self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"digest mismatch: {op.path}")
-        fsops.set_times(self.tree.locate(op.path), None, op.mtime_ns)
+        fsops.set_times(fd, None, op.mtime_ns)
+
+    def _keep_stream(self, op) -> None:
+        """The digest of the file being mirrored whole is taken from what is written to it,
+        as long as nothing else can have changed it: the stream goes with any other event
+        about that file and any event that may change which object a path names."""
+        path = self._stream[0]
+        mine = isinstance(op, (ev.MirrorData, ev.MirrorFileEnd)) and op.path == path
+        elsewhere = isinstance(op, _PATH_DATA_EVENTS) and op.path != path
+        if not (mine or elsewhere or isinstance(op, NO_OPS)):
+            self._stream = None
 
     def _mirror_end(self, offset: int, op: ev.MirrorEnd) -> None:
         if self.progress.data_state is TargetDataState.MIRRORING:

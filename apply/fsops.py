@@ -1,5 +1,9 @@
 """Primitive operations on one target object, given as a ``Loc`` (parent descriptor + name).
 
+The attribute operations also take an ``Obj``: a Loc, or an open descriptor of a regular
+file (apply/handles.py; opened by ``make`` or ``open_regular``, so never through a symlink),
+which spares a path lookup per call when the file is open anyway.
+
 Every function acts on the named object itself and never follows it when it is a
 symlink (containment, see apply/paths.py). Functions are idempotent where the name says
 so (``remove`` of a missing object, ``remove_xattr`` of a missing attribute succeed).
@@ -45,6 +49,7 @@ class _Timespec(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
 _libc.syncfs.argtypes = [ctypes.c_int]
 
 
@@ -83,12 +88,16 @@ def remove(loc: Loc) -> bool:
     return True
 
 
-def make(loc: Loc, kind: FileKind, rdev: int = 0, link_target: str | None = None) -> None:
-    """Create a new object, private until ``set_meta`` gives it its real mode and owner."""
+Obj = Loc | int
+
+
+def make(loc: Loc, kind: FileKind, rdev: int = 0, link_target: str | None = None) -> int | None:
+    """Create a new object, private until ``set_meta`` gives it its real mode and owner.
+    A regular file is returned open read-write (its descriptor is the caller's)."""
     if kind is FileKind.FILE:
-        os.close(os.open(loc.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=loc.dir_fd))
-    elif kind is FileKind.DIR:
+        return os.open(loc.name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600, dir_fd=loc.dir_fd)
+    if kind is FileKind.DIR:
         os.mkdir(loc.name, 0o700, dir_fd=loc.dir_fd)
     elif kind is FileKind.SYMLINK:
         os.symlink(link_target if link_target is not None else "", loc.name, dir_fd=loc.dir_fd)
@@ -98,23 +107,32 @@ def make(loc: Loc, kind: FileKind, rdev: int = 0, link_target: str | None = None
         os.mknod(loc.name, 0o600 | kind.ifmt, rdev, dir_fd=loc.dir_fd)
 
 
-def set_meta(loc: Loc, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-             atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
+def set_meta(obj: Obj, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+             atime_ns: int | None = None, mtime_ns: int | None = None, st: os.stat_result | None = None) -> None:
     """Owner, then mode (a chown clears set-id bits), then times (the others change ctime
-    only, but a chmod through a fresh descriptor must not be the last word on times)."""
-    if uid is not None or gid is not None:
-        os.chown(loc.name, -1 if uid is None else uid, -1 if gid is None else gid,
-                 dir_fd=loc.dir_fd, follow_symlinks=False)
+    only, but a chmod through a fresh descriptor must not be the last word on times).
+    ``st``, the object's status just before, spares a chown to the owner it has (the
+    mode, when given, is set anyway)."""
+    owner = (-1 if uid is None else uid, -1 if gid is None else gid)
+    has = (-1, -1) if st is None else (st.st_uid if uid is not None else -1, st.st_gid if gid is not None else -1)
+    if owner != (-1, -1) and owner != has:
+        if isinstance(obj, int):
+            os.chown(obj, *owner)
+        else:
+            os.chown(obj.name, *owner, dir_fd=obj.dir_fd, follow_symlinks=False)
     if mode is not None:
-        set_mode(loc, mode)
+        set_mode(obj, mode)
     if atime_ns is not None or mtime_ns is not None:
-        set_times(loc, atime_ns, mtime_ns)
+        set_times(obj, atime_ns, mtime_ns)
 
 
-def set_mode(loc: Loc, mode: int) -> None:
+def set_mode(obj: Obj, mode: int) -> None:
     """chmod without following: Linux has no lchmod, so go through an O_PATH descriptor
     of the object itself; a symlink's own mode means nothing on Linux and is left alone."""
-    fd = os.open(loc.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=loc.dir_fd)
+    if isinstance(obj, int):
+        os.chmod(obj, stat.S_IMODE(mode))
+        return
+    fd = os.open(obj.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=obj.dir_fd)
     try:
         if not stat.S_ISLNK(os.fstat(fd).st_mode):
             os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode))
@@ -122,10 +140,13 @@ def set_mode(loc: Loc, mode: int) -> None:
         os.close(fd)
 
 
-def set_times(loc: Loc, atime_ns: int | None, mtime_ns: int | None) -> None:
+def set_times(obj: Obj, atime_ns: int | None, mtime_ns: int | None) -> None:
     """utimensat without following; None leaves that time as it is (UTIME_OMIT)."""
     times = (_Timespec * 2)(_timespec(atime_ns), _timespec(mtime_ns))
-    _check(_libc.utimensat(loc.dir_fd, os.fsencode(loc.name), times, _AT_SYMLINK_NOFOLLOW))
+    if isinstance(obj, int):
+        _check(_libc.futimens(obj, times))
+    else:
+        _check(_libc.utimensat(obj.dir_fd, os.fsencode(obj.name), times, _AT_SYMLINK_NOFOLLOW))
 
 
 def _timespec(ns: int | None) -> _Timespec:
@@ -135,31 +156,39 @@ def _timespec(ns: int | None) -> _Timespec:
     return _Timespec(sec, nsec)
 
 
-def set_xattr(loc: Loc, name: str, value: bytes) -> None:
-    os.setxattr(loc.proc_path, name, value, follow_symlinks=False)
+def _xattr_target(obj: Obj) -> tuple[int | str, dict]:
+    """What the os.*xattr calls take for ``obj``: a descriptor, or a path not followed."""
+    return (obj, {}) if isinstance(obj, int) else (obj.proc_path, {"follow_symlinks": False})
 
 
-def remove_xattr(loc: Loc, name: str) -> None:
+def set_xattr(obj: Obj, name: str, value: bytes) -> None:
+    target, kw = _xattr_target(obj)
+    os.setxattr(target, name, value, **kw)
+
+
+def remove_xattr(obj: Obj, name: str) -> None:
+    target, kw = _xattr_target(obj)
     try:
-        os.removexattr(loc.proc_path, name, follow_symlinks=False)
+        os.removexattr(target, name, **kw)
     except OSError as exc:
         if exc.errno != errno.ENODATA:
             raise
 
 
-def replace_xattrs(loc: Loc, wanted: dict[str, bytes]) -> None:
+def replace_xattrs(obj: Obj, wanted: dict[str, bytes]) -> None:
     """Make the object's extended attributes exactly ``wanted``."""
-    for name in os.listxattr(loc.proc_path, follow_symlinks=False):
+    target, kw = _xattr_target(obj)
+    for name in os.listxattr(target, **kw):
         if name not in wanted:
-            remove_xattr(loc, name)
+            remove_xattr(obj, name)
     for name, value in wanted.items():
         try:
-            if os.getxattr(loc.proc_path, name, follow_symlinks=False) == value:
+            if os.getxattr(target, name, **kw) == value:
                 continue
         except OSError as exc:
             if exc.errno != errno.ENODATA:
                 raise
-        set_xattr(loc, name, value)
+        set_xattr(obj, name, value)
 
 
 def open_regular(loc: Loc, flags: int = os.O_RDWR) -> int:

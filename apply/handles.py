@@ -31,9 +31,20 @@ class OpenFiles:
             return fd
         fd = fsops.open_regular(self._tree.locate(path))
         self._fds[path] = fd
+        self._trim()
+        return fd
+
+    def _trim(self) -> None:
         while len(self._fds) > self._capacity:
             os.close(self._fds.popitem(last=False)[1])
-        return fd
+
+    def adopt(self, path: str, fd: int) -> None:
+        """Keep ``fd``, a read-write descriptor of the regular file just created at ``path``."""
+        old = self._fds.pop(path, None)
+        if old is not None:
+            os.close(old)
+        self._fds[path] = fd
+        self._trim()
 
     def invalidate(self, path: str) -> None:
         """Close descriptors opened by ``path`` or any path below it."""

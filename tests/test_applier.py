@@ -341,6 +341,37 @@ def test_digest_mismatch_marks_mirror_required_through_the_end_of_the_pass(t):
     assert t.state_now is TargetDataState.MIRROR_REQUIRED and "digest" in t.a.progress.data_state_reason
 
 
+def test_a_whole_file_is_checked_by_what_was_written_without_reading_it_back(t, monkeypatch):
+    import datatether.apply.applier as applier_module
+
+    def no_reading(fd, size):
+        raise AssertionError("read back")
+
+    monkeypatch.setattr(applier_module, "file_digest", no_reading)
+    block = digest.DIGEST_BLOCK
+    t.apply(ev.MirrorStart("m", "full"),
+            *mirror_file("f", {0: b"a" * (block + 3), 3 * block - 1: b"b" * 2, 5 * block + 7: b"c"}, 6 * block),
+            ev.SetAttr("elsewhere", mode=0o600),  # another object's data events leave the check as it is
+            ev.MirrorEnd("m", 0, 0, 1))
+    assert t.state_now is TargetDataState.OK
+    events = mirror_file("g", {0: b"x" * 10}, 10)
+    events[1] = ev.MirrorData("g", 0, b"y" * 10)
+    t.apply(ev.MirrorStart("m2", "full"), *events, ev.MirrorEnd("m2", 0, 0, 1))
+    assert t.state_now is TargetDataState.MIRROR_REQUIRED and "digest" in t.a.progress.data_state_reason
+
+
+@pytest.mark.parametrize("between, expected", [
+    (ev.Write("f", 1, b"!"), TargetDataState.MIRROR_REQUIRED),  # what was written no longer is the file
+    (ev.Link("f", "g"), TargetDataState.OK),
+    (ev.MirrorData("f", 2, b"ri"), TargetDataState.OK),  # out of order: the same bytes again
+], ids=["write", "link", "out of order"])
+def test_the_file_is_read_back_when_more_than_its_mirror_data_touched_it(t, between, expected):
+    """Anything else that may have changed the file sends the applier back to its content."""
+    head, data, end = mirror_file("f", {2: b"right"}, 7)
+    t.apply(ev.MirrorStart("m", "full"), head, data, between, end, ev.MirrorEnd("m", 0, 0, 1))
+    assert t.state_now is expected
+
+
 def test_events_for_files_not_mirrored_yet_are_dropped_only_while_mirroring(t):
     t.apply(ev.MirrorStart("m", "full"), ev.Write("later", 0, b"x"), ev.SetAttr("later", mode=0o600),
             *mirror_file("later", {0: b"xy"}, 2), ev.MirrorEnd("m", 2, 0, 1))

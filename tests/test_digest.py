@@ -41,3 +41,40 @@ def test_file_digest_is_combination_of_block_digests(tmp_path):
         assert digest.combine(blocks, os.fstat(fd).st_size) == digest.file_digest(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
+
+
+def _dense_digest(pieces: list[tuple[int, bytes]], size: int) -> bytes:
+    data = bytearray(size)
+    for offset, piece in pieces:
+        data[offset:offset + len(piece)] = piece
+    blocks = [digest.block_digest(bytes(data[i:i + digest.DIGEST_BLOCK]))
+              for i in range(0, size, digest.DIGEST_BLOCK)]
+    return digest.combine(blocks, size)
+
+
+def test_a_stream_of_pieces_with_holes_gives_the_file_digest():
+    import random
+    rng = random.Random(7)
+    block = digest.DIGEST_BLOCK
+    for _ in range(200):
+        pieces, position = [], 0
+        for _ in range(rng.randrange(0, 6)):
+            position += rng.choice([0, 0, 1, 4096, block - 1, block, 3 * block + 5])
+            piece = rng.randbytes(rng.choice([1, 100, block - 3, block, block + 1, 2 * block + 77]))
+            pieces.append((position, piece))
+            position += len(piece)
+        size = position + rng.choice([0, 1, block, 2 * block + 3])
+        stream = digest.Stream()
+        for offset, piece in pieces:
+            stream.feed(offset, memoryview(piece))
+        assert stream.finish(size) == _dense_digest(pieces, size)
+
+
+def test_a_stream_fed_out_of_order_or_past_the_size_gives_nothing():
+    backwards = digest.Stream()
+    backwards.feed(100, b"x" * 50)
+    backwards.feed(120, b"y")
+    assert backwards.finish(200) is None
+    too_long = digest.Stream()
+    too_long.feed(0, b"x" * 50)
+    assert too_long.finish(49) is None
