@@ -46,9 +46,10 @@ outside the target tree, run at most once (apply/tasks.py).
 
 Durability against the machine going down: once no event has changed the target for
 IDLE_CHECKPOINT_S seconds, a checkpoint syncs the target file system and writes a synced
-progress record (and ``close`` does). Checkpoints while events keep coming would buy
-nothing: the record is marked dirty again before the next effect, and a machine stop while
-it is dirty makes the target Mirror Required whatever was synced before (apply/progress.py).
+progress record (and ``close`` does, unless told not to). Checkpoints while events keep
+coming would buy nothing: the record is marked dirty again before the next effect, and a
+machine stop while it is dirty makes the target Mirror Required whatever was synced before
+(apply/progress.py).
 A Barrier fsyncs its file and its directory and makes the record durable, so what the
 source application made durable is durable on the target too.
 
@@ -238,11 +239,20 @@ class Applier:
     def resume(self) -> None:
         self._pause.clear()
 
-    def close(self) -> None:
-        """Commit, sync the target and release everything (the Progress stays open)."""
+    def close(self, *, sync: bool = True) -> None:
+        """Commit and release everything (the Progress stays open). ``sync`` makes the
+        target durable first (a checkpoint). Without it the kernel writes the target back
+        in its own time and the progress record stays unsynced, so a machine stop before
+        that makes the target Mirror Required (apply/progress.py), never silently stale:
+        one-shot jobs close that way (like cp and rsync, which do not sync either), a
+        daemon's applier syncs."""
         try:
-            self._commit_pending()
-            self.checkpoint()
+            if sync:
+                self.checkpoint()
+            else:  # the record also stores a data state set since the last commit
+                self.progress.commit(self._last, durable=self._durable, synced=self.progress.synced)
+                self._pending = self._durable = False
+                self._commit_consumer()
         finally:
             self.files.close()
             for fd in self._device_fds.values():
@@ -252,10 +262,14 @@ class Applier:
             os.close(self._sync_fd)
             self.progress.publish(force=True)
 
-    def run(self, stop_event: threading.Event, max_events: int = 1000) -> None:
-        """Apply until ``stop_event`` is set: wait on the log, apply, retry failures."""
+    def run(self, stop_event: threading.Event, max_events: int = 1000,
+            after_batch: Callable[[], None] | None = None) -> None:
+        """Apply until ``stop_event`` is set: wait on the log, apply, retry failures;
+        ``after_batch()`` after every batch (tools/applier_process.py publishes progress)."""
         while not stop_event.is_set():
             applied = self.run_once(max_events)
+            if after_batch is not None:
+                after_batch()
             status = self.progress.status
             if status is TargetStatus.RETRYING:
                 stop_event.wait(self.settings.retry_delay_s)

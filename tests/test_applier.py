@@ -246,6 +246,17 @@ def test_barrier_makes_progress_durable(t):
     assert Progress.read_snapshot(t.state)["applied_offset"] == 2
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_close_syncs_the_target_unless_told_not_to(t, sync):
+    t.apply(file_("f"), ev.Write("f", 0, b"data"))
+    applier, progress = t.a, t._progress
+    t._applier = t._progress = None
+    applier.close(sync=sync)
+    assert progress.synced is sync  # unsynced: a machine stop now would mean Mirror Required
+    progress.close()
+    assert t.a.applied_offset == 1 and t.state_now is TargetDataState.OK
+
+
 def test_block_events_go_to_the_mapped_image(t, tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(b"\xff" * 65536)
