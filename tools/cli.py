@@ -22,7 +22,10 @@ from ..engine.settings import default_state_dir
 from . import commands
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of the one ``argv`` names: a command module
+    imports what its command needs (the log, the applier, FUSE ...), so ``dt mirror``
+    does not pay for the imports of ``dt protect`` before it starts."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state", default=None, metavar="DIR",
                         help=f"state directory (default: $DT_STATE or {default_state_dir()})")
@@ -34,13 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 1 differences found, 2 error, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"dt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub, common)
+    names = sorted(info.name for info in pkgutil.iter_modules(commands.__path__))
+    named = next((arg for arg in argv or [] if not arg.startswith("-")), None)
+    for name in [named] if named in names else names:
+        importlib.import_module(f"{commands.__name__}.{name}").register(sub, common)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.state is None:
         args.state = str(default_state_dir())
