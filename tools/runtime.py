@@ -385,6 +385,7 @@ class _ApplierProcess:
         self._proc.start()
         child.close()
         self._messages: queue.Queue = queue.Queue()
+        self._undrained = False  # its "drained" message is still to be read
         self._on_failure = on_failure
         self._listener = threading.Thread(target=self._listen, daemon=True)
         self._listener.start()
@@ -413,10 +414,19 @@ class _ApplierProcess:
         raise ApplyFailed(detail=detail or f"unexpected {kind}")
 
     def drain(self) -> None:
+        """Wait until what earlier runs left in the log is applied; when the target's
+        record says nothing is left, return at once: the process then starts up (about
+        0.2 s) while the producer already works."""
+        applied = Progress.read_snapshot(self.job.target_state_dir)["applied_offset"]
+        if applied >= self.job.state.log.end_offset(self.job.partition) - 1:
+            self._undrained = True
+            return
         self._expect("drained")
 
     def finish(self) -> ApplyOutcome:
         self._final_end.value = self.job.state.log.end_offset(self.job.partition)
+        if self._undrained:
+            self._expect("drained")
         outcome = self._expect("done")
         if outcome.applied >= 0:
             self.job.state.log.commit(self.job.partition, "applier", outcome.applied)
