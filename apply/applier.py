@@ -98,11 +98,14 @@ Semantics
 - Sparse files: a whole mirrored file is emptied, only its data blocks are written and
   MirrorFileEnd truncates it to its size, so holes stay holes. MirrorFileEnd then checks
   the blake3 digest (engine/digest.py; a mismatch is Mirror Required, DT-A006) and sets
-  the mtime last. For a file mirrored whole the digest is built from the data as it is
-  written, holes as zeros (digest.Stream): no second pass over the file. It is read back
-  instead when not every byte went by in order with nothing else in between that may
-  have changed it (a block mirror, another event about the file or a namespace change,
-  a restart of the applier).
+  the mtime last, without reading the whole file back when it can: for a file mirrored
+  whole the digest is built from the data as it is written, holes as zeros
+  (digest.Stream); for a file sent in blocks, the block digests the event lists must
+  give the file digest and every block written in this pass is read back and must have
+  its listed digest (the other blocks are the ones the mirror just found equal). The
+  whole file is read back when that is not known: not every byte went by in order, the
+  event lists no blocks, another event about the file or a namespace change came in
+  between, or the applier restarted.
 - Directory times in a mirror pass: a directory's header (MirrorFile) sets its times at
   once, right for a directory without children; creating children moves them, so the
   producer sends a SetAttr with the directory's times after its last child
@@ -130,7 +133,7 @@ import time
 from typing import Callable, Mapping
 
 from datatether.engine import codec, logs
-from datatether.engine.digest import Stream, file_digest
+from datatether.engine import digest as digests
 from datatether.engine import events as ev
 from datatether.engine.errors import CorruptRecord, InvalidEvent, NotFound, OffsetOutOfRange, PathEscapes
 from datatether.engine.log import Log, LogRecord
@@ -184,7 +187,7 @@ class Applier:
         self._sync_fd = os.open(self.tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._pause = threading.Event()
         self._pending = False  # data events applied past the committed offset
-        self._stream: tuple[str, Stream] | None = None  # the whole mirrored file being written
+        self._mirrored: _Mirrored | None = None  # what was written to the file being mirrored
         self._durable = False  # the commit after the current event must be fsynced
         now = time.monotonic()
         self._last_effect = now
@@ -356,8 +359,8 @@ class Applier:
             if not isinstance(op, NO_OPS):
                 self.progress.mark_dirty()
                 self._last_effect = time.monotonic()
-            if self._stream is not None:
-                self._keep_stream(op)
+            if self._mirrored is not None:
+                self._keep_mirrored(op)
             try:
                 self._handlers[type(op)](record.offset, op)
             except Missing as exc:
@@ -695,47 +698,96 @@ class Applier:
         fsops.set_meta(obj, uid=op.uid, gid=op.gid, st=os.fstat(obj) if regular else None)
         fsops.replace_xattrs(obj, op.xattrs)
         fsops.set_meta(obj, mode=op.mode, atime_ns=op.atime_ns, mtime_ns=op.mtime_ns)
-        if regular and op.whole:
-            self._stream = (op.path, Stream())
+        if regular:
+            self._mirrored = _Mirrored(op.path, op.whole)
 
     def _mirror_data(self, offset: int, op: ev.MirrorData) -> None:
         self._write(offset, op)
-        if self._stream is not None and self._stream[0] == op.path:
-            self._stream[1].feed(op.offset, op.data)
+        if self._mirrored is not None and self._mirrored.path == op.path:
+            self._mirrored.wrote(op.offset, op.data)
 
     def _mirror_file_end(self, offset: int, op: ev.MirrorFileEnd) -> None:
         fd = self.files.get(op.path)
         os.ftruncate(fd, op.size)
-        stream, self._stream = self._stream, None
-        digest = stream[1].finish(op.size) if stream is not None and stream[0] == op.path else None
-        if digest is None:  # not every byte went by (blocks only, a replay): read it back
-            # A separate O_NOATIME descriptor: reading back must not change the atime mirrored.
-            reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
-            try:
-                digest = file_digest(reader, op.size)
-            finally:
-                os.close(reader)
-        if digest != op.digest:
+        seen, self._mirrored = self._mirrored, None
+        if seen is None or seen.path != op.path:
+            seen = _Mirrored(op.path, whole=False)  # nothing known: the file is read back
+        # A separate O_NOATIME descriptor: reading back must not change the atime mirrored.
+        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+        try:
+            same = seen.check(reader, op)
+        finally:
+            os.close(reader)
+        if not same:
             log.error("mirrored file differs from the source after being written", msgid="DT-A006",
                       partition=self.partition, path=op.path, offset=offset)
             self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"digest mismatch: {op.path}")
         fsops.set_times(fd, None, op.mtime_ns)
 
-    def _keep_stream(self, op) -> None:
-        """The digest of the file being mirrored whole is taken from what is written to it,
-        as long as nothing else can have changed it: the stream goes with any other event
-        about that file and any event that may change which object a path names."""
-        path = self._stream[0]
+    def _keep_mirrored(self, op) -> None:
+        """What was written to the file being mirrored stands for its content only as long
+        as nothing else can have changed it: it is forgotten at any other event about that
+        file and at any event that may change which object a path names."""
+        path = self._mirrored.path
         mine = isinstance(op, (ev.MirrorData, ev.MirrorFileEnd)) and op.path == path
         elsewhere = isinstance(op, _PATH_DATA_EVENTS) and op.path != path
         if not (mine or elsewhere or isinstance(op, NO_OPS)):
-            self._stream = None
+            self._mirrored = None
 
     def _mirror_end(self, offset: int, op: ev.MirrorEnd) -> None:
         if self.progress.data_state is TargetDataState.MIRRORING:
             self.progress.set_data_state(TargetDataState.OK, f"mirror {op.mirror_id} complete")
             log.info("mirror pass complete", msgid="DT-A017", partition=self.partition, mirror_id=op.mirror_id,
                      files=op.files, sent_bytes=op.sent_bytes)
+
+
+class _Mirrored:
+    """What this pass wrote to one mirrored file, so that MirrorFileEnd can check the
+    file's digest without reading all of it back (module docstring, "Sparse files")."""
+
+    __slots__ = ("path", "stream", "blocks")
+
+    def __init__(self, path: str, whole: bool):
+        self.path = path
+        self.stream = digests.Stream() if whole else None  # a whole file: all its data
+        self.blocks: set[int] = set()  # a file sent in blocks: the blocks written
+
+    def wrote(self, offset: int, data: bytes) -> None:
+        if self.stream is not None:
+            self.stream.feed(offset, data)
+        elif data:
+            self.blocks.update(range(offset // digests.DIGEST_BLOCK,
+                                     (offset + len(data) - 1) // digests.DIGEST_BLOCK + 1))
+
+    def check(self, fd: int, op: ev.MirrorFileEnd) -> bool:
+        """True when the file open as ``fd`` has the digest ``op`` carries."""
+        if self.stream is not None:
+            made = self.stream.finish(op.size)
+            if made is not None:
+                return made == op.digest
+        else:
+            listed = self._listed_blocks_match(fd, op)
+            if listed is not None:
+                return listed
+        return digests.file_digest(fd, op.size) == op.digest
+
+    def _listed_blocks_match(self, fd: int, op: ev.MirrorFileEnd) -> bool | None:
+        """With the source's block digests listed (and consistent with its file digest),
+        the blocks written are read back and compared; the others were found equal by
+        the mirror's comparison. None when there is no usable list."""
+        size, listed, width = op.size, op.block_digests, digests.BLOCK_DIGEST_LEN
+        count = -(-size // digests.DIGEST_BLOCK)
+        if len(listed) != count * width:
+            return None
+        expected = [listed[i * width:(i + 1) * width] for i in range(count)]
+        if digests.combine(expected, size) != op.digest:
+            return None
+        for index in sorted(i for i in self.blocks if i < count):
+            start = index * digests.DIGEST_BLOCK
+            data = os.pread(fd, min(digests.DIGEST_BLOCK, size - start), start)
+            if digests.block_digest(data) != expected[index]:
+                return False
+        return True
 
 
 def _touched(op) -> str | None:

@@ -35,7 +35,7 @@ import zstandard
 from . import events as ev
 from .errors import CorruptRecord
 
-CURRENT_VERSION = 2
+CURRENT_VERSION = 3
 COMPRESS_ABOVE = 512  # bytes of Avro body; smaller bodies rarely shrink enough to pay off
 _ZSTD_LEVEL = 1
 _FLAG_ZSTD = 1
@@ -47,7 +47,7 @@ def _load(name: str) -> dict:
     return fastavro.parse_schema(json.loads(text))
 
 
-SCHEMAS: dict[int, dict] = {1: _load("event.v1.avsc"), 2: _load("event.avsc")}
+SCHEMAS: dict[int, dict] = {1: _load("event.v1.avsc"), 2: _load("event.v2.avsc"), 3: _load("event.avsc")}
 _NAMESPACE = "datatether.event."
 _BYTES_FIELDS = set(ev.PATH_FIELDS) | {"target", "link_target", "root", "name"}
 # zstandard's (de)compressor objects must not be used by two threads at once (capture,
@@ -99,6 +99,8 @@ def _op_from_avro(record_name: str, body: dict):
             value = ev.FileKind(value)
         elif f.name == "rules":
             value = [ev.Rule(**r) for r in value]
+        elif isinstance(value, str) and isinstance(f.default, bytes):
+            value = value.encode("latin-1")  # a bytes default, which Avro writes as a string
         kwargs[f.name] = value
     return cls(**kwargs)
 
@@ -265,7 +267,8 @@ def _mirror_file_end_writer():
 
     def parts(event: ev.Event) -> list[bytes]:
         op = event.op
-        return _head(event, branch, op.path) + [_long(op.size), _long(len(op.digest)), op.digest, _long(op.mtime_ns)]
+        return _head(event, branch, op.path) + [_long(op.size), _long(len(op.digest)), op.digest, _long(op.mtime_ns),
+                                                 _long(len(op.block_digests)), op.block_digests]
     return parts
 
 
@@ -362,7 +365,8 @@ def _fast_read(body: bytes, pos: int) -> ev.Event | None:
             size, pos = _read_long(body, pos)
             file_digest, pos = _read_bytes(body, pos)
             mtime_ns, pos = _read_long(body, pos)
-            op = ev.MirrorFileEnd(path, size, file_digest, mtime_ns)
+            block_digests, pos = _read_bytes(body, pos)
+            op = ev.MirrorFileEnd(path, size, file_digest, mtime_ns, block_digests)
         else:
             offset, pos = _read_long(body, pos)
             data, pos = _read_bytes(body, pos)

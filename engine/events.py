@@ -192,6 +192,7 @@ class MirrorFileEnd:
     size: int
     digest: bytes
     mtime_ns: int
+    block_digests: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

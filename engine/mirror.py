@@ -24,9 +24,11 @@ give the file digest, at any other size the file digest costs a second read.
 
 Events of one object, in order: ``MirrorFile`` (metadata; ``whole`` makes the target
 start from an empty file), ``MirrorData`` packets of at most ``mirror_packet_size``,
-``MirrorFileEnd`` (size, the engine/digest.py file digest, mtime). A directory's times
-are set again by a ``SetAttr`` after its last child, since creating children moves
-them. Hard links inside the set: the first path found is sent as a file, later paths as
+``MirrorFileEnd`` (size, the engine/digest.py file digest, mtime; for a file sent in
+blocks also every block digest, up to MAX_LISTED_BLOCKS, so the applier reads back only
+the blocks it wrote, apply/applier.py). A directory's times are set again by a
+``SetAttr`` after its last child, since creating children moves them. Hard links inside
+the set: the first path found is sent as a file, later paths as
 ``MirrorFile(hardlink_of=first)``; when the first path gets new content (a new file on
 the target) every later path is linked again, and a target file linked to other names
 is never changed in place (its other names would change too).
@@ -86,6 +88,7 @@ CHUNK = 1 << 20            # bytes read (and locked) at a time; a multiple of DI
 LARGE_FILE = 4 << 20       # files above this are mirrored alone, chunk by chunk
 GROUP_BYTES = 4 << 20      # small objects are handled in groups up to this many file bytes
 GROUP_ITEMS = 256          # ... or this many objects
+MAX_LISTED_BLOCKS = 1 << 18  # block digests a MirrorFileEnd lists (4 MiB; files up to 16 GiB)
 SAVE_EVERY_ITEMS = 2000
 SAVE_EVERY_S = 2.0
 PROGRESS_EVERY_S = 0.2
@@ -625,9 +628,9 @@ class Mirror:
                 if large:
                     self._flush()
         self._count(src.size, sent=sent)
-        file_digest = (digest.combine(src_d, src.size) if bs == digest.DIGEST_BLOCK
-                       else digest.file_digest(fd, src.size))
-        self._end_file(src, fd, file_digest, large)
+        blocks = src_d if bs == digest.DIGEST_BLOCK else digest.block_digests(fd, src.size)
+        listed = b"".join(blocks) if len(blocks) <= MAX_LISTED_BLOCKS else b""
+        self._end_file(src, fd, digest.combine(blocks, src.size), large, listed)
 
     def _digests(self, src: Entry, dst: Entry, fd: int, large: bool) -> tuple[list[bytes], list[bytes]]:
         """Block digests of source and target; in parallel for large files (blake3 and
@@ -648,12 +651,13 @@ class Mirror:
         finally:
             os.close(tfd)
 
-    def _end_file(self, src: Entry, fd: int, file_digest: bytes, large: bool) -> None:
+    def _end_file(self, src: Entry, fd: int, file_digest: bytes, large: bool, block_digests: bytes = b"") -> None:
         with self._chunk_lock(src, fd, large):
             now = os.fstat(fd)
             if (now.st_ctime_ns, now.st_size) != (src.ctime_ns, src.size):
                 raise Changed(src.rel)
-            self._emit(MirrorFileEnd(path=src.rel, size=src.size, digest=file_digest, mtime_ns=src.mtime_ns))
+            self._emit(MirrorFileEnd(path=src.rel, size=src.size, digest=file_digest, mtime_ns=src.mtime_ns,
+                                     block_digests=block_digests))
             self._sent_object(src)
 
     def _chunk_lock(self, src: Entry, fd: int, large: bool):

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -284,9 +285,12 @@ def test_gap_makes_mirror_required(t):
 
 # -- mirror events ------------------------------------------------------------------------
 
-def mirror_file(path, data_blocks: dict[int, bytes], size, *, kind=FileKind.FILE, whole=True, **kw):
-    """MirrorFile, its MirrorData and MirrorFileEnd, with the digest of the file they make."""
-    content = bytearray(size)
+def mirror_file(path, data_blocks: dict[int, bytes], size, *, kind=FileKind.FILE, whole=True, listed=False,
+                base: bytes = b"", **kw):
+    """MirrorFile, its MirrorData and MirrorFileEnd, with the digest of the file they make
+    (over ``base``, what the target has, for a file sent in blocks); ``listed``: with the
+    file's block digests, as a checksum mirror sends them."""
+    content = bytearray(base[:size].ljust(size, b"\0"))
     for off, block in data_blocks.items():
         content[off:off + len(block)] = block
     blocks = [digest.block_digest(bytes(content[i:i + digest.DIGEST_BLOCK]))
@@ -294,7 +298,7 @@ def mirror_file(path, data_blocks: dict[int, bytes], size, *, kind=FileKind.FILE
     head = ev.MirrorFile(path, kind, kw.pop("mode", 0o640), kw.pop("uid", 0), kw.pop("gid", 0), T0, T0 + 7,
                          size, whole=whole, **kw)
     return [head, *(ev.MirrorData(path, off, block) for off, block in data_blocks.items()),
-            ev.MirrorFileEnd(path, size, digest.combine(blocks, size), T0 + 8)]
+            ev.MirrorFileEnd(path, size, digest.combine(blocks, size), T0 + 8, b"".join(blocks) if listed else b"")]
 
 
 def test_mirror_pass_builds_files_sparse_links_and_attributes(t):
@@ -352,13 +356,12 @@ def test_digest_mismatch_marks_mirror_required_through_the_end_of_the_pass(t):
     assert t.state_now is TargetDataState.MIRROR_REQUIRED and "digest" in t.a.progress.data_state_reason
 
 
+def no_reading_back(fd, size):
+    raise AssertionError("the whole file was read back")
+
+
 def test_a_whole_file_is_checked_by_what_was_written_without_reading_it_back(t, monkeypatch):
-    import datatether.apply.applier as applier_module
-
-    def no_reading(fd, size):
-        raise AssertionError("read back")
-
-    monkeypatch.setattr(applier_module, "file_digest", no_reading)
+    monkeypatch.setattr(digest, "file_digest", no_reading_back)
     block = digest.DIGEST_BLOCK
     t.apply(ev.MirrorStart("m", "full"),
             *mirror_file("f", {0: b"a" * (block + 3), 3 * block - 1: b"b" * 2, 5 * block + 7: b"c"}, 6 * block),
@@ -369,6 +372,31 @@ def test_a_whole_file_is_checked_by_what_was_written_without_reading_it_back(t, 
     events[1] = ev.MirrorData("g", 0, b"y" * 10)
     t.apply(ev.MirrorStart("m2", "full"), *events, ev.MirrorEnd("m2", 0, 0, 1))
     assert t.state_now is TargetDataState.MIRROR_REQUIRED and "digest" in t.a.progress.data_state_reason
+
+
+def test_a_file_sent_in_blocks_is_checked_by_reading_back_only_the_blocks_written(t, monkeypatch):
+    block = digest.DIGEST_BLOCK
+    base = b"a" * (5 * block + 10)
+    t.apply(file_("f"), ev.Write("f", 0, base))
+    monkeypatch.setattr(digest, "file_digest", no_reading_back)
+    t.apply(ev.MirrorStart("m", "checksum"),
+            *mirror_file("f", {block: b"b" * block, 3 * block + 5: b"c" * 10}, len(base), whole=False, listed=True,
+                         base=base),
+            ev.MirrorEnd("m", 0, 0, 1))
+    assert t.state_now is TargetDataState.OK
+    assert (t.root / "f").read_bytes()[block:2 * block] == b"b" * block
+    events = mirror_file("f", {2 * block: b"d" * 10}, len(base), whole=False, listed=True, base=base)
+    events[1] = ev.MirrorData("f", 2 * block, b"e" * 10)  # what reaches the file is not the source's
+    t.apply(ev.MirrorStart("m2", "checksum"), *events, ev.MirrorEnd("m2", 0, 0, 1))
+    assert t.state_now is TargetDataState.MIRROR_REQUIRED and "digest" in t.a.progress.data_state_reason
+
+
+def test_a_block_list_that_is_not_the_files_sends_the_applier_back_to_the_whole_file(t):
+    t.apply(file_("f"), ev.Write("f", 0, b"a" * 100))
+    head, data, end = mirror_file("f", {10: b"b"}, 100, whole=False, listed=True, base=b"a" * 100)
+    wrong_list = replace(end, block_digests=digest.block_digest(b"x"))
+    t.apply(ev.MirrorStart("m", "checksum"), head, data, wrong_list, ev.MirrorEnd("m", 0, 0, 1))
+    assert t.state_now is TargetDataState.OK  # the file itself matches the digest
 
 
 @pytest.mark.parametrize("between, expected", [

@@ -72,6 +72,15 @@ def test_record_written_with_schema_v1_still_decodes():
     assert event == ev.Event(ev.Write("f", 3, b"abc"), 42, origin="cli")
 
 
+def test_record_written_with_schema_v2_still_decodes():
+    """A version-2 MirrorFileEnd (before block_digests) reads with the field's default."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, codec.SCHEMAS[2], {"time_ns": 42, "origin": "mirror", "op": (
+        "datatether.event.MirrorFileEnd", {"path": b"f", "size": 3, "digest": b"d" * 32, "mtime_ns": 7})})
+    event = codec.decode(bytes((2, 0)) + buf.getvalue())
+    assert event == ev.Event(ev.MirrorFileEnd("f", 3, b"d" * 32, 7, block_digests=b""), 42, origin="mirror")
+
+
 def test_large_bodies_are_compressed():
     blob = codec.encode(ev.Event(ev.Write("f", 0, b"a" * 100_000), 1))
     assert len(blob) < 2000
@@ -154,7 +163,8 @@ def _random_hot_events(rng, count):
                                number(64), number(64), number(64), number(64), maybe_path(), maybe_path(),
                                xattrs, rng.random() < 0.5)
         elif kind is ev.MirrorFileEnd:
-            op = ev.MirrorFileEnd(path(), number(64), rng.randbytes(rng.choice([0, 32])), number(64))
+            op = ev.MirrorFileEnd(path(), number(64), rng.randbytes(rng.choice([0, 32])), number(64),
+                                  rng.randbytes(rng.choice([0, 16, 16 * 300])))
         else:
             op = kind(path(), number(64), rng.randbytes(rng.choice([0, 1, 600, 70_000])))
         yield ev.Event(op, number(64), rng.choice(["fuse", "mirror", "ünï", ""]))
