@@ -42,7 +42,7 @@ microseconds to milliseconds instead of about ten microseconds).
 ``EmbeddedLog.open_readonly(path)`` opens a RocksDB *secondary* instance, which works while
 a daemon holds the directory for writing: every call first catches up with the writer's
 files (``read`` only when it asks for a record it has not seen yet), and ``wait`` polls
-every ``POLL_S`` for records another process appends.
+every ``POLL_S`` for records another process appends. A catch-up costs about 26 us.
 """
 
 from __future__ import annotations
@@ -138,6 +138,9 @@ class EmbeddedLog(Log):
         access = rocksdict.AccessType.read_write()
         if self.readonly:
             options.set_max_open_files(-1)  # required by secondary instances
+            # Each catch-up would otherwise start RocksDB's 16 file-opening threads:
+            # 2.9 ms per catch-up instead of 26 us.
+            options.set_max_file_opening_threads(1)
             access = rocksdict.AccessType.secondary(str(self._secondary))
         else:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -391,9 +394,9 @@ class EmbeddedLog(Log):
 
     def _reading(self, partition: str, start: int) -> _Partition:
         """The partition for a read from ``start``. A reader process catches up with the
-        writer only when it has not seen that record yet: catching up costs about a
-        millisecond, and what it has seen stays readable (RocksDB files and segments it
-        has open; one removed meanwhile reads as out of range, see ``_missing``)."""
+        writer only when it has not seen that record yet (a catch-up reads the writer's
+        new files); what it has seen stays readable (RocksDB files and segments it has
+        open; one removed meanwhile reads as out of range, see ``_missing``)."""
         part = self._parts.get(partition) if self.readonly and self._db is not None else None
         if part is not None and start < part.end:
             return part
