@@ -21,10 +21,13 @@ Events fall in two classes.
 
 The applied offset (apply/progress.py: one pwrite, which survives the process being
 killed) is committed **before and after every commit point**, and after every run of data
-events (at the latest at the end of each batch). So after a crash, what was applied past
-the committed offset is either a run of data events or one single commit point, wholly
-or partly applied. The restarted applier applies them again from the committed offset,
-and that is exact:
+events (at the latest at the end of each batch), except that a mirrored file's commit
+points are bound to the data run between them: none after a MirrorFile, none before a
+MirrorFileEnd (one commit per mirrored file instead of three). So after a crash, what was
+applied past the committed offset is either one single commit point, wholly or partly
+applied, or a run of data events, which may open with a MirrorFile and close with a
+MirrorFileEnd. The restarted applier applies them again from the committed offset, and
+that is exact:
 
 - One event applied again, over its own whole or partial first application, ends in the
   same state. Writes, truncates and fallocates use absolute offsets and sizes; attributes
@@ -38,6 +41,12 @@ and that is exact:
   every byte, size and attribute ends with the value the last event of the run that sets
   it gives (a truncate zeroes what it cuts off, so bytes a replayed earlier write puts
   past it are cut again).
+- A MirrorFile opening such a run makes the same object at its own path again (a whole
+  file is emptied again) before the run writes its data again, and a MirrorFileEnd
+  closing one truncates, checks and times the file the run has just written again.
+  Neither changes which object any other path names, and a data event of the run about
+  a path below a MirrorFile's finds it the same way both times (missing, if the
+  MirrorFile replaced a directory there).
 
 Replaying more than that could rewrite history: a Rename followed by a Create at the old
 name, replayed from before the Rename, would move the new file over the old one. The
@@ -157,6 +166,9 @@ DATA_EVENTS = (ev.Write, ev.Truncate, ev.Fallocate, ev.SetAttr, ev.SetXattr, ev.
                ev.MirrorData, ev.BlockWrite, ev.BlockDiscard, ev.TaskResult, ev.Marker,
                ev.ReplicationSetDefinition)
 NO_OPS = (ev.TaskResult, ev.Marker, ev.ReplicationSetDefinition)
+# Commit points bound to the data run after (MirrorFile) or before (MirrorFileEnd) them.
+_NO_COMMIT_AFTER = (ev.MirrorFile,)
+_NO_COMMIT_BEFORE = (ev.MirrorFileEnd,)
 # Events that change at most the attributes or content of the object their path names.
 _PATH_DATA_EVENTS = (ev.Write, ev.Truncate, ev.Fallocate, ev.SetAttr, ev.SetXattr, ev.RemoveXattr, ev.MirrorData)
 _REFUSED = (PathEscapes, InvalidEvent, CorruptRecord)
@@ -354,7 +366,7 @@ class Applier:
             event = record.event() if isinstance(record, _Corrupt) else codec.decode(record.value)
             op = event.op
             commit_point = not isinstance(op, DATA_EVENTS)
-            if commit_point:
+            if commit_point and not isinstance(op, _NO_COMMIT_BEFORE):
                 self._commit_pending()
             if not isinstance(op, NO_OPS):
                 self.progress.mark_dirty()
@@ -374,7 +386,7 @@ class Applier:
         self._pending = True
         if not isinstance(op, NO_OPS):
             self.progress.sample(event.time_ns, _touched(op), event.data_bytes())
-        if commit_point:
+        if commit_point and not isinstance(op, _NO_COMMIT_AFTER):
             self._commit_pending()
 
     def _commit_pending(self) -> None:
@@ -708,17 +720,12 @@ class Applier:
 
     def _mirror_file_end(self, offset: int, op: ev.MirrorFileEnd) -> None:
         fd = self.files.get(op.path)
-        os.ftruncate(fd, op.size)
         seen, self._mirrored = self._mirrored, None
         if seen is None or seen.path != op.path:
             seen = _Mirrored(op.path, whole=False)  # nothing known: the file is read back
-        # A separate O_NOATIME descriptor: reading back must not change the atime mirrored.
-        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
-        try:
-            same = seen.check(reader, op)
-        finally:
-            os.close(reader)
-        if not same:
+        if not seen.sized(op.size):
+            os.ftruncate(fd, op.size)
+        if not seen.check(fd, op):
             log.error("mirrored file differs from the source after being written", msgid="DT-A006",
                       partition=self.partition, path=op.path, offset=offset)
             self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"digest mismatch: {op.path}")
@@ -759,17 +766,24 @@ class _Mirrored:
             self.blocks.update(range(offset // digests.DIGEST_BLOCK,
                                      (offset + len(data) - 1) // digests.DIGEST_BLOCK + 1))
 
+    def sized(self, size: int) -> bool:
+        """True when the file has ``size`` bytes already: a whole file (its header
+        emptied it) whose data went, in order, up to exactly that size."""
+        return self.stream is not None and not self.stream.broken and self.stream.position == size
+
     def check(self, fd: int, op: ev.MirrorFileEnd) -> bool:
         """True when the file open as ``fd`` has the digest ``op`` carries."""
         if self.stream is not None:
             made = self.stream.finish(op.size)
             if made is not None:
                 return made == op.digest
-        else:
-            listed = self._listed_blocks_match(fd, op)
-            if listed is not None:
-                return listed
-        return digests.file_digest(fd, op.size) == op.digest
+        # A separate O_NOATIME descriptor: reading back must not change the atime mirrored.
+        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+        try:
+            listed = None if self.stream is not None else self._listed_blocks_match(reader, op)
+            return listed if listed is not None else digests.file_digest(reader, op.size) == op.digest
+        finally:
+            os.close(reader)
 
     def _listed_blocks_match(self, fd: int, op: ev.MirrorFileEnd) -> bool | None:
         """With the source's block digests listed (and consistent with its file digest),

@@ -7,6 +7,8 @@ The generated stream is built so that applying something twice would show: a fil
 renamed (often over another) and a new file is created and written at the old name,
 directories move and are removed, and task commands append their id to a file outside
 the target (each id must appear at most once, and each task has exactly one result).
+Mirrored files (header, data with holes, end with its digest) come between them, with
+writes to other files in the middle of their data, as live capture interleaves them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from apply_helpers import PARTITION, append, differences, snapshot
 from datatether.apply.applier import Applier
 from datatether.apply.progress import Progress
 from datatether.apply.tasks import TASK_NOT_RUN
-from datatether.engine import codec
+from datatether.engine import codec, digest
 from datatether.engine import events as ev
 from datatether.engine.events import FileKind
 from datatether.engine.log_embedded import EmbeddedLog
@@ -121,13 +123,15 @@ class Stream:
     def step(self) -> None:
         r = self.rng
         kind = r.choices(["create", "write", "truncate", "punch", "attr", "xattr", "swap", "rename",
-                          "link", "symlink", "unlink", "mkdir", "mvdir", "rmdir", "task", "barrier"],
-                         [8, 30, 5, 3, 4, 4, 8, 3, 3, 3, 4, 4, 2, 1, 2, 2])[0]
+                          "link", "symlink", "unlink", "mkdir", "mvdir", "rmdir", "task", "barrier", "mirror"],
+                         [8, 30, 5, 3, 4, 4, 8, 3, 3, 3, 4, 4, 2, 1, 2, 2, 4])[0]
         if kind in ("create",) or not self.files:
             self.create()
             return
         f = r.choice(self.files)
-        if kind == "write":
+        if kind == "mirror":
+            self.mirror(f if r.random() < 0.5 else self.name())
+        elif kind == "write":
             self.ops.append(ev.Write(f, r.randrange(0, 70000), self.data()))
         elif kind == "truncate":
             self.ops.append(ev.Truncate(f, r.randrange(0, 70000)))
@@ -182,6 +186,34 @@ class Stream:
                                            ["sh", "-c", f'echo "$DT_TASK_ID" >> {self.outside}']))
         elif kind == "barrier":
             self.ops.append(ev.Barrier(f))
+
+    def mirror(self, path: str) -> None:
+        """A whole file mirrored at ``path`` (replacing what is there), its data in pieces
+        with holes between them and writes to other files in between."""
+        r = self.rng
+        size = r.choice([0, 5, 70000, 200000])
+        content = bytearray(size)
+        data = []
+        position = 0
+        while True:
+            position += r.choice([0, 4096, 65536])  # a hole
+            if position >= size:
+                break
+            piece = r.randbytes(min(size - position, r.choice([1, 5000, 65536, 100000])))
+            content[position:position + len(piece)] = piece
+            data.append(ev.MirrorData(path, position, piece))
+            others = [f for f in self.files if f != path]
+            if others and r.random() < 0.3:
+                data.append(ev.Write(r.choice(others), r.randrange(0, 70000), self.data()))
+            position += len(piece)
+        blocks = [digest.block_digest(bytes(content[i:i + digest.DIGEST_BLOCK]))
+                  for i in range(0, size, digest.DIGEST_BLOCK)]
+        self.ops += [ev.MirrorStart(f"m{self.n}", "full"),
+                     ev.MirrorFile(path, FileKind.FILE, 0o644, 0, 0, T0, T0, size), *data,
+                     ev.MirrorFileEnd(path, size, digest.combine(blocks, size), T0 + 1),
+                     ev.MirrorEnd(f"m{self.n}", size, 0, 1)]
+        if path not in self.files:
+            self.files.append(path)
 
     def build(self, count: int) -> list:
         while len(self.ops) < count:
