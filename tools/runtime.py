@@ -322,12 +322,32 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _applier_process(spec: dict, conn, applied, final_end, abort) -> None:
-    """Body of the applier process (see ``_ApplierProcess``)."""
+def applier_spec(job: Job) -> dict:
+    """What an applier process needs to open the job's target and log, and to log like this
+    process (picklable: the process is spawned)."""
+    import structlog
+    config = structlog.get_config()
+    return {"settings": job.state.settings, "partition": job.partition, "state_dir": str(job.state.dir),
+            "target_state_dir": str(job.target_state_dir), "target_root": job.conn.target_root,
+            "source_root": job.rset.root,
+            "log_json": isinstance(config["processors"][-1], structlog.processors.JSONRenderer),
+            "log_level": logging.getLevelName(config["wrapper_class"].get_effective_level(None)).lower()}
+
+
+def enter_applier_process(spec: dict) -> None:
+    """First steps of an applier process: die with the parent; leave SIGINT and SIGTERM,
+    which a terminal or a service manager sends to the whole process group, to the
+    parent (it decides when to stop); log like it."""
     import signal
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logs.configure(json=spec["log_json"], level=spec["log_level"])
+
+
+def _applier_process(spec: dict, conn, applied, final_end, abort) -> None:
+    """Body of the applier process (see ``_ApplierProcess``)."""
+    enter_applier_process(spec)
     settings, partition = spec["settings"], spec["partition"]
     reader = progress = applier = None
     try:
@@ -367,20 +387,13 @@ class _ApplierProcess:
     def __init__(self, job: Job, on_failure: Callable[[], None] | None):
         import multiprocessing
         import queue
-        import structlog
         ctx = multiprocessing.get_context("spawn")
         self.job = job
         self._conn, child = ctx.Pipe()
         self._applied = ctx.Value("q", -1, lock=False)
         self._final_end = ctx.Value("q", -1, lock=False)
         self._abort = ctx.Event()
-        config = structlog.get_config()
-        spec = {"settings": job.state.settings, "partition": job.partition, "state_dir": str(job.state.dir),
-                "target_state_dir": str(job.target_state_dir), "target_root": job.conn.target_root,
-                "source_root": job.rset.root,
-                "log_json": isinstance(config["processors"][-1], structlog.processors.JSONRenderer),
-                "log_level": logging.getLevelName(config["wrapper_class"].get_effective_level(None)).lower()}
-        self._proc = ctx.Process(target=_applier_process, args=(spec, child, self._applied, self._final_end,
+        self._proc = ctx.Process(target=_applier_process, args=(applier_spec(job), child, self._applied, self._final_end,
                                                                 self._abort), name=f"dt-applier-{job.partition}")
         self._proc.start()
         child.close()

@@ -36,9 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from ...apply.applier import Applier
 from ...apply.orphans import process_orphans
-from ...apply.progress import Progress
 from ...apply.snapshot import TargetSnapshots
 from ...capture.fuse import FuseCapture
 from ...engine import codec, logs
@@ -46,6 +44,7 @@ from ...engine.api import ApiServer
 from ...engine.connection import map_target
 from ...engine.daemon import Daemon, DaemonLock, Parts, refuse_other_daemons, socket_path
 from ...engine.errors import NotFound, UsageError
+from ...engine.log_feed import FeedingLog
 from ...engine.events import Event, Rmdir, SetAttr, Unlink
 from ...engine.mirror import Mirror
 from ...engine.pathlocks import PathLocks
@@ -56,6 +55,7 @@ from ...engine.settings import Settings
 from ...engine.states import MirrorMode
 from ...engine.tree import Tree
 from .. import output, runtime
+from ..applier_process import ApplierProcess
 
 log = logs.get(__name__)
 
@@ -211,11 +211,11 @@ def build_daemon(args, state: runtime.State, job: runtime.Job, source_fd: int) -
         return Mirror(Tree(view_root, underneath), job.target_view(), log_, job.partition, settings, locks,
                       mode=mode, link_map=job.link_map(), origin="mirror")
 
-    progress = Progress(job.target_state_dir)
+    applier = ApplierProcess(job)  # in a process of its own, fed as records are appended
     return Daemon(Parts(
-        conn=conn, log=state.log, settings=settings, limits=_limits(args, settings), space_path=state.dir,
-        progress=progress,
-        make_applier=lambda log_: Applier(log_, job.partition, conn.target_root, rset.root, progress, settings),
+        conn=conn, log=FeedingLog(state.log, job.partition, applier.feed), settings=settings,
+        limits=_limits(args, settings), space_path=state.dir, progress=applier.progress,
+        make_applier=applier.bind,
         make_capture=lambda sink, on_gap: FuseCapture(conn.source_root, sink, settings, matches=matches,
                                                       locks=locks, on_gap=on_gap),
         make_mirror=make_mirror,
