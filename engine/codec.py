@@ -15,9 +15,9 @@ schema version in SCHEMAS still decode (Avro schema resolution, new fields have 
 Hot path: the events the capture produces for every write (Write, MirrorData and the
 SetAttr of a file's new mtime) and the mirror's per-file MirrorFile and MirrorFileEnd are
 written and read by hand-rolled Avro (``_FAST``), tens of microseconds per event cheaper
-than fastavro's generic walk and with one copy of the data instead of four. The bytes are exactly fastavro's (tests compare both on
-random events); any other record, or one the fast reader cannot parse, goes through
-fastavro.
+than fastavro's generic walk and with one copy of the data instead of four. The bytes are
+exactly fastavro's (tests compare both on random events); any other record, or one the
+fast reader cannot parse, goes through fastavro.
 """
 
 from __future__ import annotations
