@@ -532,3 +532,25 @@ def test_start_clears_a_dead_mount_left_behind(fuse_available, source):
             assert sorted(os.listdir(source)) == ["before.txt", "excl"]
             (source / "new").write_bytes(b"n")
         assert [type(op) for op in recorder.take()] == [Create, Write]
+
+
+def test_a_capability_set_through_the_mount_is_dropped_by_the_next_write(capture, source, real):
+    """The kernel asks for security.capability before every write and drops it when there
+    is one: set through the mount after a first write, it is gone after the next, and the
+    drop is an event like any removal."""
+    import struct
+    f = source / "prog"
+    f.write_bytes(b"#!/bin/true\n")
+    with open(f, "r+b") as out:
+        out.write(b"#")  # asks, and finds none
+    caps = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)  # revision 2, effective, cap_net_raw
+    os.setxattr(f, "security.capability", caps)
+    real_prog = f"/proc/self/fd/{real}/prog"
+    assert os.getxattr(real_prog, "security.capability") == caps
+    capture.recorder.take()
+    with open(f, "r+b") as out:
+        out.write(b"#")
+    with pytest.raises(OSError) as gone:
+        os.getxattr(real_prog, "security.capability")
+    assert gone.value.errno == errno.ENODATA
+    assert RemoveXattr("prog", "security.capability") in capture.recorder.take()
