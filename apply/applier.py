@@ -478,7 +478,11 @@ class Applier:
                 keep_data: bool = False) -> None:
         """Make ``loc`` an object of ``kind`` (an empty file unless ``keep_data``), replacing
         what is in the way; an object that is already right is kept."""
-        st = fsops.lstat(loc)
+        try:  # the usual case of a mirror or of a capture: nothing there yet
+            self._make(loc, kind, rdev, link_target)
+            return
+        except FileExistsError:
+            st = fsops.lstat(loc)
         if st is not None and not self._fits(loc, st, kind, rdev, link_target):
             if kind is ev.FileKind.FILE and keep_data and stat.S_ISREG(st.st_mode):
                 self._forget(loc.path)
@@ -491,11 +495,14 @@ class Applier:
             self._remove(loc)
             st = None
         if st is None:
-            fd = fsops.make(loc, kind, rdev, link_target)
-            if fd is not None:
-                self.files.adopt(loc.path, fd)
+            self._make(loc, kind, rdev, link_target)
         elif kind is ev.FileKind.FILE and not keep_data and st.st_size:
             os.ftruncate(self.files.get(loc.path), 0)
+
+    def _make(self, loc: Loc, kind: ev.FileKind, rdev: int, link_target: str | None) -> None:
+        fd = fsops.make(loc, kind, rdev, link_target)
+        if fd is not None:
+            self.files.adopt(loc.path, fd)
 
     @staticmethod
     def _fits(loc: Loc, st: os.stat_result, kind: ev.FileKind, rdev: int, link_target: str | None) -> bool:
@@ -711,7 +718,7 @@ class Applier:
         fsops.replace_xattrs(obj, op.xattrs)
         fsops.set_meta(obj, mode=op.mode, atime_ns=op.atime_ns, mtime_ns=op.mtime_ns)
         if regular:
-            self._mirrored = _Mirrored(op.path, op.whole)
+            self._mirrored = _Mirrored(op.path, op.whole, op.atime_ns)
 
     def _mirror_data(self, offset: int, op: ev.MirrorData) -> None:
         self._write(offset, op)
@@ -722,14 +729,14 @@ class Applier:
         fd = self.files.get(op.path)
         seen, self._mirrored = self._mirrored, None
         if seen is None or seen.path != op.path:
-            seen = _Mirrored(op.path, whole=False)  # nothing known: the file is read back
+            seen = _Mirrored(op.path, whole=False, atime_ns=None)  # nothing known: read it back
         if not seen.sized(op.size):
             os.ftruncate(fd, op.size)
         if not seen.check(fd, op):
             log.error("mirrored file differs from the source after being written", msgid="DT-A006",
                       partition=self.partition, path=op.path, offset=offset)
             self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"digest mismatch: {op.path}")
-        fsops.set_times(fd, None, op.mtime_ns)
+        fsops.set_times(fd, seen.atime_ns, op.mtime_ns)  # the atime again: one call, not two
 
     def _keep_mirrored(self, op) -> None:
         """What was written to the file being mirrored stands for its content only as long
@@ -752,10 +759,10 @@ class _Mirrored:
     """What this pass wrote to one mirrored file, so that MirrorFileEnd can check the
     file's digest without reading all of it back (module docstring, "Sparse files")."""
 
-    __slots__ = ("path", "stream", "blocks")
+    __slots__ = ("path", "stream", "blocks", "atime_ns")
 
-    def __init__(self, path: str, whole: bool):
-        self.path = path
+    def __init__(self, path: str, whole: bool, atime_ns: int | None):
+        self.path, self.atime_ns = path, atime_ns
         self.stream = digests.Stream() if whole else None  # a whole file: all its data
         self.blocks: set[int] = set()  # a file sent in blocks: the blocks written
 

@@ -142,6 +142,12 @@ def set_mode(obj: Obj, mode: int) -> None:
 
 def set_times(obj: Obj, atime_ns: int | None, mtime_ns: int | None) -> None:
     """utimensat without following; None leaves that time as it is (UTIME_OMIT)."""
+    if atime_ns is not None and mtime_ns is not None:  # os.utime does it, without ctypes
+        if isinstance(obj, int):
+            os.utime(obj, ns=(atime_ns, mtime_ns))
+        else:
+            os.utime(obj.name, ns=(atime_ns, mtime_ns), dir_fd=obj.dir_fd, follow_symlinks=False)
+        return
     times = (_Timespec * 2)(_timespec(atime_ns), _timespec(mtime_ns))
     if isinstance(obj, int):
         _check(_libc.futimens(obj, times))
