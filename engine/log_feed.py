@@ -63,7 +63,7 @@ class Feed:
     """The writer's end of the feed socket (see the module docstring)."""
 
     def __init__(self, sock: socket.socket | None = None):
-        self._sock = None
+        self._sock = self._retired = None
         self.skipped = 0  # records not fed (counted for tests and diagnosis)
         if sock is not None:
             self.attach(sock)
@@ -82,10 +82,13 @@ class Feed:
         return writer, reader
 
     def attach(self, sock: socket.socket | None) -> None:
-        """Feed ``sock`` from now on (None: feed nothing); the previous socket is closed."""
-        old, self._sock = self._sock, sock
-        if old is not None:
-            old.close()
+        """Feed ``sock`` from now on (None: feed nothing). The socket it replaces is closed
+        at the next ``attach`` or ``close``, not now: a ``send`` may still be using it, and
+        its descriptor number must not be reused under that send."""
+        retired, self._retired = self._retired, self._sock
+        self._sock = sock
+        if retired is not None:
+            retired.close()
 
     def send(self, first: int, timestamp_ns: int, values: Sequence[bytes]) -> None:
         sock = self._sock
@@ -111,6 +114,7 @@ class Feed:
             return False
 
     def close(self) -> None:
+        self.attach(None)
         self.attach(None)
 
 
@@ -188,17 +192,23 @@ class FedLog:
                 return True  # (a full buffer: what it holds must be read first)
             if self._lagged:  # skipped records may be followed by unannounced ones
                 self._lagged = False
-                if self._inner.end_offset(partition) > offset:
+                if self._in_log(offset):
                     return True
             remaining = deadline - time.monotonic()
             if not self._open:
                 return self._inner.wait(partition, offset, max(0.0, remaining))
             if remaining <= 0:
-                return self._inner.end_offset(partition) > offset
+                return self._in_log(offset)
             ready, _, _ = select.select([self._sock, self._wake_r], [], [], remaining)
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
                 return offset <= self._seen
+
+    def _in_log(self, offset: int) -> bool:
+        """Does the log (asked directly: a catch-up) hold ``offset``? What it holds counts
+        as announced, so ``read`` asks the log for it."""
+        self._seen = max(self._seen, self._inner.end_offset(self._partition) - 1)
+        return offset <= self._seen
 
     def wake(self) -> None:
         """End a ``wait`` in progress (from another thread)."""

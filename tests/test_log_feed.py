@@ -128,10 +128,20 @@ def test_wait_returns_when_another_thread_appends_and_wake_ends_it(logs):
 def test_without_a_writer_the_reader_uses_the_log_alone(logs):
     writer, reader = logs
     feeding, fed, feed = feed_pair(writer, reader)
-    feed.attach(None)  # the writer's end closes (the daemon stopped feeding)
+    feed.close()  # the writer's end closes (the daemon stopped feeding)
     writer.append(P, [b"unfed"])
     assert fed.wait(P, 1, 30)
     assert fed.read(P, 1)[0].value == b"unfed"
+
+
+def test_an_unannounced_record_is_found_in_the_log_when_the_wait_ends(logs):
+    """A record the writer could neither feed nor announce (its socket was full) is found
+    in the log once the wait times out, and read from there."""
+    writer, reader = logs
+    feeding, fed, _ = feed_pair(writer, reader)
+    writer.append(P, [b"behind the feed's back"])
+    assert fed.wait(P, 1, 0.05)
+    assert fed.read(P, 1)[0].value == b"behind the feed's back"
 
 
 def test_other_partitions_are_not_fed(logs):
