@@ -72,3 +72,23 @@ def test_status_follows_the_applier_process_and_a_task_result_is_appended(daemon
     daemon.converged()
     assert (daemon.dst / "g").read_bytes() == b"queued"
     assert daemon.stop() == 0
+
+
+def test_protect_refuses_to_start_while_another_applier_holds_the_target(daemon):
+    from datatether.apply.progress import Progress
+
+    daemon.start()
+    daemon.converged()
+    partition = daemon.status()["partition"]
+    assert daemon.stop() == 0
+    holder = Progress(daemon.state / "targets" / partition)  # as a `dt apply` would
+    try:
+        daemon.start(wait=False)
+        assert daemon.proc.wait(120) == 2
+        assert "another applier" in daemon.err.read_text()
+    finally:
+        holder.close()
+    assert os.stat(daemon.src).st_dev == os.stat(daemon.real).st_dev  # nothing left mounted
+    daemon.start()
+    daemon.converged()
+    assert daemon.stop() == 0

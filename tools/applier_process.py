@@ -15,11 +15,14 @@ with the applier working and 20-30 MB/s with it paused.
 - ``bind(log)``: the daemon's queue-counted view of the log. The child cannot write the
   log: its appends (the TaskResult of a task it ran) and the advisory consumer offset are
   made by the parent through that view.
-- ``run(stop)``, in the daemon's applier thread: starts the child and serves it until
-  ``stop`` is set, then stops it: the child ends its batch, closes the applier (a
-  checkpoint: the target file system is synced, apply/applier.py) and the progress record,
-  and exits. A child that dies is started again after RESTART_S; its durable progress
-  record makes that exact (DT-D061).
+- The child is spawned at once; ``bind`` waits until it has opened the target and raises
+  BackendUnavailable with its reason when it cannot (another applier holds the target),
+  so ``dt protect`` refuses to start rather than capture for an applier that never runs.
+- ``run(stop)``, in the daemon's applier thread: serves the child until ``stop`` is set,
+  then stops it: the child ends its batch, closes the applier (a checkpoint: the target
+  file system is synced, apply/applier.py) and the progress record, and exits. A child
+  that dies is started again, after RESTART_S[0] doubling up to RESTART_S[1] while
+  children keep dying young; its durable progress record makes that exact (DT-D061).
 - ``pause``/``resume``: sent to the child.
 - ``applied_offset``, ``progress.status``, ``progress.data_state``: shared memory the child
   updates after every batch (so the source queue's accounting costs no system call);
@@ -29,7 +32,7 @@ The child dies with its parent and leaves SIGINT and SIGTERM to it
 (tools/runtime.enter_applier_process); it waits up to PROGRESS_WAIT_S for the target's
 progress record when a killed predecessor still holds it.
 
-Message ids DT-D060..D064.
+Message ids DT-D060..D065.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ from . import runtime
 
 log = logs.get(__name__)
 
-RESTART_S = 1.0
+RESTART_S = (1.0, 60.0)     # first and longest wait before starting a dead child again
+READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 600.0      # a final checkpoint syncs the target file system
 PROGRESS_WAIT_S = 10.0
 CONSUMER_COMMIT_S = 1.0
@@ -111,13 +115,33 @@ class ApplierProcess:
         self._conn = None
         self._send_lock = threading.Lock()
         self._proc = None
+        self._started_at = 0.0
+        self._failure: str | None = None  # why the child could not start, when it said
+        self._restart_s = RESTART_S[0]
         self._paused = False
         self._committed = NO_OFFSET
+        self._start()  # spawning takes a moment: it overlaps the rest of the daemon's set-up
 
     def bind(self, log_: Log) -> ApplierProcess:
-        """The log through which the child's appends and consumer offset go."""
+        """The log through which the child's appends and consumer offset go. Returns once
+        the child has opened the target; BackendUnavailable with its reason when it
+        cannot (another applier holds the target, the target is unreadable...)."""
         self._log = log_
-        return self
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            try:
+                if self._conn.poll(max(0.0, deadline - time.monotonic())):
+                    message = self._conn.recv()
+                    if message[0] == "ready":
+                        return self
+                    detail = message[1]
+                else:
+                    detail = f"not ready within {READY_TIMEOUT_S:.0f} s"
+            except (EOFError, OSError):
+                self._proc.join(RESTART_S[0])
+                detail = f"it ended with exit code {self._proc.exitcode}"
+            self.close()
+            raise BackendUnavailable(backend=f"applier of {self.partition}", detail=detail)
 
     @property
     def applied_offset(self) -> int:
@@ -143,20 +167,20 @@ class ApplierProcess:
     def run(self, stop: threading.Event) -> None:
         """Start the child, serve it, start it again if it dies, stop it when ``stop`` is set."""
         next_commit = 0.0
-        while True:
-            if self._proc is None or not self._proc.is_alive():
-                if self._proc is not None:
-                    log.error("applier process died; starting it again", msgid="DT-D061",
-                              partition=self.partition, exitcode=self._proc.exitcode, restart_s=RESTART_S)
-                    if stop.wait(RESTART_S):
+        while not stop.is_set():
+            try:
+                if not self._proc.is_alive():
+                    if stop.wait(self._next_restart()):
                         break
-                self._start()
-            if stop.is_set():
-                break
-            self._serve(POLL_S)
-            if time.monotonic() >= next_commit:
-                next_commit = time.monotonic() + CONSUMER_COMMIT_S
-                self._commit_consumer()
+                    self._start()
+                self._serve(POLL_S)
+                if time.monotonic() >= next_commit:
+                    next_commit = time.monotonic() + CONSUMER_COMMIT_S
+                    self._commit_consumer()
+            except Exception as exc:  # noqa: BLE001 - the daemon's applier thread must not end
+                log.error("serving the applier process failed", msgid="DT-D065", partition=self.partition,
+                          error=repr(exc), exc_info=True)
+                stop.wait(RESTART_S[0])
         self._stop()
 
     def _start(self) -> None:
@@ -170,6 +194,7 @@ class ApplierProcess:
         reader.close()
         with self._send_lock:
             self._conn = parent_conn
+        self._started_at = time.monotonic()
         if self._paused:
             self._send(("pause",))
         log.info("applier process started", msgid="DT-D060", partition=self.partition, pid=self._proc.pid)
@@ -181,7 +206,7 @@ class ApplierProcess:
                 return
             request = self._conn.recv()
         except (EOFError, OSError):
-            self._proc.join(RESTART_S)  # it is ending; the run loop sees it dead
+            self._proc.join(RESTART_S[0])  # it is ending; the run loop sees it dead
             return
         if request[0] == "append":
             try:
@@ -189,6 +214,19 @@ class ApplierProcess:
             except DtError as exc:
                 answer = ("failed", exc.message)
             self._send(answer)
+        elif request[0] == "failed":  # a restarted child could not open the target
+            self._failure = request[1]
+
+    def _next_restart(self) -> float:
+        """How long to wait before starting the dead child again: RESTART_S[0], doubling
+        up to RESTART_S[1] while children keep dying young."""
+        if time.monotonic() - self._started_at > RESTART_S[1]:
+            self._restart_s = RESTART_S[0]
+        delay, self._restart_s = self._restart_s, min(self._restart_s * 2, RESTART_S[1])
+        log.error("applier process died; starting it again", msgid="DT-D061", partition=self.partition,
+                  exitcode=self._proc.exitcode, reason=self._failure, restart_s=delay)
+        self._failure = None
+        return delay
 
     def _send(self, message: tuple) -> None:
         with self._send_lock:
@@ -262,9 +300,14 @@ def _child_main(spec: dict, conn, sock, shared) -> None:
     settings, partition = spec["settings"], spec["partition"]
     stop = threading.Event()
     replies: queue.Queue = queue.Queue()
-    reader = _ChildLog(runtime.open_reader_log(Path(spec["state_dir"]), settings), partition, sock, conn, replies)
-    progress = _open_progress(spec["target_state_dir"])
-    applier = Applier(reader, partition, spec["target_root"], spec["source_root"], progress, settings)
+    try:
+        reader = _ChildLog(runtime.open_reader_log(Path(spec["state_dir"]), settings), partition, sock, conn,
+                           replies)
+        progress = _open_progress(spec["target_state_dir"])
+        applier = Applier(reader, partition, spec["target_root"], spec["source_root"], progress, settings)
+    except Exception as exc:  # noqa: BLE001 - the parent reports it (a DtError says it best)
+        conn.send(("failed", getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"))
+        raise
 
     def publish() -> None:
         shared[_APPLIED] = progress.applied_offset
@@ -290,6 +333,7 @@ def _child_main(spec: dict, conn, sock, shared) -> None:
                 replies.put(message)
 
     publish()
+    conn.send(("ready",))
     threading.Thread(target=control, name="control", daemon=True).start()
     try:
         applier.run(stop, after_batch=publish)
