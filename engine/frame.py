@@ -44,8 +44,16 @@ def check(buf: bytes, start: int = 0) -> int:
     """Verify the frame that starts at ``buf[start]`` and runs to the end of ``buf``,
     without copying it; return where its payload starts."""
     view = memoryview(buf)[start:]
-    if len(view) < HEADER_LEN or view[:2] != MAGIC or view[2] != VERSION:
-        raise CorruptRecord(reason="bad frame header")
-    if blake3.blake3(view[HEADER_LEN:]).digest(DIGEST_LEN) != view[3:HEADER_LEN]:
-        raise CorruptRecord(reason="checksum mismatch")
+    check_parts(view[:HEADER_LEN], view[HEADER_LEN:])
     return start + HEADER_LEN
+
+
+def check_parts(head: bytes | memoryview, *parts: bytes | memoryview) -> None:
+    """Verify a frame read in pieces: its header, then its payload as ``parts``."""
+    if len(head) != HEADER_LEN or head[:2] != MAGIC or head[2] != VERSION:
+        raise CorruptRecord(reason="bad frame header")
+    digest = blake3.blake3()
+    for part in parts:
+        digest.update(part)
+    if digest.digest(DIGEST_LEN) != head[3:HEADER_LEN]:
+        raise CorruptRecord(reason="checksum mismatch")

@@ -421,21 +421,23 @@ class EmbeddedLog(Log):
     def _record(self, part: _Partition, offset: int, stored: bytes, pointer: bool) -> LogRecord:
         """The verified record from what the records family stores for it."""
         where = f"partition {part.name} offset {offset}"
-        start = 0
         if pointer:
-            try:
-                stored, start = self._segments.read(part.name, offset, stored)
+            try:  # a segment entry: header and timestamp, then the payload as it is (no copy)
+                head, value = self._segments.read(part.name, offset, stored, _FRAMING)
             except FileNotFoundError:
                 self._missing(part, offset)  # removed by retention meanwhile, or lost
             except ValueError as exc:
                 raise CorruptRecord(reason=f"{where}: {exc}") from None
         try:
-            body = frame.check(stored, start)
+            if pointer:
+                frame.check_parts(head[:frame.HEADER_LEN], head[frame.HEADER_LEN:], value)
+                return LogRecord(offset, _I64.unpack_from(head, frame.HEADER_LEN)[0], value)
+            body = frame.check(stored)
+            if len(stored) - body < _I64.size:
+                raise CorruptRecord(reason="no timestamp")
+            return LogRecord(offset, _I64.unpack_from(stored, body)[0], stored[body + _I64.size:])
         except CorruptRecord as exc:
             raise CorruptRecord(reason=f"{where}: {exc.params['reason']}") from exc
-        if len(stored) - body < _I64.size:
-            raise CorruptRecord(reason=f"{where}: no timestamp")
-        return LogRecord(offset, _I64.unpack_from(stored, body)[0], stored[body + _I64.size:])
 
     def _tidy_segments(self) -> None:
         """Remove segments a crash left behind: those of dropped partitions, and those

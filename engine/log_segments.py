@@ -157,18 +157,21 @@ class Segments:
 
     # -- reading -------------------------------------------------------------------------
 
-    def read(self, partition: str, offset: int, pointer: bytes) -> tuple[bytes, int]:
-        """``(entry, start)``: the sealed frame of the record at ``offset`` is
-        ``entry[start:]`` (not yet checked; returned without a copy). Raises
+    def read(self, partition: str, offset: int, pointer: bytes, head: int) -> tuple[bytes, bytes]:
+        """The sealed frame of the record at ``offset`` (not yet checked) in two reads: its
+        first ``head`` bytes, then the rest, which a large payload is, so that it comes
+        from the kernel as the bytes object it is returned as (no copy). Raises
         FileNotFoundError when its segment is gone, ValueError when the pointer or the
         entry does not belong to this record."""
         magic, version, segment, position, length = POINTER.unpack(pointer)
-        if version != VERSION or length < _OFFSET.size:
+        if version != VERSION or length < _OFFSET.size + head:
             raise ValueError("bad segment pointer")
-        data = os.pread(self._reader(partition, segment), length, position)
-        if len(data) != length or data[:_OFFSET.size] != _OFFSET.pack(offset):
+        fd = self._reader(partition, segment)
+        first = os.pread(fd, _OFFSET.size + head, position)
+        rest = os.pread(fd, length - len(first), position + len(first))
+        if len(first) + len(rest) != length or first[:_OFFSET.size] != _OFFSET.pack(offset):
             raise ValueError(f"segment {segment} holds no entry of this record at {position}")
-        return data, _OFFSET.size
+        return first[_OFFSET.size:], rest
 
     def _reader(self, partition: str, segment: int) -> int:
         key = (partition, segment)
