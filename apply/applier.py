@@ -363,7 +363,7 @@ class Applier:
     def _apply(self, record) -> None:
         expect_next(self._last, record.offset)
         try:
-            event = record.event() if isinstance(record, _Corrupt) else codec.decode(record.value)
+            event = record.event() if isinstance(record, _Corrupt) else codec.decode(record.value, views=True)
             op = event.op
             commit_point = not isinstance(op, DATA_EVENTS)
             if commit_point and not isinstance(op, _NO_COMMIT_BEFORE):

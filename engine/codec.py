@@ -136,8 +136,12 @@ def encode(event: ev.Event, *, compress: bool = True) -> bytes:
     return b"".join((_PLAIN, body))
 
 
-def decode(blob: bytes) -> ev.Event:
-    """Decode a stored event; raises CorruptRecord for anything that is not one."""
+def decode(blob: bytes, *, views: bool = False) -> ev.Event:
+    """Decode a stored event; raises CorruptRecord for anything that is not one.
+
+    ``views``: the data of a hot-path Write or MirrorData is a read-only memoryview of
+    ``blob`` instead of a copy, for a consumer that uses the event at once (the applier
+    writes it and lets it go)."""
     if len(blob) < 3 or blob[0] not in SCHEMAS:
         raise CorruptRecord(reason="unknown schema version or truncated record")
     version, flags = blob[0], blob[1]
@@ -147,7 +151,7 @@ def decode(blob: bytes) -> ev.Event:
         else:
             body, start = blob, 2
         if version == CURRENT_VERSION:
-            event = _fast_read(body, start)
+            event = _fast_read(body, start, views)
             if event is not None:
                 return event
         rec = fastavro.schemaless_reader(io.BytesIO(body[start:]), SCHEMAS[version], SCHEMAS[CURRENT_VERSION],
@@ -289,12 +293,12 @@ def _read_long(buf, pos: int) -> tuple[int, int]:
     return (n >> 1) ^ -(n & 1), pos + 1
 
 
-def _read_bytes(buf, pos: int) -> tuple[bytes, int]:
+def _read_bytes(buf, pos: int, view: bool = False) -> tuple[bytes, int]:
     size, pos = _read_long(buf, pos)
     end = pos + size
     if size < 0 or end > len(buf):
         raise ValueError("truncated")
-    return bytes(buf[pos:end]), end
+    return (memoryview(buf).toreadonly()[pos:end] if view else bytes(buf[pos:end])), end
 
 
 def _read_optional_path(buf, pos: int) -> tuple[str | None, int]:
@@ -333,7 +337,7 @@ def _read_mirror_file(buf, pos: int, path: str) -> tuple[ev.MirrorFile | None, i
                          hardlink_of=hardlink_of, xattrs=xattrs, whole=bool(whole)), pos + 1
 
 
-def _fast_read(body: bytes, pos: int) -> ev.Event | None:
+def _fast_read(body: bytes, pos: int, views: bool = False) -> ev.Event | None:
     """The event of a current-version body at ``pos`` if it is one of ``_FAST_WRITERS``'
     kinds and parses to the last byte; None otherwise (fastavro decides)."""
     try:
@@ -369,7 +373,7 @@ def _fast_read(body: bytes, pos: int) -> ev.Event | None:
             op = ev.MirrorFileEnd(path, size, file_digest, mtime_ns, block_digests)
         else:
             offset, pos = _read_long(body, pos)
-            data, pos = _read_bytes(body, pos)
+            data, pos = _read_bytes(body, pos, views)
             op = cls(path, offset, data)
         if pos != len(body):
             return None

@@ -72,6 +72,16 @@ def test_record_written_with_schema_v1_still_decodes():
     assert event == ev.Event(ev.Write("f", 3, b"abc"), 42, origin="cli")
 
 
+@pytest.mark.parametrize("compress", [True, False])
+def test_decoding_with_views_lends_the_data_instead_of_copying_it(compress):
+    event = ev.Event(ev.MirrorData("f", 7, b"abc" * 1000), 5, "mirror")
+    blob = codec.encode(event, compress=compress)
+    decoded = codec.decode(blob, views=True)
+    assert isinstance(decoded.op.data, memoryview) and decoded.op.data.readonly
+    assert decoded == event and bytes(decoded.op.data) == event.op.data
+    assert isinstance(codec.decode(blob).op.data, bytes)
+
+
 def test_record_written_with_schema_v2_still_decodes():
     """A version-2 MirrorFileEnd (before block_digests) reads with the field's default."""
     buf = io.BytesIO()
