@@ -57,6 +57,15 @@ def change_blocks(path: Path, fraction: float, block: int, seed: int) -> int:
     return len(chosen)
 
 
+def same_tree(a: Path, b: Path) -> bool:
+    """The same relative names, and every regular file with the same bytes."""
+    def names(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    if names(a) != names(b):
+        return False
+    return all(same_content(p, b / p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+
+
 def same_content(a: Path, b: Path) -> bool:
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:
