@@ -154,6 +154,7 @@ class KafkaLog(Log):
         self._backend = f"Kafka at {bootstrap}"
         self._schema = schema.encode()
         self._timeout_s = timeout_s
+        self._delivery_timeout_s = delivery_timeout_s
         self._replication = replication_factor
         self._topic_config = {
             "cleanup.policy": "delete",
@@ -255,7 +256,7 @@ class KafkaLog(Log):
         topic = self._topic(partition)
         stamp = time.time_ns() if timestamp_ns is None else int(timestamp_ns)
         with self._append_lock(topic):
-            tail = self._tail(topic, partition)
+            tail = self._tail(topic, partition, self._delivery_timeout_s)
             if not values:
                 return tail.end
             stamp = max(stamp, tail.last_ts)
@@ -391,10 +392,18 @@ class KafkaLog(Log):
     def _call(self, submit, what: str, ignore: frozenset | set = frozenset()):
         """Run one admin request (``submit()`` returns its future) and return its result;
         transient errors are retried, errors in ``ignore`` count as success (None)."""
-        deadline = time.monotonic() + self._timeout_s
+        return self._retrying(lambda: submit().result(timeout=self._timeout_s), what, ignore)
+
+    def _retrying(self, attempt, what: str, ignore: frozenset | set = frozenset(),
+                  patience_s: float | None = None):
+        """``attempt()``'s result. Errors of a cluster in motion (``_TRANSIENT``: a broker
+        restarting answers "transport failure" for a while) are retried for ``patience_s``
+        (default ``timeout_s``); any other error, or the deadline, is BackendUnavailable.
+        Errors in ``ignore`` count as success (None)."""
+        deadline = time.monotonic() + (self._timeout_s if patience_s is None else patience_s)
         while True:
             try:
-                return submit().result(timeout=self._timeout_s)
+                return attempt()
             except KafkaException as exc:
                 error = exc.args[0]
                 if error.code() in ignore:
@@ -413,10 +422,8 @@ class KafkaLog(Log):
             time.sleep(POLL_S)
 
     def _metadata(self, topic: str | None = None):
-        try:
-            return self._admin.list_topics(topic=topic, timeout=self._timeout_s)
-        except KafkaException as exc:
-            raise self._unavailable("reading cluster metadata", exc) from exc
+        return self._retrying(lambda: self._admin.list_topics(topic=topic, timeout=self._timeout_s),
+                              "reading cluster metadata")
 
     def _present(self, topic: str) -> bool:
         """The topic exists and its partition has a leader (it can take appends)."""
@@ -424,45 +431,44 @@ class KafkaLog(Log):
         return (found is not None and found.error is None and 0 in found.partitions
                 and found.partitions[0].leader >= 0)
 
-    def _watermarks(self, topic: str, partition: str) -> tuple[int, int]:
+    def _watermarks(self, topic: str, partition: str, patience_s: float | None = None) -> tuple[int, int]:
         """(start, end) offsets of the topic; NotFound when it does not exist. Errors Kafka
-        calls retriable (a leader just elected, a broker restarting) are retried until
-        ``timeout_s``."""
-        deadline = time.monotonic() + self._timeout_s
-        refreshed = False
+        calls retriable (a leader just elected, a broker restarting) are retried for
+        ``patience_s`` (default ``timeout_s``)."""
+        patience_s = self._timeout_s if patience_s is None else patience_s
+        deadline = time.monotonic() + patience_s
         while True:
             try:
                 return self._reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=self._timeout_s,
                                                           cached=False)
             except KafkaException as exc:
                 error = exc.args[0]
-                if error.code() in _GONE:
-                    if refreshed or not self._reader_knows(topic):
-                        raise NotFound(what="partition", name=partition) from exc
-                    refreshed = True
-                elif not _transient(error) or time.monotonic() > deadline:
+                # "Unknown partition" comes from a stale cache (the topic was created by
+                # another client) and from a broker that restarts: both pass once the
+                # metadata, asked again, names the topic.
+                if error.code() in _GONE and not self._reader_knows(topic, patience_s):
+                    raise NotFound(what="partition", name=partition) from exc
+                if not (_transient(error) or error.code() in _GONE) or time.monotonic() > deadline:
                     raise self._unavailable(f"reading the offsets of {topic}", exc) from exc
-                else:
-                    time.sleep(POLL_S)
+                time.sleep(POLL_S)
             except RuntimeError as exc:  # the reader was closed by another thread
                 self._check_open()
                 raise self._unavailable(f"reading the offsets of {topic}", exc) from exc
 
-    def _reader_knows(self, topic: str) -> bool:
+    def _reader_knows(self, topic: str, patience_s: float) -> bool:
         """Refresh the reader's metadata of ``topic`` (its cache may predate the topic's
         creation by another client) and tell whether the topic exists."""
-        try:
-            found = self._reader.list_topics(topic=topic, timeout=self._timeout_s).topics.get(topic)
-        except KafkaException as exc:
-            raise self._unavailable("reading cluster metadata", exc) from exc
-        return found is not None and found.error is None
+        found = self._retrying(lambda: self._reader.list_topics(topic=topic, timeout=self._timeout_s),
+                               "reading cluster metadata", patience_s=patience_s).topics.get(topic)
+        return found is not None and (found.error is None or _transient(found.error))
 
     # -- internals: writing ------------------------------------------------------------
 
-    def _tail(self, topic: str, partition: str) -> _Tail:
+    def _tail(self, topic: str, partition: str, patience_s: float) -> _Tail:
         """Under the append lock: the cached tail if the topic still ends there, else the
-        tail as the topic's last record tells it (another KafkaLog may have appended)."""
-        low, high = self._watermarks(topic, partition)
+        tail as the topic's last record tells it (another KafkaLog may have appended).
+        An append waits for the cluster as long as its delivery may (``patience_s``)."""
+        low, high = self._watermarks(topic, partition, patience_s)
         cached = self._tails.get(topic)
         if cached is not None and cached.end == high:
             return cached
@@ -600,10 +606,9 @@ class KafkaLog(Log):
 
     def _offset_at_ms(self, topic: str, ms: int, high: int) -> int:
         """First offset whose Kafka timestamp is >= ``ms``, else ``high``."""
-        try:
-            found = self._reader.offsets_for_times([TopicPartition(topic, 0, ms)], timeout=self._timeout_s)
-        except KafkaException as exc:
-            raise self._unavailable(f"looking up a time in {topic}", exc) from exc
+        found = self._retrying(
+            lambda: self._reader.offsets_for_times([TopicPartition(topic, 0, ms)], timeout=self._timeout_s),
+            f"looking up a time in {topic}")
         offset = found[0].offset
         return high if offset < 0 else min(offset, high)
 

@@ -47,18 +47,43 @@ def produce_raw(log: KafkaLog, partition: str, value: bytes, headers=None) -> No
 
 
 def test_broker_killed_between_appends_loses_nothing(kafka_broker, log):
-    """SIGKILL the broker, append while it is down, restart it: every record is there once,
-    offsets continue without a gap, and committed offsets survive."""
+    """SIGKILL the broker, call the log while it is down (long enough for the clients to
+    see "transport failure" and forget the topic's leader), restart it: every call waits
+    for the broker and answers; every record is there once, offsets continue without a gap,
+    and committed offsets survive. An append waits as long as its delivery may, even when
+    that is longer than the log's timeout for other calls."""
     log.append("p", values(5, "before"))
     log.commit("p", "applier", 3)
+    impatient = KafkaLog(kafka_broker.bootstrap, topic_prefix=log.prefix, timeout_s=1, delivery_timeout_s=120)
+    assert impatient.end_offset("p") == 5
     kafka_broker.kill()
-    landed = {}
-    # The idempotent producer holds this batch until the broker is back, then sends it once.
-    during = threading.Thread(target=lambda: landed.setdefault("first", log.append("p", values(3, "down"))))
-    during.start()
+    answers = {}
+    fresh = KafkaLog(kafka_broker.bootstrap, topic_prefix=log.prefix)  # no cached metadata
+
+    def call(name, what):
+        try:
+            answers[name] = what()
+        except Exception as exc:  # noqa: BLE001 - the test reports it below
+            answers[name] = exc
+    calls = {  # the idempotent producer holds the batch until the broker is back, then sends it once
+        "append": lambda: impatient.append("p", values(3, "down")),
+        "end_offset": lambda: fresh.end_offset("p"),
+        "partitions": fresh.partitions,
+        "offset_for_time": lambda: fresh.offset_for_time("p", 0),
+    }
+    threads = [threading.Thread(target=call, args=item) for item in calls.items()]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
     kafka_broker.restart()
-    during.join(120)
-    assert landed == {"first": 5}
+    for thread in threads:
+        thread.join(120)
+    fresh.close()
+    impatient.close()
+    assert answers["append"] == 5, answers
+    assert answers["end_offset"] in (5, 8), answers
+    assert answers["partitions"] == ["p"], answers
+    assert answers["offset_for_time"] == 0, answers
     assert log.append("p", values(2, "after")) == 8
     records = log.read("p", 0)
     assert [r.offset for r in records] == list(range(10))
