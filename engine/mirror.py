@@ -15,7 +15,13 @@ What each mode sends (regular files; every other object is compared by metadata)
     checksum-all   always (also settings.checksum_all)         only blocks whose digest differs
 
 ``newer_only`` narrows any mode but full to files newer on the source (the reference's
-"only if source is newer"). Metadata that differs (mode, owner, xattrs; the times of
+"only if source is newer"). ``changed_since_ns`` flags, in every mode, each file whose
+source ctime is at or after it: a remirror after a gap passes the time the gap may have
+begun, because size and mtime cannot tell a change made during the gap from the copy the
+target holds when both happened within one tick of the filesystem's coarse clock (a file
+rewritten with the same length, or a name replaced by a same-size file, ms apart), nor a
+change whose mtime was set back; the ctime of a changed file is never older than the
+change, and nobody can set it. Metadata that differs (mode, owner, xattrs; the times of
 anything but a regular file) is sent in every mode, as replication sends it (SetAttr,
 SetXattr, RemoveXattr); a file's mtime travels with its data. A missing object, or one
 of another type, is always sent whole. Block digests are taken at
@@ -178,15 +184,16 @@ class Options:
     flag_all: bool
     newer_only: bool
     link_map: Callable[[str], str] | None = None
+    changed_since_ns: int | None = None  # flag files whose source ctime is at or after it
 
     @classmethod
     def of(cls, mode: MirrorMode, newer_only: bool, settings: Settings,
-           link_map: Callable[[str], str] | None = None) -> Options:
+           link_map: Callable[[str], str] | None = None, changed_since_ns: int | None = None) -> Options:
         return cls(full=mode is MirrorMode.FULL,
                    checksum=mode in _CHECKSUM_MODES,
                    flag_all=mode is MirrorMode.CHECKSUM_ALL or (mode is MirrorMode.CHECKSUM and settings.checksum_all),
                    newer_only=(newer_only or mode is MirrorMode.NEWER) and mode is not MirrorMode.FULL,
-                   link_map=link_map)
+                   link_map=link_map, changed_since_ns=changed_since_ns)
 
 
 @dataclass(frozen=True)
@@ -211,7 +218,8 @@ def plan(src: Entry, dst: Entry | None, opts: Options, *, hardlink_of: str | Non
         return Plan(aspects, "whole")
     if src.kind is not FileKind.FILE:
         return Plan(aspects, "meta" if aspects else "none")
-    flagged = opts.full or opts.flag_all or SIZE in aspects or MTIME in aspects
+    flagged = (opts.full or opts.flag_all or SIZE in aspects or MTIME in aspects
+               or (opts.changed_since_ns is not None and src.ctime_ns >= opts.changed_since_ns))
     if opts.newer_only and src.mtime_ns <= dst.mtime_ns:
         flagged = False
     if flagged:
@@ -331,7 +339,7 @@ class Mirror:
     is called every PROGRESS_EVERY_S. With ``dry_run`` nothing is appended and no
     position is kept (verify only). ``run`` may be called again after ``pause``.
     ``link_map`` is the applier's RemapLink for this connection (symlink targets are
-    compared as the target should hold them).
+    compared as the target should hold them). ``changed_since_ns``: see the module docstring.
     """
 
     def __init__(self, source: Tree, target: Tree, log: Log | None, partition: str, settings: Settings,
@@ -340,12 +348,12 @@ class Mirror:
                  progress: Callable[[MirrorStats], None] | None = None,
                  observer: Callable[[Difference], None] | None = None,
                  dry_run: bool = False, origin: str = "mirror",
-                 link_map: Callable[[str], str] | None = None):
+                 link_map: Callable[[str], str] | None = None, changed_since_ns: int | None = None):
         self.source, self.target = source, target
         self._log, self.partition, self.settings = log, partition, settings
         self._locks = locks or PathLocks()
         self.mode = MirrorMode(mode)
-        self.opts = Options.of(self.mode, newer_only, settings, link_map)
+        self.opts = Options.of(self.mode, newer_only, settings, link_map, changed_since_ns)
         self.newer_only = newer_only
         self.dry_run = dry_run
         self._position_path = None if dry_run else position_path

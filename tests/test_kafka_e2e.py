@@ -233,8 +233,6 @@ def test_broker_killed_and_restarted_mid_workload(own_broker, protect, real_sour
 
 
 @pytest.mark.fuse
-@pytest.mark.xfail(strict=False, reason="known bug: after a Kafka outage longer than the log timeouts, the remirror "
-                   "sometimes leaves a file renamed during the outage with old content (seen in CI, 2026-11-25)")
 def test_broker_away_longer_than_the_log_timeout_is_a_gap_repaired_by_a_remirror(own_broker, protect, real_source):
     """Past KafkaLog's timeouts the capture's appends fail: the changes made meanwhile are
     a gap. Even when the log cannot take the Gap record either, the connection is Mirror

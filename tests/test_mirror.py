@@ -326,6 +326,11 @@ def test_plan_and_describe_name_every_aspect():
     assert plan(src, newer_target, Options(False, False, False, True)).action == "meta"
     assert plan(src, entry(mtime_ns=9), Options(False, False, False, True)).action == "none"
     assert plan(src, entry(), Options(False, True, True, False)).action == "blocks"
+    # Equal size and mtime: flagged only when the source changed at or after changed_since_ns.
+    assert plan(src, entry(), Options(False, True, False, False)).action == "none"
+    assert plan(src, entry(), Options(False, True, False, False, changed_since_ns=5)).action == "blocks"
+    assert plan(src, entry(), Options(False, True, False, False, changed_since_ns=6)).action == "none"
+    assert plan(src, entry(), Options(False, False, False, False, changed_since_ns=5)).action == "whole"
     assert differing_blocks([b"a", b"b", b"c"], [b"a", b"x"]) == [1, 2]
 
 

@@ -111,6 +111,24 @@ def test_restart_resumes_and_remirrors_what_changed_while_stopped(dirs, real, pr
     assert len(listed) == 1
 
 
+def test_a_change_made_while_stopped_that_keeps_size_and_mtime_is_repaired_by_the_restart(dirs, real, protected):
+    """The restart's checksum remirror would skip a file of unchanged size and mtime; one
+    whose ctime says it changed after the last record in the log is compared anyway."""
+    src, dst, state = dirs
+    (src / "same.bin").write_bytes(b"1" * 5000)
+    daemon = protected()
+    daemon.converged()
+    assert daemon.stop() == 0
+    before = (src / "same.bin").stat()
+    (src / "same.bin").write_bytes(b"2" * 5000)
+    os.utime(src / "same.bin", ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = protected()
+    status = again.converged()
+    assert status["mirror_reason"] == "remirror after a restart" and status["mirror"]["mode"] == "checksum"
+    assert (dst / "same.bin").read_bytes() == b"2" * 5000
+    assert same(real, dst) == []
+
+
 def test_status_fields_while_running_and_when_stopped(dirs, protected):
     src, dst, state = dirs
     make_tree(src, files=5)

@@ -206,10 +206,10 @@ def build_daemon(args, state: runtime.State, job: runtime.Job, source_fd: int) -
     def matches(rel: str, is_dir: bool) -> bool:
         return rset.matches(os.path.join(root, rel) if rel else root, is_dir)
 
-    def make_mirror(log_, mode: MirrorMode) -> Mirror:
+    def make_mirror(log_, mode: MirrorMode, changed_since_ns: int | None) -> Mirror:
         # No position file: every mirror a daemon starts is a whole new pass (module docstring).
         return Mirror(Tree(view_root, underneath), job.target_view(), log_, job.partition, settings, locks,
-                      mode=mode, link_map=job.link_map(), origin="mirror")
+                      mode=mode, link_map=job.link_map(), origin="mirror", changed_since_ns=changed_since_ns)
 
     applier = ApplierProcess(job)  # in a process of its own, fed as records are appended
     return Daemon(Parts(
