@@ -94,7 +94,7 @@ from confluent_kafka import (OFFSET_INVALID, TIMESTAMP_CREATE_TIME, Consumer, Co
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from . import codec, frame, logs
-from .errors import (BackendUnavailable, CorruptRecord, InvalidName, NotFound, OffsetOutOfRange,
+from .errors import (BackendUnavailable, CorruptRecord, InvalidName, NotFound, OffsetOutOfRange, SettingsError,
                      UsageError)
 from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, Log, LogRecord, check_partition_name
 from .offsets import NO_OFFSET
@@ -165,8 +165,20 @@ class KafkaLog(Log):
             "message.timestamp.after.max.ms": str(2**63 - 1),
             "max.message.bytes": str(MAX_RECORD_BYTES + _BATCH_SLACK),
         }
-        common = {"bootstrap.servers": bootstrap, "allow.auto.create.topics": False, **config}
+        common = {**config, "bootstrap.servers": bootstrap, "allow.auto.create.topics": False}
         self._common = common
+        try:
+            self._make_clients(common, topic_prefix, delivery_timeout_s)
+        except KafkaException as exc:  # an unknown property or a value librdkafka refuses
+            raise SettingsError(detail=f"Kafka client properties: {exc.args[0].str()}") from exc
+        self._closed = False
+        self._read_lock = threading.Lock()
+        self._reader_next: tuple[str, int] | None = None  # what the reader's queue holds next
+        self._append_locks: dict[str, threading.Lock] = {}
+        self._tails: dict[str, _Tail] = {}
+        log.info("log opened", msgid="DT-K101", bootstrap=bootstrap, prefix=topic_prefix)
+
+    def _make_clients(self, common: dict, topic_prefix: str, delivery_timeout_s: float) -> None:
         self._admin = AdminClient(common)
         self._producer = Producer({
             **common, "enable.idempotence": True, "acks": "all", "compression.type": "zstd",
@@ -178,12 +190,6 @@ class KafkaLog(Log):
             # A new position waits for the fetch in flight: keep it short. The reader stops
             # fetching once a read reaches the end, so an idle log does not poll the broker.
             "fetch.wait.max.ms": 10, "queued.max.messages.kbytes": 32768})
-        self._closed = False
-        self._read_lock = threading.Lock()
-        self._reader_next: tuple[str, int] | None = None  # what the reader's queue holds next
-        self._append_locks: dict[str, threading.Lock] = {}
-        self._tails: dict[str, _Tail] = {}
-        log.info("log opened", msgid="DT-K101", bootstrap=bootstrap, prefix=topic_prefix)
 
     # -- context manager ---------------------------------------------------------------
 

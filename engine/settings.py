@@ -22,6 +22,14 @@ from .states import MirrorMode
 
 MiB = 1 << 20
 CONFIG_FILE = "config.toml"
+# Client properties engine/log_kafka.py decides: bootstrap from ``log``, and what its
+# guarantees rest on (one idempotent, fully acknowledged writer; manual offsets; no
+# automatic topic creation; checked CRCs; no silent offset reset).
+KAFKA_RESERVED_PROPERTIES = frozenset({
+    "bootstrap.servers", "metadata.broker.list", "enable.idempotence", "acks", "request.required.acks",
+    "message.timeout.ms", "delivery.timeout.ms", "group.id", "enable.auto.commit",
+    "enable.auto.offset.store", "auto.offset.reset", "check.crcs", "allow.auto.create.topics",
+    "isolation.level", "transactional.id"})
 
 
 class Settings(BaseModel):
@@ -61,6 +69,17 @@ class Settings(BaseModel):
     snapshot_dir: str | None = Field(None, description="Where snapshots live (one folder per connection below it); None puts them beside the target root, on its filesystem, so they can be copy-on-write")
     kafka_timeout_s: float = Field(30.0, gt=0, le=3600, description="Kafka log: how long one request (offsets, metadata, a read) may wait for the cluster before it counts as unavailable")
     kafka_delivery_timeout_s: float = Field(120.0, gt=0, le=86400, description="Kafka log: how long an append may wait for the cluster; past it the capture's changes count as lost (a gap that remirrors)")
+    kafka_topic_prefix: str = Field("dt.", pattern=r"^[A-Za-z0-9._-]{0,40}$", description="Kafka log: prefix of every topic and consumer group of this installation (installations sharing a cluster need different ones)")
+    kafka_properties: dict[str, str | int | float | bool] = Field(default_factory=dict, description="Kafka log: client properties for every client, by their librdkafka names (security.protocol, ssl.ca.location, sasl.mechanism, sasl.username, sasl.password...)")
+
+    @field_validator("kafka_properties")
+    @classmethod
+    def _kafka_properties(cls, v: dict) -> dict:
+        reserved = sorted(KAFKA_RESERVED_PROPERTIES.intersection(v))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set: the product sets them (ordering, "
+                             "exactly-once appends and offsets depend on them)")
+        return v
 
     @field_validator("log")
     @classmethod

@@ -29,6 +29,11 @@ Layout of DIR::
     data/               Kafka's log directory (formatted once)
     broker.log, broker.pid
 
+Listeners: ``PLAINTEXT`` on ``port`` (``Broker.bootstrap``) and ``SASL_PLAINTEXT`` with the
+PLAIN mechanism on ``sasl_port`` (``Broker.sasl_bootstrap``), for one user, ``SASL_USER`` with
+``SASL_PASSWORD``: a test can then show that clients authenticate with properties from
+``config.toml``. Both are on loopback only; the password protects nothing real.
+
 Invariant: a DIR is restartable. Storage is formatted once and the ports are kept from the
 previous start unless a new broker port is asked for, so clients that knew the old address
 reconnect after a restart (the broker-kill tests rely on it).
@@ -62,6 +67,8 @@ JAVA_OPTS = ["-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 WHAT = "Kafka broker"
+SASL_USER = "dt"
+SASL_PASSWORD = "dt-test-only"
 
 # Single node, tuned for tests: every internal topic has one replica, consumer groups start
 # without delay, nothing is created implicitly (a typo must not create a topic), and group
@@ -71,11 +78,14 @@ SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@{host}:{controller_port}
-listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}
-advertised.listeners=PLAINTEXT://{host}:{port}
+listeners=PLAINTEXT://{host}:{port},SASL_PLAINTEXT://{host}:{sasl_port},CONTROLLER://{host}:{controller_port}
+advertised.listeners=PLAINTEXT://{host}:{port},SASL_PLAINTEXT://{host}:{sasl_port}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule \
+  required username="{user}" password="{password}" user_{user}="{password}";
 log.dirs={data}
 num.partitions=1
 default.replication.factor=1
@@ -175,6 +185,11 @@ class Broker:
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        """The SASL_PLAINTEXT listener (PLAIN, ``SASL_USER``/``SASL_PASSWORD``)."""
+        return f"{HOST}:{_previous_ports(self.dir)[2]}"
 
     @property
     def log_file(self) -> Path:
@@ -277,22 +292,24 @@ def _is_our_broker(pid: int, dir: Path) -> bool:
     return b"kafka.Kafka" in cmdline and os.fsencode(dir / "server.properties") in cmdline
 
 
-def _previous_ports(dir: Path) -> tuple[int | None, int | None]:
+def _previous_ports(dir: Path) -> tuple[int | None, int | None, int | None]:
+    """(broker, controller, SASL) ports of the previous start's listeners."""
     try:
         text = (dir / "server.properties").read_text()
     except OSError:
-        return None, None
-    broker = re.search(r"PLAINTEXT://[^:,]+:(\d+)", text)
-    controller = re.search(r"CONTROLLER://[^:,]+:(\d+)", text)
-    return (int(broker.group(1)) if broker else None, int(controller.group(1)) if controller else None)
+        return None, None, None
+    found = dict(re.findall(r"(?<![A-Z_])(PLAINTEXT|CONTROLLER|SASL_PLAINTEXT)://[^:,]+:(\d+)", text))
+    return tuple(int(found[name]) if name in found else None
+                 for name in ("PLAINTEXT", "CONTROLLER", "SASL_PLAINTEXT"))
 
 
 def _write_config(dir: Path, port: int | None) -> tuple[int, int]:
-    old_port, old_controller = _previous_ports(dir)
+    old_port, old_controller, old_sasl = _previous_ports(dir)
     port = port or old_port or free_port()
     controller_port = old_controller or free_port()
     (dir / "server.properties").write_text(SERVER_PROPERTIES.format(
-        host=HOST, port=port, controller_port=controller_port, data=dir / "data"))
+        host=HOST, port=port, controller_port=controller_port, sasl_port=old_sasl or free_port(),
+        user=SASL_USER, password=SASL_PASSWORD, data=dir / "data"))
     (dir / "log4j2.properties").write_text(LOG4J2_PROPERTIES)
     return port, controller_port
 

@@ -69,8 +69,14 @@ def open_log(state_dir: Path, settings: Settings) -> Log:
         from ..engine.log_embedded import EmbeddedLog
         return EmbeddedLog(state_dir / "log")
     from ..engine.log_kafka import KafkaLog
-    return KafkaLog(settings.log, timeout_s=settings.kafka_timeout_s,
-                    delivery_timeout_s=settings.kafka_delivery_timeout_s)
+    return KafkaLog(settings.log, topic_prefix=settings.kafka_topic_prefix, timeout_s=settings.kafka_timeout_s,
+                    delivery_timeout_s=settings.kafka_delivery_timeout_s,
+                    **{name: _librdkafka_value(value) for name, value in settings.kafka_properties.items()})
+
+
+def _librdkafka_value(value: str | int | float | bool) -> str:
+    """librdkafka takes every property as a string; TOML's true is its "true"."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass

@@ -1,0 +1,75 @@
+"""The Kafka log as config.toml sets it up: client properties (here SASL/PLAIN against the
+test broker's SASL_PLAINTEXT listener, tools/kafka_broker.py), a topic prefix of the
+installation's own, and the errors a bad setting gets (exit 2, a message naming it)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from datatether.tools import kafka_broker as broker_tool
+from tests.daemon_helpers import dt
+
+pytestmark = pytest.mark.kafka
+
+
+def configured(tmp_path: Path, bootstrap: str, **lines: str) -> Path:
+    """A state directory whose config.toml holds ``log`` and ``lines`` (TOML text each)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    body = "".join(f"{key} = {value}\n" for key, value in lines.items())
+    (state / "config.toml").write_text(f'log = "{bootstrap}"\nkafka_timeout_s = 5\n{body}')
+    return state
+
+
+def sasl(password: str) -> str:
+    return ('{ "security.protocol" = "SASL_PLAINTEXT", "sasl.mechanism" = "PLAIN", '
+            f'"sasl.username" = "{broker_tool.SASL_USER}", "sasl.password" = "{password}" }}')
+
+
+def topics(bootstrap: str) -> set[str]:
+    return set(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics)
+
+
+def test_sasl_properties_and_topic_prefix_from_the_config_file(kafka_broker, tmp_path):
+    prefix = f"site{uuid.uuid4().hex[:6]}."
+    state = configured(tmp_path, kafka_broker.sasl_bootstrap, kafka_properties=sasl(broker_tool.SASL_PASSWORD),
+                       kafka_topic_prefix=f'"{prefix}"')
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("through an authenticated listener\n")
+    done = dt("mirror", str(src), str(tmp_path / "dst"), "--json", state=state, check=True)
+    assert (tmp_path / "dst" / "a.txt").read_text() == "through an authenticated listener\n"
+    connection = json.loads(done.stdout)["connection"]
+    first = json.loads(dt("tail", connection, "--from", "0", "--json", state=state, check=True)
+                           .stdout.splitlines()[0])
+    assert first["op"] == "MirrorStart"
+    mine = {t for t in topics(kafka_broker.bootstrap) if t.startswith(prefix)}
+    assert len(mine) == 1 and next(iter(mine)).startswith(f"{prefix}conn-")
+
+
+def test_a_wrong_password_is_an_error_not_a_hang(kafka_broker, tmp_path):
+    state = configured(tmp_path, kafka_broker.sasl_bootstrap, kafka_properties=sasl("wrong"))
+    (tmp_path / "src").mkdir()
+    done = dt("mirror", str(tmp_path / "src"), str(tmp_path / "dst"), state=state, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "unavailable" in done.stderr and "Authentication failed" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(("lines", "says"), [
+    ({"kafka_properties": '{ "no.such.property" = "1" }'}, 'No such configuration property: "no.such.property"'),
+    ({"kafka_properties": '{ "security.protocol" = "CARRIER_PIGEON" }'}, "security.protocol"),
+    ({"kafka_properties": '{ "acks" = "1" }'}, "acks cannot be set"),
+    ({"kafka_properties": '{ "enable.idempotence" = false }'}, "enable.idempotence cannot be set"),
+    ({"kafka_topic_prefix": '"two words"'}, "kafka_topic_prefix"),
+])
+def test_bad_kafka_settings_exit_2_naming_the_setting(kafka_broker, tmp_path, lines, says):
+    state = configured(tmp_path, kafka_broker.bootstrap, **lines)
+    done = dt("tail", "1", state=state, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "bad setting" in done.stderr and says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
