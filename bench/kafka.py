@@ -73,7 +73,7 @@ def bench_restore(work: Path, scale: float) -> list:
     with kafka_broker.start(work / "restore-broker") as broker:
         state = work / "restore-state"
         mirrored = mirror(broker.bootstrap, src, state, work / "restore-dst")
-        t_restore = timed(["dt", "restore", mirrored["connection"], "--at", str(mirrored["applied_offset"]),
+        t_restore = timed([workloads.DT, "restore", mirrored["connection"], "--at", str(mirrored["applied_offset"]),
                            "--into", str(into), "--state", str(state)])
     t_cp = timed(["cp", "-a", str(src), str(copy)])
     identical = same_tree(src, into)
@@ -109,7 +109,7 @@ def mirror(log: str, src: Path, state: Path, dst: Path) -> dict:
     state.mkdir(parents=True)
     (state / "config.toml").write_text(f'log = "{log}"\n')
     start = time.perf_counter()
-    done = subprocess.run(["dt", "mirror", str(src), str(dst), "--json", "--state", str(state)],
+    done = subprocess.run([workloads.DT, "mirror", str(src), str(dst), "--json", "--state", str(state)],
                           check=True, capture_output=True, text=True)
     result = json.loads(done.stdout)
     result["seconds"] = time.perf_counter() - start

@@ -72,7 +72,7 @@ def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
 
 
 def dt(state: Path, *args: str) -> list[str]:
-    return ["dt", *args, "--state", str(state)]
+    return [workloads.DT, *args, "--state", str(state)]
 
 
 def bench_mirror_full(work: Path, scale: float) -> list[Row]:
