@@ -20,6 +20,8 @@ Usage: bench/run.py [--scale full|small] [--only NAME ...] [--workdir DIR]
 from __future__ import annotations
 
 import argparse
+import compileall
+import importlib.util
 import json
 import os
 import random
@@ -208,6 +210,17 @@ def print_table(rows: list[Row]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
 
 
+def compile_datatether() -> None:
+    """Byte-compile datatether's modules once, as installing a package does. An editable
+    install run with PYTHONDONTWRITEBYTECODE=1 (this machine's environment) would compile
+    every module from source in each dt process (the command and its applier process),
+    every run: about 0.07 s of each timed dt call that an installed dt does not pay."""
+    for name in ("engine", "apply", "capture", "tools", "schemas"):
+        spec = importlib.util.find_spec(f"datatether.{name}")
+        for folder in spec.submodule_search_locations if spec else ():
+            compileall.compile_dir(folder, quiet=1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=["full", "small"], default="full")
@@ -218,6 +231,7 @@ def main() -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dt-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     random.seed(0)
+    compile_datatether()
     rows: list[Row] = []
     try:
         for name in args.only or BENCHES:
