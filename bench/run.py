@@ -17,12 +17,12 @@ Usage: bench/run.py [--scale full|small] [--only NAME ...] [--workdir DIR]
 `--scale small` divides sizes by 10 for a quick look; the targets are judged on `full`.
 
 Deleting many files skews the next runs on ext4 without a journal (this machine's root
-file system): for a minute after an inode is freed (six while its inode table block is
-not yet written back) every file created in its block group scans past it (the kernel's
-recently_deleted()). After `rm -rf` of a 20,000-file tree, rsync -a of the tree took
-6-8 s instead of 2.4-2.6 s, dt as much more. So no tree is removed between timed tools;
-trees are removed at the end of a benchmark and written back (sync); between two runs
-of this script, wait a minute.
+file system): for a minute after an inode is freed, and for six while its inode table
+block is dirty (new inodes written beside it make it dirty again), every file created in
+its block group scans past it (the kernel's recently_deleted()). After `rm -rf` of a
+20,000-file tree, rsync -a of the tree took 6-8 s instead of 2.4-2.6 s, and dt 6-9 s
+instead of 4.1-4.3 s. So no tree is removed between timed tools; trees are removed at
+the end of a benchmark (and written back); between two runs, wait six minutes.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def bench_mirror_full(work: Path, scale: float) -> list[Row]:
     same = workloads.same_tree(src, work / "full-dt")
     for d in ("full-rsync", "full-cp", "full-dt", "state-full"):
         shutil.rmtree(work / d)
-    os.sync()  # the freed inodes' table blocks on disk: creations skip them for 1 minute, not 6
+    os.sync()  # freed inodes' table blocks written back (see the module docstring)
     return [Row("mirror-full (s)", t_dt, t_rsync, "rsync -a", "s", "<= 1.0 x rsync", same and t_dt <= t_rsync),
             Row("mirror-full vs cp (s)", t_dt, t_cp, "cp -a", "s", "shown", None)]
 
@@ -249,7 +249,7 @@ def main() -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-            os.sync()  # see the module docstring: the next run's creations skip freed inodes 1 minute, not 6
+            os.sync()  # freed inodes' table blocks written back (see the module docstring)
     print_table(rows)
     return 0
 
