@@ -93,7 +93,8 @@ class Log(Protocol):
         """Drop records below ``offset`` (clamped to end_offset)."""
 
     def size(self, partition: str) -> tuple[int, int]:
-        """(bytes, records) currently retained."""
+        """(bytes, records) currently retained; bytes are the retained values' lengths
+        (the unit the source queue counts in, engine/queue.py), not the storage used."""
 
     def close(self) -> None:
         """Release resources; further calls are errors."""

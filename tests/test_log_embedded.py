@@ -70,16 +70,6 @@ def log(tmp_path):
         yield opened
 
 
-def test_size_is_exactly_the_retained_payload_bytes(log):
-    log.append("p", [b"a" * 10, b"b" * 20])
-    log.append("p", [b"c" * 30])
-    assert log.size("p") == (60, 3)
-    log.truncate_before("p", 1)
-    assert log.size("p") == (50, 2)
-    log.truncate_before("p", 3)
-    assert log.size("p") == (0, 0)
-
-
 def test_truncate_deletes_the_stored_records(log):
     log.append("p", values(5))
     log.truncate_before("p", 3)
