@@ -114,8 +114,10 @@ _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{0,40}$")
 _GONE = {KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART}
 # Errors of a cluster in motion (a broker restarting, a leader or coordinator moving): the
 # same call succeeds a moment later, so they are retried until ``timeout_s``.
+# _DESTROY_BROKER: a request was on a broker connection the client replaced (a restarted
+# broker comes back under its node id, and the bootstrap connection is retired).
 _TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
-              KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_LEADER_FOR_PARTITION,
+              KafkaError._DESTROY_BROKER, KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_LEADER_FOR_PARTITION,
               KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_LEADER_EPOCH,
               KafkaError.FENCED_LEADER_EPOCH, KafkaError.OFFSET_NOT_AVAILABLE,
               KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
