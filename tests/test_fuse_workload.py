@@ -198,7 +198,8 @@ def test_random_workload_and_fio_end_with_an_identical_target(rig):
                                      str(OPS_PER_WORKER)]) for i in range(WORKERS)]
         fio = subprocess.run(["fio", "--name=verify", f"--filename={src / 'fio.dat'}", f"--size={FIO_SIZE}",
                               "--rw=randwrite", "--bs=4k", "--ioengine=psync", "--verify=crc32c",
-                              "--do_verify=1", "--fsync=64", "--randseed=7", "--output-format=terse"],
+                              "--do_verify=1", "--fsync=64", "--randseed=7", "--output-format=terse",
+                              "--verify_state_save=0"],  # else fio leaves a state file in the cwd
                              capture_output=True, text=True, timeout=TIMEOUT_S)
         assert fio.returncode == 0, fio.stderr
         assert all(w.wait(TIMEOUT_S) == 0 for w in workers)
