@@ -26,8 +26,8 @@ Life of a daemon (``start``, ``supervise``, ``shutdown``):
    ctime is at or after the time the gap may have begun (engine/mirror.py,
    ``changed_since_ns``), less GAP_CLOCK_MARGIN_NS: the oldest stamp of a lost event or of
    the newest event that did reach the log, whichever is older (for a restart, the last
-   record's time; after a mirror that failed or was overtaken, that mirror's start). An overflowed queue keeps dropping capture events
-   until that remirror starts (``SourceQueue.reopen``); nothing is lost silently (DESIGN
+   record's time; after a mirror that failed or was overtaken, that mirror's start). An
+   overflowed queue keeps dropping capture events until that remirror starts (``SourceQueue.reopen``); nothing is lost silently (DESIGN
    invariant 3). Without auto-remirror the connection stays Mirror Required (replication
    status Pending) until an operator starts a mirror through the API.
 4. ``shutdown``: the mirror stops (its position is forgotten: the next start mirrors
@@ -150,9 +150,9 @@ class Parts:
     ``make_mirror(log, mode, changed_since_ns)`` builds a fresh mirror pass appending to
     ``log`` that also flags files changed since that time (engine/mirror.py; None: only what
     the mode flags); capture and mirror must share one PathLocks, which the assembler
-    closes over. ``remove_orphans(log,
-    stop)``, when given, runs after every complete mirror pass and appends removals of the
-    target's orphans to ``log`` (returns how many); None leaves orphans alone.
+    closes over. ``remove_orphans(log, stop)``, when given, runs after every complete
+    mirror pass and appends removals of the target's orphans to ``log`` (returns how
+    many); None leaves orphans alone.
     ``snapshots``, when given, takes the target snapshots (module docstring); None: none.
     """
 

@@ -94,8 +94,8 @@ from confluent_kafka import (OFFSET_INVALID, TIMESTAMP_CREATE_TIME, Consumer, Co
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from . import codec, frame, logs
-from .errors import (BackendUnavailable, CorruptRecord, InvalidName, NotFound, OffsetOutOfRange, SettingsError,
-                     UsageError)
+from .errors import (BackendUnavailable, CorruptRecord, InvalidName, NotFound, OffsetOutOfRange,
+                     SettingsError, UsageError)
 from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, Log, LogRecord, check_partition_name
 from .offsets import NO_OFFSET
 
@@ -408,7 +408,7 @@ class KafkaLog(Log):
         restarting answers "transport failure" for a while) are retried for ``patience_s``
         (default ``timeout_s``); any other error, or the deadline, is BackendUnavailable.
         Errors in ``ignore`` count as success (None)."""
-        deadline = time.monotonic() + (self._timeout_s if patience_s is None else patience_s)
+        deadline = self._deadline(patience_s)
         while True:
             try:
                 return attempt()
@@ -422,8 +422,12 @@ class KafkaLog(Log):
                 raise self._unavailable(what, exc) from exc
             time.sleep(POLL_S)
 
+    def _deadline(self, patience_s: float | None = None) -> float:
+        """When a call that waits for the cluster gives up (default: ``timeout_s`` from now)."""
+        return time.monotonic() + (self._timeout_s if patience_s is None else patience_s)
+
     def _until(self, condition, what: str) -> None:
-        deadline = time.monotonic() + self._timeout_s
+        deadline = self._deadline()
         while not condition():
             if time.monotonic() > deadline:
                 raise BackendUnavailable(backend=self._backend, detail=f"timed out waiting for {what}")
@@ -443,8 +447,7 @@ class KafkaLog(Log):
         """(start, end) offsets of the topic; NotFound when it does not exist. Errors Kafka
         calls retriable (a leader just elected, a broker restarting) are retried for
         ``patience_s`` (default ``timeout_s``)."""
-        patience_s = self._timeout_s if patience_s is None else patience_s
-        deadline = time.monotonic() + patience_s
+        deadline = self._deadline(patience_s)
         while True:
             try:
                 return self._reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=self._timeout_s,
@@ -463,7 +466,7 @@ class KafkaLog(Log):
                 self._check_open()
                 raise self._unavailable(f"reading the offsets of {topic}", exc) from exc
 
-    def _reader_knows(self, topic: str, patience_s: float) -> bool:
+    def _reader_knows(self, topic: str, patience_s: float | None) -> bool:
         """Refresh the reader's metadata of ``topic`` (its cache may predate the topic's
         creation by another client) and tell whether the topic exists."""
         found = self._retrying(lambda: self._reader.list_topics(topic=topic, timeout=self._timeout_s),
@@ -548,7 +551,7 @@ class KafkaLog(Log):
         messages: list[Message] = []
         total = 0
         stalled = False  # a stale offset reset came: it may have stopped the fetching
-        deadline = time.monotonic() + self._timeout_s
+        deadline = self._deadline()
         while start + len(messages) < stop:
             if time.monotonic() > deadline:
                 raise BackendUnavailable(backend=self._backend, detail=(
@@ -572,7 +575,7 @@ class KafkaLog(Log):
                 total += size
                 if total >= max_bytes:
                     return messages, False
-                deadline = time.monotonic() + self._timeout_s
+                deadline = self._deadline()
         return messages, False
 
     def _fetch_error(self, topic: str, partition: str, expected: int, message: Message) -> bool:
@@ -647,7 +650,7 @@ class KafkaLog(Log):
         the coordinator again and retries. It never subscribes, so it never joins the group."""
         reader = Consumer({**self._common, "group.id": group, "enable.auto.commit": False})
         try:
-            deadline = time.monotonic() + self._timeout_s
+            deadline = self._deadline()
             while True:
                 try:
                     (tp,) = reader.committed([TopicPartition(topic, 0)], timeout=self._timeout_s)

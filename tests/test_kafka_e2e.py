@@ -198,18 +198,28 @@ def check_numbered_result(daemon: Protected, real: str, lines: int) -> list[dict
     return events
 
 
-@pytest.mark.fuse
-def test_broker_killed_and_restarted_mid_workload(own_broker, protect, real_source):
-    lines = 1500
-    daemon = protect(own_broker.bootstrap)
+def broker_killed_mid_workload(broker, protect, real_source, lines: int,
+                               config: str = "") -> tuple[Protected, str, subprocess.Popen]:
+    """A converged `dt protect` on ``broker`` (``config`` appended to its config.toml), the
+    numbered workload started on it, and the broker SIGKILLed a quarter of the way in.
+    Returns the daemon, the real source path and the workload's process."""
+    daemon = protect(broker.bootstrap)
+    with open(daemon.state / "config.toml", "a") as out:
+        out.write(config)
     make_tree(daemon.src, files=10)
     real = real_source(daemon.src)
     daemon.start()
     daemon.converged()
-
     writer = start_numbered_workload(daemon.src, lines)
     wait_for(lambda: lines_written(real) >= lines // 4 or writer.poll() is not None, what="a quarter of the workload")
-    own_broker.kill()
+    broker.kill()
+    return daemon, real, writer
+
+
+@pytest.mark.fuse
+def test_broker_killed_and_restarted_mid_workload(own_broker, protect, real_source):
+    lines = 1500
+    daemon, real, writer = broker_killed_mid_workload(own_broker, protect, real_source, lines)
     at_kill = lines_written(real)
     time.sleep(2)  # the capture's appends (and so the writer) wait for the broker
     at_restart = lines_written(real)
@@ -238,17 +248,9 @@ def test_broker_away_longer_than_the_log_timeout_is_a_gap_repaired_by_a_remirror
     a gap. Even when the log cannot take the Gap record either, the connection is Mirror
     Required and, once the broker is back, the remirror makes the target identical."""
     lines = 400
-    daemon = protect(own_broker.bootstrap)
-    with open(daemon.state / "config.toml", "a") as config:  # "longer" need not take minutes
-        config.write("kafka_timeout_s = 3\nkafka_delivery_timeout_s = 5\n")
-    make_tree(daemon.src, files=10)
-    real = real_source(daemon.src)
-    daemon.start()
-    daemon.converged()
-
-    writer = start_numbered_workload(daemon.src, lines)
-    wait_for(lambda: lines_written(real) >= lines // 4 or writer.poll() is not None, what="a quarter of the workload")
-    own_broker.kill()
+    # "Longer" need not take minutes: short timeouts.
+    daemon, real, writer = broker_killed_mid_workload(own_broker, protect, real_source, lines,
+                                                      "kafka_timeout_s = 3\nkafka_delivery_timeout_s = 5\n")
     # Kept away until the daemon gave up recording the gap (DT-D025) and, still without a
     # log, marked the connection as needing a remirror (DT-D026).
     wait_for(lambda: "DT-D025" in daemon.err.read_text(), 60, "the gap that could not be recorded", poll=0.2)
