@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             if broker is not None:
                 broker.stop()
             return 0
-        print(f"running on {broker.bootstrap} (pid {broker.pid})" if broker else "stopped")
+        print(f"running on {broker.bootstrap}, SASL/PLAIN on {broker.sasl_bootstrap} (pid {broker.pid})"
+              if broker else "stopped")
         return 0 if broker else 1
     except DtError as exc:
         print(f"kafka_broker: {exc.message}", file=sys.stderr)
