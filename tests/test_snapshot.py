@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 from history_helpers import T0, loop_filesystem, tree_state
@@ -249,9 +250,13 @@ def test_take_while_paused_snapshots_a_running_applier_at_an_exact_offset(tmp_pa
                      for _ in range(3)]
         finally:
             threads[1].join()
-            while applier.applied_offset < log.end_offset(P) - 1 and threads[0].is_alive():
+            # Caught up and resumed after each snapshot: the applier reports OK once its
+            # loop wakes from the pause (resume() does not wait for that).
+            deadline = time.monotonic() + 30
+            while ((applier.applied_offset < log.end_offset(P) - 1 or progress.status is not TargetStatus.OK)
+                   and threads[0].is_alive() and time.monotonic() < deadline):
                 stop.wait(0.05)
-            status = progress.status  # resumed after each snapshot
+            status = progress.status
             stop.set()
             threads[0].join()
             applier.close()
