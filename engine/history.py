@@ -44,6 +44,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import threading
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, Sequence
@@ -343,10 +344,11 @@ def find_task_result(log_: Log, partition: str, task_id: str, after: int) -> Tas
 
 
 def follow(log_: Log, partition: str, first: int, *, glob: str | None = None,
-           poll_s: float = 1.0) -> Iterator[HistoryEvent]:
-    """Events from ``first`` on, forever: waits (``Log.wait``) for each new record."""
+           poll_s: float = 1.0, stop: threading.Event | None = None) -> Iterator[HistoryEvent]:
+    """Events from ``first`` on, until ``stop`` is set (forever without one): waits
+    (``Log.wait``, ``poll_s`` at a time) for each new record."""
     offset = first
-    while True:
+    while stop is None or not stop.is_set():
         if not log_.wait(partition, offset, poll_s):
             continue
         for hev in read(log_, partition, offset, glob=None):

@@ -220,6 +220,17 @@ def test_follow_yields_records_appended_later(log):
     assert (got.offset, got.paths()) == (2, ["b"])
 
 
+def test_follow_ends_once_stop_is_set(log):
+    import threading
+
+    stop = threading.Event()
+    stream = history.follow(log, P, 0, poll_s=0.05, stop=stop)
+    append(log, P, create("a"), T0)
+    assert next(stream).paths() == ["a"]
+    threading.Timer(0.1, stop.set).start()
+    assert list(stream) == []  # no record came, and the generator ended
+
+
 # -- dt history, on both backends ------------------------------------------------------
 
 from history_helpers import StreamWorld, backends, dt  # noqa: E402

@@ -35,11 +35,13 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from ..apply.applier import Applier
 from ..apply.orphans import process_orphans
@@ -62,6 +64,22 @@ log = logs.get(__name__)
 
 APPLY_ATTEMPTS = 3
 T = TypeVar("T")
+
+
+@contextmanager
+def stop_signals(handler: Callable[[], None]) -> Iterator[None]:
+    """While in the block, SIGINT and SIGTERM call ``handler`` instead of interrupting.
+
+    Why: a KeyboardInterrupt raised at an arbitrary point can fall between a lock's
+    acquire and the ``with`` that would release it; the log's close then waits for that
+    lock forever (``dt tail --follow`` hung so on SIGINT). Long-running commands stop at a
+    point of their choosing instead."""
+    previous = {sig: signal.signal(sig, lambda *_: handler()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def open_log(state_dir: Path, settings: Settings) -> Log:

@@ -22,7 +22,6 @@ was first used with.
 from __future__ import annotations
 
 import argparse
-import signal
 import threading
 from pathlib import Path
 
@@ -123,9 +122,5 @@ def _catch_up(applier: Applier, last: int, retry_delay_s: float) -> None:
 
 def _follow(applier: Applier) -> None:
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with runtime.stop_signals(stop.set):
         applier.run(stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

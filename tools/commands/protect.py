@@ -30,11 +30,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from ...apply.orphans import process_orphans
 from ...apply.snapshot import TargetSnapshots
@@ -272,20 +272,19 @@ def _serve(args, state, job, created: bool, mode: MirrorMode | None) -> int:
     try:
         daemon = build_daemon(args, state, job, source_fd)
         abort = threading.Event()
-        restore = _handle_signals(daemon.stop_requested, abort)
         show = StatusLine.for_args(args)
         api = ApiServer(socket_path(state.dir, job.conn.source_root), daemon.operations())
-        try:
-            daemon.start(restarted=not created, mirror=mode)
-            api.start()
-            show.note(f"protecting {job.conn.source_root} -> {job.conn.target_root} "
-                      f"(connection {job.conn.name}, pid {os.getpid()})"
-                      + _resume_note(created, mode))
-            daemon.supervise(tick=show, tick_s=show.interval)
-        finally:
-            final = daemon.shutdown(abort, tick=show, tick_s=show.interval)
-            api.stop()  # after the drain, so dt status can follow it
-            restore()
+        with runtime.stop_signals(_stopper(daemon.stop_requested, abort)):
+            try:
+                daemon.start(restarted=not created, mirror=mode)
+                api.start()
+                show.note(f"protecting {job.conn.source_root} -> {job.conn.target_root} "
+                          f"(connection {job.conn.name}, pid {os.getpid()})"
+                          + _resume_note(created, mode))
+                daemon.supervise(tick=show, tick_s=show.interval)
+            finally:
+                final = daemon.shutdown(abort, tick=show, tick_s=show.interval)
+                api.stop()  # after the drain, so dt status can follow it
         show.done(final)
         return 0
     finally:
@@ -301,15 +300,13 @@ def _resume_note(created: bool, mode: MirrorMode | None) -> str:
     return f"; resuming: changes made while stopped are repaired by a {mode.value} remirror"
 
 
-def _handle_signals(stop: threading.Event, abort: threading.Event):
+def _stopper(stop: threading.Event, abort: threading.Event) -> Callable[[], None]:
     """First SIGINT/SIGTERM: stop cleanly; a second one: do not wait for the queue."""
-    def handler(signum, frame):
+    def handler() -> None:
         if stop.is_set():
             abort.set()
         stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(sig, old) for sig, old in previous.items()]
+    return handler
 
 
 class StatusLine:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import threading
 from typing import Iterable
 
 from ...engine import history
 from ...engine.history import HistoryEvent
-from .. import output, stream
+from .. import output, runtime, stream
 
 DEFAULT_LINES = 10
 
@@ -63,19 +63,23 @@ def run(args) -> int:
             first = max(log.start_offset(partition), log.end_offset(partition) - max(args.lines, 0))
         else:
             first = history.start_for(log, partition, point)
-        stop = max(first, log.end_offset(partition))
-        try:
-            print_events(history.read(log, partition, first, stop, glob=args.path), args.json, flush=args.follow)
+        end = max(first, log.end_offset(partition))
+        interrupted = threading.Event()
+        with runtime.stop_signals(interrupted.set):
+            print_events(history.read(log, partition, first, end, glob=args.path), args.json,
+                         flush=args.follow, stop=interrupted)
             if args.follow:
-                print_events(history.follow(log, partition, stop, glob=args.path), args.json, flush=True)
-        except KeyboardInterrupt:
-            sys.stdout.flush()
+                print_events(history.follow(log, partition, end, glob=args.path, stop=interrupted), args.json,
+                             flush=True, stop=interrupted)
     return 0
 
 
-def print_events(events: Iterable[HistoryEvent], as_json: bool, flush: bool = False) -> None:
-    """One line per event (shared by dt history)."""
+def print_events(events: Iterable[HistoryEvent], as_json: bool, flush: bool = False,
+                 stop: threading.Event | None = None) -> None:
+    """One line per event (shared by dt history), until ``stop`` is set."""
     for hev in events:
+        if stop is not None and stop.is_set():
+            return
         print(event_line(hev, as_json), flush=flush)
 
 
