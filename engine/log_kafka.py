@@ -27,7 +27,7 @@ truncate_before             DeleteRecords (moves the topic's log start offset)
 
 Record headers (ASCII values), so that any Kafka consumer can find and decode the stream:
 
-- ``dt-frame``: the frame version of engine/frame.py ("1").
+- ``dt-frame``: the frame version of engine/frame.py ("2"; topics written before hold "1").
 - ``dt-schema``: what the payload is, ``datatether.event/v<N>`` for events (engine/codec.py;
   the payload's first byte names the exact writer schema version).
 - ``dt-time-ns``: the record timestamp in ns (the Kafka timestamp is that value in ms; a
@@ -57,7 +57,7 @@ automatic commits); a read that continues where the previous one stopped reuses 
 client already fetched. ``auto.offset.reset=error``: a record removed by retention is an
 OffsetOutOfRange, never a silent jump. Two checks guard every record: Kafka's CRC32C of the
 batch (``check.crcs``; a damaged batch, e.g. a bad disk under the broker, makes every
-record in it CorruptRecord) and the frame's blake3 digest of the payload (damage anywhere
+record in it CorruptRecord) and the frame's checksum of the payload (damage anywhere
 between the appending process and the reader). A fetch error counts only for the record it
 is about: the reader fetches ahead after a read, and what that prefetch met further on
 (e.g. a damaged batch) never makes the intact records before it unreadable.

@@ -18,7 +18,7 @@ Invariants:
   exclude, and skip (and log) paths longer than rules.PATH_MAX_BYTES.
 
 On disk: ``<state>/sets/<name>.set``, one Avro object container file per set
-(schemas/replset.avsc) sealed with a blake3 checksum (engine/frame.py), written with
+(schemas/replset.avsc) sealed with a checksum (engine/frame.py), written with
 temp file, fsync, rename. Writers hold ``<state>/sets/.lock`` (flock) so the generation
 check and the write are atomic across processes; readers need no lock.
 Export files are JSON (``EXPORT_FORMAT``), meant to be read and edited by people.

@@ -110,14 +110,31 @@ def test_garbage_is_a_corrupt_record(blob):
         codec.decode(blob)
 
 
-def test_frame_detects_any_flipped_bit():
-    sealed = frame.seal(b"payload bytes")
+# A version 1 frame (blake3) of b"payload bytes", as logs written before version 2 hold it.
+FRAME_V1 = b"DF\x01" + bytes.fromhex("6c6ae296b33b8a174f30d509d28f5c87") + b"payload bytes"
+
+
+@pytest.mark.parametrize("sealed", [frame.seal(b"payload bytes"), FRAME_V1], ids=["v2", "v1"])
+def test_frame_detects_any_flipped_bit(sealed):
     assert frame.unseal(sealed) == b"payload bytes"
     for i in range(len(sealed)):
         damaged = bytearray(sealed)
         damaged[i] ^= 0x10
         with pytest.raises(CorruptRecord):
             frame.unseal(bytes(damaged))
+
+
+def test_frames_are_written_in_the_current_version():
+    sealed = frame.seal(b"payload bytes")
+    assert sealed[:3] == b"DF" + bytes((frame.VERSION,)) and frame.VERSION == 2
+    assert len(sealed) == frame.HEADER_LEN + len(b"payload bytes")
+
+
+def test_a_frame_of_an_unknown_version_is_corrupt():
+    sealed = bytearray(frame.seal(b"payload bytes"))
+    sealed[2] = 9
+    with pytest.raises(CorruptRecord, match="bad frame header"):
+        frame.unseal(bytes(sealed))
 
 
 def test_encoding_from_many_threads_at_once():
