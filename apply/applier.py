@@ -114,7 +114,10 @@ Semantics
   its listed digest (the other blocks are the ones the mirror just found equal). The
   whole file is read back when that is not known: not every byte went by in order, the
   event lists no blocks, another event about the file or a namespace change came in
-  between, or the applier restarted.
+  between, or the applier restarted. A MirrorFile that carries a small file's content
+  (``complete``) is applied as the header, its data at offset 0 and its MirrorFileEnd
+  would be, in one event; one that is no whole regular file of exactly its ``size``
+  bytes is refused.
 - Directory times in a mirror pass: a directory's header (MirrorFile) sets its times at
   once, right for a directory without children; creating children moves them, so the
   producer sends a SetAttr with the directory's times after its last child
@@ -696,6 +699,10 @@ class Applier:
         self.progress.set_data_state(TargetDataState.MIRRORING, f"mirror {op.mirror_id} ({op.mode})")
 
     def _mirror_file(self, offset: int, op: ev.MirrorFile) -> None:
+        if op.complete and (op.kind is not ev.FileKind.FILE or not op.whole or op.hardlink_of is not None
+                            or len(op.data) != op.size):
+            raise InvalidEvent(reason=f"MirrorFile {op.path!r} carries content but is no whole regular file "
+                                      f"of {len(op.data)} bytes")
         if op.hardlink_of is not None:
             try:
                 self._hardlink(op.hardlink_of, op.path)
@@ -719,6 +726,11 @@ class Applier:
         fsops.set_meta(obj, mode=op.mode, atime_ns=op.atime_ns, mtime_ns=op.mtime_ns)
         if regular:
             self._mirrored = _Mirrored(op.path, op.whole, op.atime_ns)
+            if op.complete:  # a small file's content: as its MirrorData and MirrorFileEnd would
+                if op.data:
+                    fsops.pwrite_all(obj, op.data, 0)
+                    self._mirrored.wrote(0, op.data)
+                self._mirror_file_end(offset, ev.MirrorFileEnd(op.path, op.size, op.digest, op.mtime_ns))
 
     def _mirror_data(self, offset: int, op: ev.MirrorData) -> None:
         self._write(offset, op)

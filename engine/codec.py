@@ -35,7 +35,7 @@ import zstandard
 from . import events as ev
 from .errors import CorruptRecord
 
-CURRENT_VERSION = 3
+CURRENT_VERSION = 4
 COMPRESS_ABOVE = 512  # bytes of Avro body; smaller bodies rarely shrink enough to pay off
 _ZSTD_LEVEL = 1
 _FLAG_ZSTD = 1
@@ -47,7 +47,8 @@ def _load(name: str) -> dict:
     return fastavro.parse_schema(json.loads(text))
 
 
-SCHEMAS: dict[int, dict] = {1: _load("event.v1.avsc"), 2: _load("event.v2.avsc"), 3: _load("event.avsc")}
+SCHEMAS: dict[int, dict] = {1: _load("event.v1.avsc"), 2: _load("event.v2.avsc"), 3: _load("event.v3.avsc"),
+                             4: _load("event.avsc")}
 _NAMESPACE = "datatether.event."
 _BYTES_FIELDS = set(ev.PATH_FIELDS) | {"target", "link_target", "root", "name"}
 # zstandard's (de)compressor objects must not be used by two threads at once (capture,
@@ -246,7 +247,7 @@ def _optional_bytes(value: str | None) -> list[bytes]:
 
 
 def _mirror_file_writer():
-    """The mirror's header of every object (two per mirrored file with MirrorFileEnd)."""
+    """The mirror's header of every object (with its content, the whole of a small file)."""
     branch = _long(_branch("MirrorFile"))
     kinds = {kind: _long(index) for index, kind in enumerate(_KINDS)}
 
@@ -261,7 +262,11 @@ def _mirror_file_writer():
             for name, value in op.xattrs.items():
                 key = name.encode("utf-8")
                 out += [_long(len(key)), key, _long(len(value)), value]
-        out += [_MAP_END, b"\x01" if op.whole else b"\x00"]
+        out += [_MAP_END, b"\x01" if op.whole else b"\x00", _long(len(op.data)), op.data]
+        if op.digest is None:
+            out.append(_NULL)
+        else:
+            out += [_SOME, _long(len(op.digest)), op.digest]
         return out
     return parts
 
@@ -311,7 +316,7 @@ def _read_optional_path(buf, pos: int) -> tuple[str | None, int]:
     return os.fsdecode(raw), pos
 
 
-def _read_mirror_file(buf, pos: int, path: str) -> tuple[ev.MirrorFile | None, int]:
+def _read_mirror_file(buf, pos: int, path: str, views: bool) -> tuple[ev.MirrorFile | None, int]:
     index, pos = _read_long(buf, pos)
     if not 0 <= index < len(_KINDS):
         raise ValueError("bad file kind")
@@ -333,8 +338,17 @@ def _read_mirror_file(buf, pos: int, path: str) -> tuple[ev.MirrorFile | None, i
     whole = buf[pos]
     if whole > 1:
         raise ValueError("bad boolean")
+    data, pos = _read_bytes(buf, pos + 1, views)
+    some, pos = _read_long(buf, pos)
+    if some == 0:
+        file_digest = None
+    elif some == 1:
+        file_digest, pos = _read_bytes(buf, pos)
+    else:
+        raise ValueError("bad union branch")
     return ev.MirrorFile(path, ev.FileKind(_KINDS[index]), *numbers, link_target=link_target,
-                         hardlink_of=hardlink_of, xattrs=xattrs, whole=bool(whole)), pos + 1
+                         hardlink_of=hardlink_of, xattrs=xattrs, whole=bool(whole), data=data,
+                         digest=file_digest), pos
 
 
 def _fast_read(body: bytes, pos: int, views: bool = False) -> ev.Event | None:
@@ -362,7 +376,7 @@ def _fast_read(body: bytes, pos: int, views: bool = False) -> ev.Event | None:
                     return None
             op = ev.SetAttr(path, *values)
         elif cls is ev.MirrorFile:
-            op, pos = _read_mirror_file(body, pos, path)
+            op, pos = _read_mirror_file(body, pos, path, views)
             if op is None:
                 return None
         elif cls is ev.MirrorFileEnd:

@@ -177,6 +177,14 @@ class MirrorFile:
     hardlink_of: str | None = None
     xattrs: dict[str, bytes] = field(default_factory=dict)
     whole: bool = True
+    # A small regular file sent in this one event: all of its ``size`` bytes and its file
+    # digest; no MirrorData or MirrorFileEnd follows (``complete``).
+    data: bytes = b""
+    digest: bytes | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.digest is not None
 
 
 @dataclass(frozen=True, slots=True)

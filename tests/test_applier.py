@@ -356,6 +356,44 @@ def test_digest_mismatch_marks_mirror_required_through_the_end_of_the_pass(t):
     assert t.state_now is TargetDataState.MIRROR_REQUIRED and "digest" in t.a.progress.data_state_reason
 
 
+def whole_small_file(path, data: bytes, **kw) -> ev.MirrorFile:
+    """A small file in one MirrorFile, as the mirror sends it (content and file digest)."""
+    blocks = [digest.block_digest(data[i:i + digest.DIGEST_BLOCK]) for i in range(0, len(data), digest.DIGEST_BLOCK)]
+    fields = {"mode": 0o640, "uid": 0, "gid": 0, "atime_ns": T0, "mtime_ns": T0 + 7, "size": len(data),
+              "data": data, "digest": digest.combine(blocks, len(data)), **kw}
+    return ev.MirrorFile(path, FileKind.FILE, **fields)
+
+
+def test_a_small_file_in_one_event_replaces_what_is_there_and_is_checked(t, monkeypatch):
+    monkeypatch.setattr(digest, "file_digest", no_reading_back)
+    (t.root / "dir").mkdir(parents=True)
+    (t.root / "dir/f").write_bytes(b"old content, longer than the new one" * 100)
+    (t.root / "dir/e").write_bytes(b"something")
+    data = os.urandom(3 * digest.DIGEST_BLOCK + 5)
+    t.apply(ev.MirrorStart("m", "full"), whole_small_file("dir/f", data, uid=5),
+            whole_small_file("dir/e", b""), ev.MirrorEnd("m", len(data), 0, 2))
+    assert t.state_now is TargetDataState.OK
+    st = os.stat(t.root / "dir/f")
+    assert (st.st_mtime_ns, st.st_atime_ns, st.st_uid, stat.S_IMODE(st.st_mode)) == (T0 + 7, T0, 5, 0o640)
+    assert (t.root / "dir/f").read_bytes() == data and (t.root / "dir/e").read_bytes() == b""
+    t.apply(ev.MirrorStart("m2", "full"), replace(whole_small_file("dir/f", b"right"), data=b"wrong"),
+            ev.MirrorEnd("m2", 5, 0, 1))
+    assert t.state_now is TargetDataState.MIRROR_REQUIRED and "digest" in t.a.progress.data_state_reason
+
+
+@pytest.mark.parametrize("bad", [
+    {"size": 4},                                  # the content is not the whole file
+    {"kind": FileKind.SYMLINK, "link_target": "x"},
+    {"whole": False},
+    {"hardlink_of": "other"},
+], ids=["short", "not-a-file", "blocks", "hard-link"])
+def test_content_in_a_mirror_file_that_is_no_whole_regular_file_is_refused(t, bad):
+    op = replace(whole_small_file("f", b"12345"), **bad)
+    t.apply(ev.MirrorStart("m", "full"), op)
+    assert t.state_now is TargetDataState.MIRROR_REQUIRED and "refused" in t.a.progress.data_state_reason
+    assert t.a.progress.status is TargetStatus.OK  # refused, not retried forever
+
+
 def no_reading_back(fd, size):
     raise AssertionError("the whole file was read back")
 

@@ -91,6 +91,26 @@ def test_record_written_with_schema_v2_still_decodes():
     assert event == ev.Event(ev.MirrorFileEnd("f", 3, b"d" * 32, 7, block_digests=b""), 42, origin="mirror")
 
 
+def test_record_written_with_schema_v3_still_decodes():
+    """A version-3 MirrorFile (before a small file's content could travel in it) reads as
+    a header whose data and digest follow in their own events."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, codec.SCHEMAS[3], {"time_ns": 42, "origin": "mirror", "op": (
+        "datatether.event.MirrorFile", {"path": b"f", "kind": "FILE", "mode": 0o644, "uid": 1, "gid": 2,
+                                        "atime_ns": 5, "mtime_ns": 6, "size": 3})})
+    event = codec.decode(bytes((3, 0)) + buf.getvalue())
+    assert event == ev.Event(ev.MirrorFile("f", ev.FileKind.FILE, 0o644, 1, 2, 5, 6, 3), 42, origin="mirror")
+    assert event.op.data == b"" and event.op.digest is None and not event.op.complete
+
+
+def test_a_whole_small_file_in_its_mirror_file_event_round_trips_with_views():
+    op = ev.MirrorFile("f", ev.FileKind.FILE, 0o600, 0, 0, 1, 2, 3000, data=b"abc" * 1000, digest=b"d" * 32)
+    event = ev.Event(op, 5, "mirror")
+    decoded = codec.decode(codec.encode(event, compress=False), views=True)
+    assert decoded == event and decoded.op.complete and isinstance(decoded.op.data, memoryview)
+    assert event.data_bytes() == 3000
+
+
 def test_large_bodies_are_compressed():
     blob = codec.encode(ev.Event(ev.Write("f", 0, b"a" * 100_000), 1))
     assert len(blob) < 2000
@@ -186,9 +206,12 @@ def _random_hot_events(rng, count):
         elif kind is ev.MirrorFile:
             xattrs = {rng.choice(["user.a", "security.ünï", "trusted." + "x" * 200]) + str(i): rng.randbytes(
                 rng.choice([0, 3, 300])) for i in range(rng.choice([0, 0, 1, 3]))}
+            complete = rng.random() < 0.5  # a whole small file in the event
             op = ev.MirrorFile(path(), rng.choice(list(ev.FileKind)), number(32), number(32), number(32),
                                number(64), number(64), number(64), number(64), maybe_path(), maybe_path(),
-                               xattrs, rng.random() < 0.5)
+                               xattrs, rng.random() < 0.5,
+                               data=rng.randbytes(rng.choice([0, 1, 600, 70_000])) if complete else b"",
+                               digest=rng.randbytes(32) if complete else None)
         elif kind is ev.MirrorFileEnd:
             op = ev.MirrorFileEnd(path(), number(64), rng.randbytes(rng.choice([0, 32])), number(64),
                                   rng.randbytes(rng.choice([0, 16, 16 * 300])))

@@ -156,6 +156,34 @@ def test_a_block_mirror_of_a_sparse_file_keeps_it_identical_and_cuts_a_longer_ta
     assert diff_trees(src, dst) == []
 
 
+def test_a_small_file_travels_in_one_event_a_sparse_or_larger_one_in_a_header_data_and_end(env):
+    from collections import Counter
+
+    from datatether.engine import codec
+
+    state, src, dst = env
+    (src / "small").write_bytes(os.urandom(100_000))
+    (src / "empty").write_bytes(b"")
+    with open(src / "sparse", "wb") as f:  # small, but with a hole: the hole must stay one
+        f.write(b"x" * 10)
+        f.truncate(512 << 10)
+    (src / "larger").write_bytes(os.urandom(state.settings.mirror_packet_size + 1))
+    stats, outcome = mirror(state, src, dst)
+    assert outcome.data_state == "OK" and not stats.problems
+    assert diff_trees(src, dst, holes=True) == []
+    job = job_of(state, src, dst)
+    events = [codec.decode(r.value).op for r in state.log.read(job.partition, 0, max_records=1000)]
+    kinds = Counter((type(op).__name__, op.path) for op in events if getattr(op, "path", ""))
+    for name in ("small", "empty"):
+        assert kinds[("MirrorFile", name)] == 1
+        assert not kinds[("MirrorData", name)] and not kinds[("MirrorFileEnd", name)]
+    one = next(op for op in events if type(op).__name__ == "MirrorFile" and op.path == "small")
+    assert bytes(one.data) == (src / "small").read_bytes() and one.complete
+    for name in ("sparse", "larger"):
+        assert kinds[("MirrorFile", name)] == 1 and kinds[("MirrorData", name)] >= 1
+        assert kinds[("MirrorFileEnd", name)] == 1
+
+
 def test_excluded_names_are_not_mirrored(env):
     state, src, dst = env
     (src / "keep.txt").write_text("keep")
