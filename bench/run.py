@@ -63,25 +63,8 @@ class Row:
         return f"{self.ours / self.theirs:.2f}" if self.theirs else "-"
 
 
-def same_start(*warm: Path) -> None:
-    """Every tool starts with no dirty pages of the tool before it (write-back throttling).
-    With ``warm``, as root, also in the same memory state: the page cache emptied, then
-    only what the tool reads read back in. Otherwise the tool run last starts with the
-    least free memory, and on this machine the kernel time of writing a file swung by 2x
-    with it."""
-    os.sync()
-    if warm and os.geteuid() == 0:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-    for top in warm:
-        for path in (top.rglob("*") if top.is_dir() else [top]):
-            if path.is_file() and not path.is_symlink():
-                with open(path, "rb") as f:
-                    while f.read(1 << 20):
-                        pass
-
-
-def timed(cmd: list[str], warm: tuple[Path, ...] = (), **kw) -> float:
-    same_start(*warm)
+def timed(cmd: list[str], **kw) -> float:
+    os.sync()  # every tool starts with no dirty pages of the one before (write-back throttling)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kw)
     return time.perf_counter() - start
@@ -105,9 +88,9 @@ def dt(state: Path, *args: str) -> list[str]:
 def bench_mirror_full(work: Path, scale: float) -> list[Row]:
     src = work / "full-src"
     workloads.make_tree(src, files=int(20_000 * scale), total_bytes=int(2e9 * scale), seed=1)
-    t_rsync = timed(["rsync", "-a", f"{src}/", str(work / "full-rsync")], warm=(src,))
-    t_cp = timed(["cp", "-a", str(src), str(work / "full-cp")], warm=(src,))
-    t_dt = timed(dt(work / "state-full", "mirror", str(src), str(work / "full-dt")), warm=(src,))
+    t_rsync = timed(["rsync", "-a", f"{src}/", str(work / "full-rsync")])
+    t_cp = timed(["cp", "-a", str(src), str(work / "full-cp")])
+    t_dt = timed(dt(work / "state-full", "mirror", str(src), str(work / "full-dt")))
     same = workloads.same_tree(src, work / "full-dt")
     for d in ("full-rsync", "full-cp", "full-dt", "state-full"):
         shutil.rmtree(work / d)
@@ -127,9 +110,8 @@ def bench_mirror_checksum(work: Path, scale: float) -> list[Row]:
     workloads.change_blocks(src_dir / "big", fraction=0.01, block=65536, seed=3)
     # -I (--ignore-times): rsync's quick check must not skip the file when only a
     # sub-second mtime differs; it has to compare blocks, as dt --checksum does.
-    t_rsync = timed(["rsync", "-I", "--no-whole-file", "--inplace", str(src_dir / "big"), str(a / "big")],
-                    warm=(src_dir, a))
-    t_dt = timed(dt(work / "state-ck", "mirror", "--checksum", str(src_dir), str(b)), warm=(src_dir, b))
+    t_rsync = timed(["rsync", "-I", "--no-whole-file", "--inplace", str(src_dir / "big"), str(a / "big")])
+    t_dt = timed(dt(work / "state-ck", "mirror", "--checksum", str(src_dir), str(b)))
     same = workloads.same_content(src_dir / "big", b / "big")
     for d in (src_dir, a, b, work / "state-ck"):
         shutil.rmtree(d)
