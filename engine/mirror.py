@@ -62,8 +62,11 @@ the end of the pass; if it cannot be mirrored then, or any object cannot be read
 mirror ends with a ``Gap`` so the target goes Mirror Required: never silently wrong.
 
 Position: the key (engine/tree.walk_key) of the last object whose events are all in the
-log is saved (engine/durable.write_atomic) every SAVE_EVERY_ITEMS objects or
-SAVE_EVERY_S seconds, with the mirror id, options and counters. ``pause`` keeps it and
+log is saved every SAVE_EVERY_ITEMS objects or SAVE_EVERY_S seconds, with the mirror id,
+options and counters, by a thread beside the mirror (engine/durable.BackgroundFile: its
+fsyncs wait behind the write-back of what the mirror wrote, and took 0.6 s of a 2 GB
+mirror when the mirror waited for them); a pause or a failure saves it before ``run``
+returns. ``pause`` keeps it and
 a later ``run`` of a mirror with the same options continues after it (so does a run
 after a crash); ``stop`` forgets it, so the next mirror starts over.
 """
@@ -82,7 +85,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from . import codec, digest, logs
-from .durable import write_atomic
+from .durable import BackgroundFile
 from .events import (Event, FileKind, Gap, MirrorData, MirrorEnd, MirrorFile, MirrorFileEnd,
                      MirrorStart, RemoveXattr, SetAttr, SetXattr, Unlink)
 from .log import Log
@@ -372,6 +375,7 @@ class Mirror:
         self._unsaved = 0
         self._saved_at = self._progress_at = 0.0
         self._memo: Position | None = None  # the position when there is no position file
+        self._saver: BackgroundFile | None = None  # writes the position file during a run
         self._view = memoryview(bytearray(CHUNK))  # the one read buffer (events copy out of it)
         self._packet = settings.mirror_packet_size
         self._block = settings.checksum_block_size
@@ -391,6 +395,8 @@ class Mirror:
 
     def _forget(self) -> None:
         self._memo = None
+        if self._saver is not None:
+            self._saver.discard()  # no write in flight may bring the file back
         forget_position(self._position_path)
 
     @property
@@ -402,10 +408,19 @@ class Mirror:
         self._pause.clear()
         self._stop.clear()
         self._running = True
+        if self._position_path is not None:
+            self._saver = BackgroundFile(self._position_path)
         try:
             return self._run()
         finally:
             self._running = False
+            saver, self._saver = self._saver, None
+            if saver is not None:
+                try:
+                    saver.close()
+                except OSError as exc:
+                    log.error("mirror position not saved", msgid="DT-M008", partition=self.partition,
+                              error=str(exc))
 
     def _run(self) -> MirrorStats:
         resume_key = self._begin()
@@ -846,8 +861,12 @@ class Mirror:
                               newer_only=self.newer_only,
                               after=None if self._last_key is None else [c.hex() for c in self._last_key],
                               recheck=list(self._recheck), stats=asdict(self.stats))
-        if self._position_path is not None:
-            write_atomic(self._position_path, json.dumps(asdict(self._memo)).encode())
+        if self._saver is not None:
+            data = json.dumps(asdict(self._memo)).encode()
+            if force:
+                self._saver.write_now(data)
+            else:
+                self._saver.submit(data)
         self._unsaved, self._saved_at = 0, now
 
     def _collect_problems(self) -> None:
