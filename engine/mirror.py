@@ -33,14 +33,14 @@ start from an empty file), ``MirrorData`` packets of at most ``mirror_packet_siz
 ``MirrorFileEnd`` (size, the engine/digest.py file digest, mtime; for a file sent in
 blocks also every block digest, up to MAX_LISTED_BLOCKS, so the applier reads back only
 the blocks it wrote, apply/applier.py). A small file sent whole (at most
-``mirror_packet_size``, no holes, not above LARGE_FILE) is one ``MirrorFile`` carrying its
-data and file digest instead: most files of a tree are small, and each event costs about
-as much to encode, log, read and apply as a small file's data. A directory's times are set again by a
-``SetAttr`` after its last child, since creating children moves them. Hard links inside
-the set: the first path found is sent as a file, later paths as
+``mirror_packet_size``, no holes, not above LARGE_FILE) is one ``MirrorFile`` carrying
+its data and file digest instead: most files of a tree are small, and each event costs
+about as much to encode, log, read and apply as a small file's data. A directory's times
+are set again by a ``SetAttr`` after its last child, since creating children moves them.
+Hard links inside the set: the first path found is sent as a file, later paths as
 ``MirrorFile(hardlink_of=first)``; when the first path gets new content (a new file on
-the target) every later path is linked again, and a target file linked to other names
-is never changed in place (its other names would change too).
+the target) every later path is linked again, and a target file linked to other names is
+never changed in place (its other names would change too).
 
 Sparse files stay sparse: data is read extent by extent (SEEK_DATA/SEEK_HOLE) and holes
 are never sent, so a whole-file mirror recreates the holes on the target (the target
@@ -66,9 +66,9 @@ log is saved every SAVE_EVERY_ITEMS objects or SAVE_EVERY_S seconds, with the mi
 options and counters, by a thread beside the mirror (engine/durable.BackgroundFile: its
 fsyncs wait behind the write-back of what the mirror wrote, and took 0.6 s of a 2 GB
 mirror when the mirror waited for them); a pause or a failure saves it before ``run``
-returns. ``pause`` keeps it and
-a later ``run`` of a mirror with the same options continues after it (so does a run
-after a crash); ``stop`` forgets it, so the next mirror starts over.
+returns. ``pause`` keeps it and a later ``run`` of a mirror with the same options
+continues after it (so does a run after a crash); ``stop`` forgets it, so the next mirror
+starts over.
 """
 
 from __future__ import annotations
