@@ -24,12 +24,13 @@ Life of a daemon (``start``, ``supervise``, ``shutdown``):
    stops a running mirror (its result would be incomplete) and, with ``auto_remirror``,
    requests the configured remirror. The mirror that repairs a gap flags every file whose
    ctime is at or after the time the gap may have begun (engine/mirror.py,
-   ``changed_since_ns``), less GAP_CLOCK_MARGIN_NS: the oldest stamp of a lost event or of
-   the newest event that did reach the log, whichever is older (for a restart, the last
-   record's time; after a mirror that failed or was overtaken, that mirror's start). An
-   overflowed queue keeps dropping capture events until that remirror starts (``SourceQueue.reopen``); nothing is lost silently (DESIGN
-   invariant 3). Without auto-remirror the connection stays Mirror Required (replication
-   status Pending) until an operator starts a mirror through the API.
+   ``changed_since_ns``), less GAP_CLOCK_MARGIN_NS: the oldest stamp of a lost event or
+   of the newest event that did reach the log, whichever is older (for a restart, the
+   last record's time; after a mirror that failed or was overtaken, that mirror's start).
+   An overflowed queue keeps dropping capture events until that remirror starts
+   (``SourceQueue.reopen``); nothing is lost silently (DESIGN invariant 3). Without
+   auto-remirror the connection stays Mirror Required (replication status Pending) until
+   an operator starts a mirror through the API.
 4. ``shutdown``: the mirror stops (its position is forgotten: the next start mirrors
    anyway), the capture unmounts, the applier applies everything captured (unless the target
    is paused, or ``abort`` is set by a second signal: the events then stay in the log and the

@@ -33,21 +33,15 @@ DIGEST_LEN = 16
 HEADER_LEN = len(MAGIC) + 1 + DIGEST_LEN
 
 
-def _xxh3(parts) -> bytes:
-    digest = xxhash.xxh3_128()
+_HASHERS = {2: xxhash.xxh3_128, 1: blake3.blake3}  # frame version -> hasher of its checksum
+
+
+def _checksum(version: int, parts) -> bytes:
+    """The first DIGEST_LEN bytes of the version's digest of the concatenated ``parts``."""
+    digest = _HASHERS[version]()
     for part in parts:
         digest.update(part)
-    return digest.digest()
-
-
-def _blake3(parts) -> bytes:
-    digest = blake3.blake3()
-    for part in parts:
-        digest.update(part)
-    return digest.digest(DIGEST_LEN)
-
-
-_CHECKSUMS = {2: _xxh3, 1: _blake3}  # frame version -> checksum of the payload parts
+    return digest.digest()[:DIGEST_LEN]
 
 
 def seal(payload: bytes) -> bytes:
@@ -57,7 +51,7 @@ def seal(payload: bytes) -> bytes:
 def header(*parts: bytes) -> bytes:
     """The header sealing the concatenation of ``parts`` (a writer that keeps a large
     payload apart, to write it with ``pwritev``, never has to copy it)."""
-    return MAGIC + bytes((VERSION,)) + _xxh3(parts)
+    return MAGIC + bytes((VERSION,)) + _checksum(VERSION, parts)
 
 
 def unseal(frame: bytes) -> bytes:
@@ -74,8 +68,7 @@ def check(buf: bytes, start: int = 0) -> int:
 
 def check_parts(head: bytes | memoryview, *parts: bytes | memoryview) -> None:
     """Verify a frame read in pieces: its header, then its payload as ``parts``."""
-    checksum = _CHECKSUMS.get(head[2]) if len(head) == HEADER_LEN and head[:2] == MAGIC else None
-    if checksum is None:
+    if len(head) != HEADER_LEN or head[:2] != MAGIC or head[2] not in _HASHERS:
         raise CorruptRecord(reason="bad frame header")
-    if checksum(parts) != head[3:HEADER_LEN]:
+    if _checksum(head[2], parts) != head[3:HEADER_LEN]:
         raise CorruptRecord(reason="checksum mismatch")

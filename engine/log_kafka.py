@@ -98,6 +98,7 @@ from .errors import (BackendUnavailable, CorruptRecord, InvalidName, NotFound, O
                      SettingsError, UsageError)
 from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, Log, LogRecord, check_partition_name
 from .offsets import NO_OFFSET
+from .settings import KAFKA_TOPIC_PREFIX
 
 log = logs.get(__name__)
 
@@ -110,7 +111,7 @@ GROUP_SEPARATOR = ":"  # never in a partition name: groups are unambiguous
 MAX_RECORD_BYTES = 16 << 20  # largest payload one record may carry
 _BATCH_SLACK = 64 << 10  # room for Kafka's batch and header overhead above one payload
 POLL_S = 0.05  # how often wait() asks for the end offset
-_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{0,40}$")
+_TOPIC_PREFIX = re.compile(KAFKA_TOPIC_PREFIX)
 _GONE = {KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART}
 # Errors of a cluster in motion (a broker restarting, a leader or coordinator moving): the
 # same call succeeds a moment later, so they are retried until ``timeout_s``.
@@ -264,7 +265,7 @@ class KafkaLog(Log):
         topic = self._topic(partition)
         stamp = time.time_ns() if timestamp_ns is None else int(timestamp_ns)
         with self._append_lock(topic):
-            tail = self._tail(topic, partition, self._delivery_timeout_s)
+            tail = self._tail(topic, partition)
             if not values:
                 return tail.end
             stamp = max(stamp, tail.last_ts)
@@ -475,11 +476,11 @@ class KafkaLog(Log):
 
     # -- internals: writing ------------------------------------------------------------
 
-    def _tail(self, topic: str, partition: str, patience_s: float) -> _Tail:
+    def _tail(self, topic: str, partition: str) -> _Tail:
         """Under the append lock: the cached tail if the topic still ends there, else the
         tail as the topic's last record tells it (another KafkaLog may have appended).
-        An append waits for the cluster as long as its delivery may (``patience_s``)."""
-        low, high = self._watermarks(topic, partition, patience_s)
+        An append waits for the cluster as long as its delivery may (``delivery_timeout_s``)."""
+        low, high = self._watermarks(topic, partition, self._delivery_timeout_s)
         cached = self._tails.get(topic)
         if cached is not None and cached.end == high:
             return cached

@@ -22,6 +22,8 @@ from .states import MirrorMode
 
 MiB = 1 << 20
 CONFIG_FILE = "config.toml"
+# What a Kafka topic prefix may be (engine/log_kafka.py checks it too, for direct callers).
+KAFKA_TOPIC_PREFIX = r"^[A-Za-z0-9._-]{0,40}$"
 # Client properties engine/log_kafka.py decides: bootstrap from ``log``, and what its
 # guarantees rest on (one idempotent, fully acknowledged writer; manual offsets; no
 # automatic topic creation; checked CRCs; no silent offset reset).
@@ -69,7 +71,7 @@ class Settings(BaseModel):
     snapshot_dir: str | None = Field(None, description="Where snapshots live (one folder per connection below it); None puts them beside the target root, on its filesystem, so they can be copy-on-write")
     kafka_timeout_s: float = Field(30.0, gt=0, le=3600, description="Kafka log: how long one request (offsets, metadata, a read) may wait for the cluster before it counts as unavailable")
     kafka_delivery_timeout_s: float = Field(120.0, gt=0, le=86400, description="Kafka log: how long an append may wait for the cluster; past it the capture's changes count as lost (a gap that remirrors)")
-    kafka_topic_prefix: str = Field("dt.", pattern=r"^[A-Za-z0-9._-]{0,40}$", description="Kafka log: prefix of every topic and consumer group of this installation (installations sharing a cluster need different ones)")
+    kafka_topic_prefix: str = Field("dt.", pattern=KAFKA_TOPIC_PREFIX, description="Kafka log: prefix of every topic and consumer group of this installation (installations sharing a cluster need different ones)")
     kafka_properties: dict[str, str | int | float | bool] = Field(default_factory=dict, description="Kafka log: client properties for every client, by their librdkafka names (security.protocol, ssl.ca.location, sasl.mechanism, sasl.username, sasl.password...)")
 
     @field_validator("kafka_properties")
