@@ -12,6 +12,13 @@ thousands of records a second within a millisecond.
   the datagram would exceed ``MAX_DATAGRAM``, a short notice of the skipped offsets goes
   instead, or nothing when even that finds no room. ``attach`` swaps the socket (a new
   reader process).
+- A record larger than ``CARRY_MAX`` is *announced* (its offset, in a short notice) and
+  not carried: the reader reads it from the log. For a large record that is cheaper and
+  off the writer's path: the embedded log reads it with one read of its segment file
+  (engine/log_segments.py), where the socket costs the writer a copy into the socket and
+  the reader two more (out of it, then into the record), for every captured 1 MiB write.
+  Records up to ``CARRY_MAX`` (small writes, metadata, control records) are carried: for
+  them the feed's point is latency, and a log read costs a catch-up.
 - ``FeedingLog(inner, partition, feed)`` wraps the writer's Log: after an append to
   ``partition`` returned (the records are durable), it sends them. The appends of the
   partition must come from one thread at a time (engine/queue.py appends under its lock),
@@ -31,9 +38,9 @@ log may have raised it to keep timestamps monotonic). ``FedLog`` holds at most
 ``BUFFER_BYTES`` of records ahead of the reader; beyond that the datagrams wait in the
 socket, and once it is full the writer skips.
 
-Datagram (little-endian): kind ``b"R"`` (records) or ``b"S"`` (skipped), first offset
-(int64), timestamp or count (int64), record count n (uint32), then for ``b"R"`` n sizes
-(uint32) and the n payloads.
+Datagram (little-endian): kind ``b"R"`` (records), ``b"S"`` (skipped) or ``b"A"``
+(announced), first offset (int64), timestamp or count (int64), record count n (uint32),
+then for ``b"R"`` n sizes (uint32) and the n payloads.
 """
 
 from __future__ import annotations
@@ -52,10 +59,11 @@ from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, Log, LogRecord
 log = logs.get(__name__)
 
 MAX_DATAGRAM = 4 << 20
+CARRY_MAX = 64 << 10      # larger records are announced, and read from the log
 SOCKET_BYTES = 64 << 20   # the writer's socket buffer (asked for; an unprivileged writer gets less)
 BUFFER_BYTES = 64 << 20
 _HEAD = struct.Struct("<cqqI")
-_RECORDS, _SKIPPED = b"R", b"S"
+_RECORDS, _SKIPPED, _ANNOUNCED = b"R", b"S", b"A"
 _JOIN_ABOVE = 64          # records per datagram sent as separate buffers (IOV_MAX is 1024)
 
 
@@ -91,9 +99,20 @@ class Feed:
             retired.close()
 
     def send(self, first: int, timestamp_ns: int, values: Sequence[bytes]) -> None:
+        """Feed the records of one append: runs of carried ones, runs of announced ones."""
         sock = self._sock
         if sock is None or not values:
             return
+        start = 0
+        for end in range(1, len(values) + 1):
+            if end == len(values) or (len(values[end]) > CARRY_MAX) != (len(values[start]) > CARRY_MAX):
+                if len(values[start]) > CARRY_MAX:
+                    self._announce(sock, first + start, end - start)
+                else:
+                    self._carry(sock, first + start, timestamp_ns, values[start:end])
+                start = end
+
+    def _carry(self, sock: socket.socket, first: int, timestamp_ns: int, values: Sequence[bytes]) -> None:
         sizes = [len(v) for v in values]
         head = _HEAD.pack(_RECORDS, first, timestamp_ns, len(values)) + struct.pack(f"<{len(values)}I", *sizes)
         if len(head) + sum(sizes) <= MAX_DATAGRAM:
@@ -102,6 +121,10 @@ class Feed:
                 return
         self.skipped += len(values)
         self._try(sock, [_HEAD.pack(_SKIPPED, first, len(values), 0)])
+
+    def _announce(self, sock: socket.socket, first: int, count: int) -> None:
+        if not self._try(sock, [_HEAD.pack(_ANNOUNCED, first, count, 0)]):
+            self.skipped += count  # no room even for a notice: as unannounced as a skip's
 
     @staticmethod
     def _try(sock: socket.socket, buffers: list[bytes]) -> bool:
@@ -249,6 +272,9 @@ class FedLog:
 
     def _take(self, size: int) -> None:
         kind, first, stamp, count = _HEAD.unpack_from(self._buf)
+        if kind == _ANNOUNCED:  # they exist: ``read`` takes them from the log
+            self._seen = max(self._seen, first + stamp - 1)
+            return
         if kind == _SKIPPED:
             self._seen = max(self._seen, first + stamp - 1)
             self._lagged = True

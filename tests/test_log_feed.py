@@ -67,7 +67,7 @@ def test_fed_records_are_what_the_log_stores_and_need_no_log_read(logs):
     feeding, fed, _ = feed_pair(writer, reader)
     assert [r.value for r in fed.read(P, 0)] == [b"before the feed"]  # the backlog: from the log
     reads = reader.reads
-    values = [os.urandom(n) for n in (0, 1, 4096, 70_000)]
+    values = [os.urandom(n) for n in (0, 1, 4096, log_feed.CARRY_MAX)]
     first = feeding.append(P, values[:2])
     feeding.append(P, values[2:])
     assert fed.wait(P, first + 3, 30)
@@ -75,6 +75,22 @@ def test_fed_records_are_what_the_log_stores_and_need_no_log_read(logs):
     assert reader.reads == reads
     assert [(r.offset, r.value) for r in got] == [(r.offset, r.value) for r in writer.read(P, first)]
     assert [r.value for r in got] == values
+
+
+def test_large_records_are_announced_and_read_from_the_log_in_order(logs):
+    """Records above CARRY_MAX travel as a notice; runs of small ones around them are
+    still carried, and the reader gets every record of the mixed append in order."""
+    writer, reader = logs
+    feeding, fed, feed = feed_pair(writer, reader)
+    big = log_feed.CARRY_MAX + 1
+    values = [os.urandom(n) for n in (10, big, 20, 30, big, 2 * big, 40)]
+    first = feeding.append(P, values)
+    reads = reader.reads
+    assert fed.wait(P, first + len(values) - 1, 30)
+    assert [(r.offset, r.value) for r in read_all(fed, first, first + len(values))] == list(
+        enumerate(values, first))
+    assert feed.skipped == 0
+    assert reader.reads > reads  # the announced ones came from the log
 
 
 def test_a_lagging_reader_gets_every_record_in_order(logs):
@@ -93,6 +109,7 @@ def test_a_lagging_reader_gets_every_record_in_order(logs):
 def test_a_datagram_too_large_is_announced_and_read_from_the_log(logs, monkeypatch):
     writer, reader = logs
     monkeypatch.setattr(log_feed, "MAX_DATAGRAM", 1 << 16)
+    monkeypatch.setattr(log_feed, "CARRY_MAX", 1 << 20)  # a record the feed would carry
     feeding, fed, feed = feed_pair(writer, reader)
     big = os.urandom(1 << 17)
     offset = feeding.append(P, [big])
