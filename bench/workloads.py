@@ -167,6 +167,27 @@ def _drained(st: dict) -> bool:
     return bool(st) and st["queued_ops"] == 0 and st["applied_offset"] == st["end_offset"] - 1
 
 
+class Passthrough:
+    """The capture's FUSE mount over a fresh directory with nothing in its set: every
+    operation passes through the same filesystem code as under `dt protect`, and nothing
+    is captured (no event, no log). Served by threads of this process, as the daemon's
+    mount is served by threads of its own. It shows what the FUSE layer costs by itself."""
+
+    def __init__(self, work: Path, name: str):
+        self.path = work / name
+
+    def __enter__(self) -> Path:
+        from datatether.capture.fuse import FuseCapture
+        self.path.mkdir()
+        self.capture = FuseCapture(self.path, lambda events: None, matches=lambda rel, is_dir: False)
+        self.capture.start()
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        self.capture.stop()
+        shutil.rmtree(self.path)
+
+
 class Lsyncd:
     """lsyncd in rsync mode with delay = 0 between a fresh source and target.
 
