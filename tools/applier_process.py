@@ -9,9 +9,10 @@ with the applier working and 20-30 MB/s with it paused.
 ``.progress``, the target's progress (``ProgressLike``):
 
 - ``feed`` (engine/log_feed.Feed): the daemon's log is wrapped in a ``FeedingLog`` of it,
-  so the child gets every record of the partition as it is appended; what the feed does
-  not bring (the backlog of an earlier run, records it skipped) the child reads from the
-  log opened read-only (tools/runtime.open_reader_log).
+  so the child learns of every record of the partition as it is appended; what the feed
+  does not bring (the backlog of an earlier run, records it skipped, and large records,
+  which it only announces) the child reads from the log opened read-only
+  (tools/runtime.open_reader_log).
 - ``bind(log)``: the daemon's queue-counted view of the log. The child cannot write the
   log: its appends (the TaskResult of a task it ran) and the advisory consumer offset are
   made by the parent through that view.
