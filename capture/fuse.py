@@ -284,8 +284,7 @@ class CaptureFs:
                 self._emit([Write(rel, offset, data if n == len(data) else data[:n])])
             else:
                 view = memoryview(data)
-                self._emit([Write(rel, offset + i, bytes(view[i:min(i + chunk, n)]))
-                            for i in range(0, n, chunk)])
+                self._emit([Write(rel, offset + i, view[i:min(i + chunk, n)]) for i in range(0, n, chunk)])
             self._written.add(fh)
         return n
 

@@ -20,6 +20,10 @@ Contract, for every backend:
   overlap and arrive in the order the source applied them: the backend holds the path
   locks (engine/pathlocks.py) across "change the source, then call the sink", and the
   sink may rely on being called under them.
+- A ``Write``'s data may be a view of the backend's own buffer (the fuse backend hands
+  over the kernel's request without copying it): it is valid during the sink call only,
+  so a sink that keeps events beyond the call keeps copies (the daemon's sink encodes
+  them at once, which is the one copy the data needs on its way to the log).
 - A sink keeps the events (queues them durably) or raises; it is never retried. When it
   raises, the operation has already happened on the source, so the capture does not fail
   the operation: it reports a gap through ``on_gap(reason)`` and keeps capturing (the

@@ -59,7 +59,7 @@ class Create:
 class Write:
     path: str
     offset: int
-    data: bytes
+    data: bytes | memoryview  # a view while in flight: engine/capture.py, codec.decode(views=True)
 
 
 @dataclass(frozen=True, slots=True)

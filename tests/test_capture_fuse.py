@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from contract.capture_contract import CaptureContract, only_mtime
+from contract.capture_contract import CaptureContract, kept, only_mtime
 
 from datatether.capture import fuse_libc
 from datatether.capture.fuse import FuseCapture
@@ -46,7 +46,7 @@ class Recorder:
         if self.failing:
             raise RuntimeError("queue full")
         with self._lock:
-            self.events.extend(events)
+            self.events.extend(kept(events))
 
     def ops(self, kind=None):
         with self._lock:
@@ -118,6 +118,26 @@ def test_mounts_over_the_directory_keeping_its_files_visible(capture, source):
     st_real = os.stat("before.txt", dir_fd=capture._root_fd)
     assert os.stat(source / "before.txt").st_ino == st_real.st_ino  # use_ino
     assert capture.recorder.ops() == []  # reading is not a change
+
+
+def test_write_data_reaches_the_sink_without_a_copy_and_is_released_after(fuse_available, source, real):
+    """The sink gets the kernel's request buffer itself, as a view; once the handler
+    returned, a sink that kept the view fails to read it instead of reading a buffer
+    libfuse has reused (engine/capture.py: keep copies)."""
+    seen = []
+
+    def sink(events):
+        for event in events:
+            if isinstance(event.op, Write):
+                seen.append((type(event.op.data), bytes(event.op.data), event.op.data))
+
+    payload = os.urandom(256 << 10)
+    with FuseCapture(source, sink, stop_grace_s=1.0):
+        (source / "big").write_bytes(payload)
+    assert b"".join(data for _, data, _ in seen) == payload == read_real(real, "big")
+    assert {kind for kind, _, _ in seen} == {memoryview}
+    with pytest.raises(ValueError, match="released"):
+        bytes(seen[0][2])
 
 
 def test_file_operations_become_events_in_order(capture, source, real):

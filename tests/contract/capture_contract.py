@@ -17,12 +17,20 @@ comparisons.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 
 from datatether.engine.capture import Capture
 from datatether.engine.events import Create, Rename, SetAttr, Write
+
+
+def kept(events) -> list:
+    """Events as a sink that keeps them must keep them: a Write's data may be a view of
+    the backend's buffer, valid during the sink call only (engine/capture.py)."""
+    return [dataclasses.replace(e, op=dataclasses.replace(e.op, data=bytes(e.op.data)))
+            if isinstance(e.op, Write) else e for e in events]
 
 
 def only_mtime(op) -> bool:
@@ -40,7 +48,7 @@ class Sink:
     def __call__(self, events):
         if self.failing:
             raise RuntimeError("queue full")
-        self.events.extend(events)
+        self.events.extend(kept(events))
 
     def ops(self):
         return [e.op for e in self.events if not only_mtime(e.op)]
