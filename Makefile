@@ -16,7 +16,7 @@ run: install
 	@test -n "$(SOURCE)" -a -n "$(TARGET)" || { echo "usage: make run SOURCE=/data TARGET=/backup/data"; exit 2; }
 	dt protect "$(SOURCE)" --to "$(TARGET)"
 
-# The whole suite, every service required (Kafka, qemu, FUSE): nothing is skipped.
+# The whole suite, every service it uses required (Kafka, FUSE): nothing is skipped.
 test: install-test
 	DT_REQUIRE_SERVICES=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests
 

@@ -1,4 +1,4 @@
-"""Shared fixtures. Services (Kafka, FUSE, qemu) are required when DT_REQUIRE_SERVICES=1
+"""Shared fixtures. Services (Kafka, FUSE) are required when DT_REQUIRE_SERVICES=1
 (as `make test` and CI set it): a missing one then fails the test instead of skipping it."""
 
 from __future__ import annotations
