@@ -124,7 +124,7 @@ class Feed:
 
     def _announce(self, sock: socket.socket, first: int, count: int) -> None:
         if not self._try(sock, [_HEAD.pack(_ANNOUNCED, first, count, 0)]):
-            self.skipped += count  # no room even for a notice: as unannounced as a skip's
+            self.skipped += count  # no room even for the notice: found later, as a lost skip notice's are
 
     @staticmethod
     def _try(sock: socket.socket, buffers: list[bytes]) -> bool:

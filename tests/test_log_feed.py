@@ -93,6 +93,23 @@ def test_large_records_are_announced_and_read_from_the_log_in_order(logs):
     assert reader.reads > reads  # the announced ones came from the log
 
 
+def test_announcements_lost_to_a_full_socket_are_read_from_the_log(logs):
+    """A reader that does not read while large records are appended: once the socket is
+    full even the announcements are lost; the next record the feed brings shows where
+    the log is, and the reader gets every record in order."""
+    writer, reader = logs
+    feeding, fed, feed = feed_pair(writer, reader, sndbuf=4096)
+    values = [os.urandom(log_feed.CARRY_MAX + 1) for _ in range(100)]
+    first = feeding.append(P, values[:1])
+    for value in values[1:]:
+        feeding.append(P, [value])
+    assert feed.skipped > 0
+    assert fed.wait(P, first, 30)  # takes what reached the socket
+    values.append(b"small, carried")
+    feeding.append(P, values[-1:])
+    assert [r.value for r in read_all(fed, first, first + len(values))] == values
+
+
 def test_a_lagging_reader_gets_every_record_in_order(logs):
     """A small socket buffer and a reader that only reads at the end: most datagrams are
     skipped, and the skipped ranges are read from the log."""
