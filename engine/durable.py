@@ -63,9 +63,9 @@ class BackgroundFile:
     gigabytes of dirty pages about, each waits behind their write-back: tens of ms).
 
     Invariants: every write is atomic, and writes happen in the order of the submits;
-    content superseded before its turn is never written. After ``settle`` (also
-    ``write_now``, ``discard`` and ``close``) nothing is pending or being written. A
-    failed write is raised by the next call. Meant for progress markers where an older
+    content superseded before its turn is never written. After ``write_now``, ``discard``
+    or ``close`` nothing is pending or being written. A failed write is raised by the next
+    call. Meant for progress markers where an older
     content is always safe to find after a crash (a resume then starts earlier).
     """
 
@@ -98,11 +98,6 @@ class BackgroundFile:
         with self._cond:
             self._pending = None
             self._cond.wait_for(lambda: not self._busy)
-            self._raise()
-
-    def settle(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._pending is None and not self._busy)
             self._raise()
 
     def close(self) -> None:

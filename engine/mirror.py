@@ -631,9 +631,7 @@ class Mirror:
         got = _read_exact(fd, self._view, 0, src.size)
         stream = digest.Stream()
         stream.feed(0, self._view[:got])
-        now = os.fstat(fd)
-        if (now.st_ctime_ns, now.st_size) != (src.ctime_ns, src.size):
-            raise Changed(src.rel)
+        _unchanged_since_walk(src, fd)
         self._emit(self._header(src, whole=True, data=self._view[:got], file_digest=stream.finish(src.size)))
         self._count(src.size, sent=src.size)
         self._sent_object(src)
@@ -695,9 +693,7 @@ class Mirror:
 
     def _end_file(self, src: Entry, fd: int, file_digest: bytes, large: bool, block_digests: bytes = b"") -> None:
         with self._chunk_lock(src, fd, large):
-            now = os.fstat(fd)
-            if (now.st_ctime_ns, now.st_size) != (src.ctime_ns, src.size):
-                raise Changed(src.rel)
+            _unchanged_since_walk(src, fd)
             self._emit(MirrorFileEnd(path=src.rel, size=src.size, digest=file_digest, mtime_ns=src.mtime_ns,
                                      block_digests=block_digests))
             self._sent_object(src)
@@ -924,6 +920,14 @@ def _spans(blocks: list[int], shown: int = 20) -> str:
 
 def _same_inode(st: os.stat_result, entry: Entry) -> bool:
     return (st.st_ino, st.st_dev) == (entry.ino, entry.dev)
+
+
+def _unchanged_since_walk(src: Entry, fd: int) -> None:
+    """Raise Changed when the open file's ctime or size is no longer what the walk saw:
+    what was read of it may mix old and new content."""
+    now = os.fstat(fd)
+    if (now.st_ctime_ns, now.st_size) != (src.ctime_ns, src.size):
+        raise Changed(src.rel)
 
 
 def _read_exact(fd: int, view: memoryview, offset: int, length: int) -> int:
