@@ -145,6 +145,21 @@ def test_bad_sources_and_targets_are_refused_with_a_message(paths, tmp_path):
     assert err["error"] == "DT-E002"
 
 
+def test_a_target_that_cannot_be_a_directory_is_refused_before_anything_is_recorded(paths, tmp_path):
+    src, _, state = paths
+    src.mkdir()
+    (tmp_path / "file").write_text("x")
+    for target, reason in ((tmp_path / "file", "exists and is not a directory"),
+                           (tmp_path / "file" / "sub", "cannot create the target directory"),
+                           (tmp_path / "file" / "sub" / "deeper", "Not a directory")):
+        err = json.loads(dt(state, "mirror", str(src), str(target), "--json", check_rc=2).stderr)
+        assert err["error"] == "DT-E001" and reason in err["message"] and str(target) in err["message"]
+    assert not (state / "connections").exists() or not any((state / "connections").iterdir())
+    assert (tmp_path / "file").read_text() == "x"
+    empty = dt(state, "mirror", str(src), str(tmp_path / "dst"), "--exclude", "", check_rc=2)
+    assert "empty --exclude pattern" in empty.stderr and not (tmp_path / "dst").exists()
+
+
 def test_unreadable_files_are_reported_the_rest_is_mirrored_and_the_target_needs_a_mirror(paths):
     """Run without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH so root obeys file modes."""
     src, dst, state = paths

@@ -212,6 +212,10 @@ def test_bad_input_is_refused_with_exit_2(dirs, protected, tmp_path):
     assert missing.returncode == 2 and "not found" in missing.stderr
     inside = dt("protect", str(src), "--to", str(src / "replica"), state=state)
     assert inside.returncode == 2 and "inside the source" in inside.stderr
+    assert not (src / "replica").exists()
+    (tmp_path / "file").write_text("x")
+    not_dir = dt("protect", str(src), "--to", str(tmp_path / "file"), state=state)
+    assert not_dir.returncode == 2 and "exists and is not a directory" in not_dir.stderr
     state_inside = dt("protect", str(src), "--to", str(dst), state=src / ".dt")
     assert state_inside.returncode == 2 and "state directory" in state_inside.stderr
     protected()

@@ -49,7 +49,7 @@ from ..apply.paths import remap_link
 from ..apply.progress import Progress
 from ..capture.scan import ScanCapture
 from ..engine import logs
-from ..engine.connection import Connection, ConnectionStore
+from ..engine.connection import Connection, ConnectionStore, check_roots
 from ..engine.errors import ApplyFailed, NotFound, UsageError
 from ..engine.log import Log
 from ..engine.pathlocks import PathLocks
@@ -174,15 +174,19 @@ def adhoc_rules(source: str, excludes: list[str]) -> list:
     """SOURCE included recursively; each GLOB excluded recursively (relative to SOURCE)."""
     rules = [parse_rule(source, True, True)]
     for glob in excludes:
+        if not glob:
+            raise UsageError(detail="an empty --exclude pattern: give a path or a wildcard such as '*.tmp'")
         rules.append(parse_rule(glob if glob.startswith("/") else os.path.join(source, glob), False, True))
     return rules
 
 
-def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None = None) -> Job:
+def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None = None, *,
+              make_target: bool = False) -> Job:
     """The set and connection of this SOURCE/TARGET pair, created on first use.
 
     Excludes given now replace the stored ones when they differ (a new set generation).
-    A state directory inside SOURCE is excluded.
+    A state directory inside SOURCE is excluded. ``make_target`` creates the target
+    directory first (make_target_root).
     """
     source, target = os.path.abspath(source), os.path.abspath(target)
     if not os.path.isdir(source):
@@ -190,6 +194,8 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
             raise UsageError(detail=f"the source {source} is not a directory")
         raise NotFound(what="source directory", name=source)
     rules = adhoc_rules(source, list(excludes or []))
+    if make_target:
+        make_target_root(source, target)
     state_dir = os.path.realpath(state.dir)
     if state_dir.startswith(os.path.realpath(source).rstrip("/") + "/"):
         # The state directory (its log above all) must never mirror itself.
@@ -205,6 +211,20 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
         rset = _set_with_rules(state.sets, conn.set_name, rules)
     state.log.ensure_partition(conn.partition)
     return Job(state=state, conn=conn, rset=rset)
+
+
+def make_target_root(source_root: str, target_root: str) -> None:
+    """Create the target directory (and its parents) before anything is recorded or runs,
+    so that a target that cannot be a directory is a clear usage error, not a failure of
+    the applier. The roots are checked first (check_roots): nothing is ever created
+    inside the source."""
+    check_roots(source_root, target_root)
+    try:
+        os.makedirs(target_root, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(detail=f"the target {target_root} exists and is not a directory") from None
+    except OSError as exc:
+        raise UsageError(detail=f"cannot create the target directory {target_root}: {exc.strerror}") from None
 
 
 def _set_with_rules(sets: SetStore, name: str, rules: list) -> ReplicationSet:

@@ -54,7 +54,7 @@ def mode_of(args) -> tuple[MirrorMode, bool]:
 def run(args) -> int:
     mode, newer = mode_of(args)
     with runtime.open_state(args.state) as state, runtime.ProgressBar.for_args(args, "mirror") as bar:
-        job = runtime.adhoc_job(state, args.source, args.target, args.exclude)
+        job = runtime.adhoc_job(state, args.source, args.target, args.exclude, make_target=True)
         mirrors: list[Mirror] = []
 
         def produce(log, locks):

@@ -129,6 +129,7 @@ def protect_job(state: runtime.State, source: str, target: str, name: str | None
     created with a replication set of SOURCE (recursive) when there is none.
     Returns the job and whether it was created now."""
     target_root = map_target(source, target, mapping)
+    runtime.make_target_root(source, target_root)
     conns = state.connections.list()
     conn = next((c for c in conns if c.name == name), None) if name else next(
         (c for c in conns if c.source_root == source and c.target_root == target_root and c.target_host == "local"),
