@@ -5,7 +5,8 @@ Invariants:
   ``conn-N`` for its whole life (so offsets never mix two connections' histories).
 - The target root is never inside the source root and vice versa (on one server that
   would replicate the replica into itself forever).
-- Stored durably, one Avro record per connection (schemas/connection.avsc).
+- Stored durably, one Avro record per connection (schemas/connection.avsc). A file that
+  does not decode as exactly one record is CorruptRecord.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import fastavro
 
 from .durable import write_atomic
-from .errors import AlreadyExists, InvalidName, NotFound, UsageError
+from .errors import AlreadyExists, CorruptRecord, InvalidName, NotFound, UsageError
 from .rules import is_within
 
 MAPPINGS = ("custom", "all_to_one", "one_to_one")
@@ -143,5 +144,13 @@ class ConnectionStore:
 
     @staticmethod
     def _read(path: Path) -> Connection:
+        """The connection stored at ``path``; CorruptRecord when it does not decode (a
+        damaged or truncated file), never a half-read connection."""
         with open(path, "rb") as f:
-            return Connection(**fastavro.schemaless_reader(f, _SCHEMA))
+            try:
+                record = fastavro.schemaless_reader(f, _SCHEMA)
+                if f.read(1):
+                    raise ValueError("bytes after the record")
+                return Connection(**record)
+            except (EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
+                raise CorruptRecord(reason=f"{path}: not a connection record ({exc or 'truncated'})") from None

@@ -274,3 +274,28 @@ def test_a_state_directory_inside_the_source_is_not_mirrored(tmp_path):
     report = dt_json(state, "mirror", str(src), str(dst))
     assert sorted(os.listdir(dst)) == ["data"] and report["problems"] == []
     dt(state, "verify", str(src), str(dst), check_rc=0)
+
+
+def test_a_damaged_connection_file_is_reported_not_a_traceback(paths):
+    src, dst, state = paths
+    src.mkdir()
+    dt(state, "mirror", str(src), str(dst), check_rc=0)
+    [record] = (state / "connections").glob("*.avro")
+    record.write_bytes(record.read_bytes()[:20])
+    for command in (("status",), ("mirror", str(src), str(dst))):
+        err = json.loads(dt(state, *command, "--json", check_rc=2).stderr)
+        assert err["error"] == "DT-E007" and record.name in err["message"]
+
+
+def test_an_unexpected_error_is_a_message_and_exit_2_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from datatether.tools import cli
+    from datatether.tools.commands import status
+
+    def broken(args):  # fault injection: it stands in for a bug, which no input produces on purpose
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(status, "run", broken)
+    assert cli.main(["status", "--state", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "internal error" in err and "RuntimeError: injected fault" in err and "DT-E101" in err
+    assert "Traceback" not in err

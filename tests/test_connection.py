@@ -1,7 +1,7 @@
 import pytest
 
 from datatether.engine.connection import ConnectionStore, map_target
-from datatether.engine.errors import AlreadyExists, InvalidName, NotFound, UsageError
+from datatether.engine.errors import AlreadyExists, CorruptRecord, InvalidName, NotFound, UsageError
 
 
 def test_create_get_list_delete_and_ids_are_never_reused(tmp_path):
@@ -41,3 +41,14 @@ def test_mappings():
     assert map_target("/srv/data", "/ignored", "one_to_one") == "/srv/data"
     with pytest.raises(UsageError):
         map_target("/a", "/b", "sideways")
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:0], lambda b: b[:5], lambda b: b[:-1], lambda b: b + b"x",
+                                    lambda b: b"\xff" * len(b)])
+def test_a_damaged_connection_record_is_corrupt_never_half_read(tmp_path, damage):
+    store = ConnectionStore(tmp_path)
+    store.create(name="web", set_name="web", source_root=str(tmp_path / "src"), target=str(tmp_path / "dst"))
+    [path] = store.dir.glob("*.avro")
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CorruptRecord, match="1.avro: not a connection record"):
+        store.list()

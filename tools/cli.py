@@ -21,6 +21,8 @@ from ..engine.errors import EXIT_ERROR, EXIT_INTERRUPTED, DtError
 from ..engine.settings import default_state_dir
 from . import commands
 
+log = logs.get(__name__)
+
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or of the one ``argv`` names: a command module
@@ -62,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as exc:
         _report(args, {"error": "DT-E100", "message": f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")})
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - a bug: a message and exit 2, the traceback at debug level
+        log.debug("internal error", msgid="DT-E101", exc_info=True)
+        _report(args, {"error": "DT-E101", "message": f"internal error, please report it: {type(exc).__name__}: {exc} "
+                                                      "(--log-level debug shows where)"})
         return EXIT_ERROR
 
 
