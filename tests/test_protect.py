@@ -229,6 +229,16 @@ def test_bad_input_is_refused_with_exit_2(dirs, protected, tmp_path):
     assert no_daemon.returncode == 2
 
 
+def test_a_name_taken_by_another_pair_is_refused_before_anything_is_created(dirs, tmp_path):
+    src, dst, state = dirs
+    (src / "a").write_text("a\n")
+    dt("mirror", str(src), str(dst), state=state, check=True)
+    (name,) = [c["connection"] for c in json.loads(dt("status", "--json", state=state, check=True).stdout)["connections"]]
+    taken = dt("protect", str(src), "--to", str(tmp_path / "elsewhere"), "--name", name, state=state)
+    assert taken.returncode == 2 and "choose another --name" in taken.stderr
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_live_changes_race_the_mirror_from_several_threads(dirs, real, protected):
     src, dst, state = dirs
     make_tree(src, files=60, big=16 << 20)

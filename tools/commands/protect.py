@@ -129,16 +129,16 @@ def protect_job(state: runtime.State, source: str, target: str, name: str | None
     created with a replication set of SOURCE (recursive) when there is none.
     Returns the job and whether it was created now."""
     target_root = map_target(source, target, mapping)
-    runtime.make_target_root(source, target_root)
     conns = state.connections.list()
     conn = next((c for c in conns if c.name == name), None) if name else next(
         (c for c in conns if c.source_root == source and c.target_root == target_root and c.target_host == "local"),
         None)
     created = conn is None
+    if conn is not None and (conn.source_root, conn.target_root) != (source, target_root):
+        raise UsageError(detail=f"connection {conn.name} replicates {conn.source_root} to {conn.target_root}, "
+                                f"not {source} to {target_root}; choose another --name")
+    runtime.make_target_root(source, target_root)
     if conn is not None:
-        if (conn.source_root, conn.target_root) != (source, target_root):
-            raise UsageError(detail=f"connection {conn.name} replicates {conn.source_root} to {conn.target_root}, "
-                                    f"not {source} to {target_root}; choose another --name")
         rset = state.sets.get(conn.set_name)
     else:
         name = name or derive_name(source, {c.name for c in conns})
