@@ -48,6 +48,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
+from . import page_cache
 from .durable import fsync_dir
 
 MIN_BYTES = 16 << 10     # sealed frames at least this large go to a segment
@@ -72,10 +73,20 @@ def frame_length(pointer: bytes) -> int:
 class _Tail:
     """The segment a partition appends to in this process."""
 
-    __slots__ = ("segment", "fd", "size")
+    __slots__ = ("segment", "fd", "size", "cache")
 
     def __init__(self, segment: int, fd: int):
         self.segment, self.fd, self.size = segment, fd, 0
+        self.cache = page_cache.Window()
+
+
+class _Reader:
+    """An open segment, and how far its reader has dropped what it read from the cache."""
+
+    __slots__ = ("fd", "dropped")
+
+    def __init__(self, fd: int):
+        self.fd, self.dropped = fd, 0
 
 
 class Segments:
@@ -86,7 +97,7 @@ class Segments:
         self.root = root
         self.sync = sync
         self._tails: dict[str, _Tail] = {}
-        self._readers: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._readers: OrderedDict[tuple[str, int], _Reader] = OrderedDict()
         self._readers_lock = threading.Lock()
 
     def folder(self, partition: str) -> Path:
@@ -132,6 +143,7 @@ class Segments:
         if old is not None:
             if self.sync:
                 os.fdatasync(old.fd)
+            old.cache.closing(old.fd, old.size)
             os.close(old.fd)
         folder = self.folder(partition)
         folder.mkdir(parents=True, exist_ok=True)
@@ -154,6 +166,8 @@ class Segments:
                 views.pop(0)
             if written:
                 views[0] = views[0][written:]
+        if tail is not None:
+            tail.cache.written(tail.fd, position)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -166,24 +180,26 @@ class Segments:
         magic, version, segment, position, length = POINTER.unpack(pointer)
         if version != VERSION or length < _OFFSET.size + head:
             raise ValueError("bad segment pointer")
-        fd = self._reader(partition, segment)
-        first = os.pread(fd, _OFFSET.size + head, position)
-        rest = os.pread(fd, length - len(first), position + len(first))
+        reader = self._reader(partition, segment)
+        first = os.pread(reader.fd, _OFFSET.size + head, position)
+        rest = os.pread(reader.fd, length - len(first), position + len(first))
         if len(first) + len(rest) != length or first[:_OFFSET.size] != _OFFSET.pack(offset):
             raise ValueError(f"segment {segment} holds no entry of this record at {position}")
+        reader.dropped = page_cache.drop_read(reader.fd, reader.dropped, position + length)
         return first[_OFFSET.size:], rest
 
-    def _reader(self, partition: str, segment: int) -> int:
+    def _reader(self, partition: str, segment: int) -> _Reader:
         key = (partition, segment)
         with self._readers_lock:
-            fd = self._readers.get(key)
-            if fd is not None:
+            reader = self._readers.get(key)
+            if reader is not None:
                 self._readers.move_to_end(key)
-                return fd
-            fd = self._readers[key] = os.open(self.path(partition, segment), os.O_RDONLY | os.O_CLOEXEC)
+                return reader
+            fd = os.open(self.path(partition, segment), os.O_RDONLY | os.O_CLOEXEC)
+            reader = self._readers[key] = _Reader(fd)
             while len(self._readers) > _OPEN_READERS:
-                os.close(self._readers.popitem(last=False)[1])
-            return fd
+                os.close(self._readers.popitem(last=False)[1].fd)
+            return reader
 
     # -- removal -------------------------------------------------------------------------
 
@@ -222,17 +238,17 @@ class Segments:
 
     def _forget(self, partition: str, segment: int) -> None:
         with self._readers_lock:
-            fd = self._readers.pop((partition, segment), None)
-        if fd is not None:
-            os.close(fd)
+            reader = self._readers.pop((partition, segment), None)
+        if reader is not None:
+            os.close(reader.fd)
 
     def close(self) -> None:
         for tail in self._tails.values():
             os.close(tail.fd)
         self._tails.clear()
         with self._readers_lock:
-            for fd in self._readers.values():
-                os.close(fd)
+            for reader in self._readers.values():
+                os.close(reader.fd)
             self._readers.clear()
 
 
