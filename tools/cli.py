@@ -19,7 +19,7 @@ from .. import __version__
 from ..engine import logs
 from ..engine.errors import EXIT_ERROR, EXIT_INTERRUPTED, DtError
 from ..engine.settings import default_state_dir
-from . import commands
+from . import allocator, commands
 
 log = logs.get(__name__)
 
@@ -48,6 +48,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    allocator.keep_freed_buffers()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.state is None:

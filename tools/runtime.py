@@ -59,6 +59,7 @@ from ..engine.rules import parse_rule
 from ..engine.settings import Settings
 from ..engine.states import TargetDataState, TargetStatus
 from ..engine.tree import Tree
+from . import allocator
 
 log = logs.get(__name__)
 
@@ -383,6 +384,7 @@ def enter_applier_process(spec: dict) -> None:
     which a terminal or a service manager sends to the whole process group, to the
     parent (it decides when to stop); log like it."""
     import signal
+    allocator.keep_freed_buffers()
     _die_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
