@@ -24,7 +24,10 @@ import os
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 FLUSH_BYTES = 8 << 20    # write-back is started for every this many bytes written
-KEEP_BYTES = 512 << 20  # the newest bytes of a file kept cached for its reader
+# The newest bytes of a file kept cached for its reader. A mirror's producer may run
+# hundreds of MiB ahead of its applier, which should not have to read back from the disk
+# what it is about to apply; the reader's own drops recycle most pages long before this.
+KEEP_BYTES = 512 << 20
 READ_LAG_BYTES = 2 * FLUSH_BYTES  # how far behind its reader a file's pages are dropped
 
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start write-back of dirty pages, do not wait
