@@ -19,7 +19,6 @@ from the disk. Nothing here changes what a file holds or when it is durable.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -31,8 +30,7 @@ KEEP_BYTES = 512 << 20
 READ_LAG_BYTES = 2 * FLUSH_BYTES  # how far behind its reader a file's pages are dropped
 
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start write-back of dirty pages, do not wait
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_sync_file_range = _libc.sync_file_range
+_sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
 _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _sync_file_range.restype = ctypes.c_int
 
@@ -59,7 +57,13 @@ def drop_read(fd: int, dropped: int, consumed: int) -> int:
     there are FLUSH_BYTES of them (one call per that much data). Returns the new
     ``dropped``. The lag lets write-back, which the writer starts every FLUSH_BYTES,
     finish first: a page still dirty when its drop is advised stays cached."""
-    end = (consumed - READ_LAG_BYTES) // PAGE * PAGE
+    return _drop_upto(fd, dropped, consumed - READ_LAG_BYTES)
+
+
+def _drop_upto(fd: int, dropped: int, end: int) -> int:
+    """Drop the whole pages of [dropped, end) once they are FLUSH_BYTES or more; return
+    how far the file is dropped now."""
+    end = end // PAGE * PAGE
     if end - dropped < FLUSH_BYTES:
         return dropped
     drop(fd, dropped, end - dropped)
@@ -85,10 +89,7 @@ class Window:
             return
         start_writeback(fd, self.flushed, size - self.flushed)
         self.flushed = size
-        end = (self.flushed - KEEP_BYTES) // PAGE * PAGE
-        if end - self.dropped >= FLUSH_BYTES:
-            drop(fd, self.dropped, end - self.dropped)
-            self.dropped = end
+        self.dropped = _drop_upto(fd, self.dropped, size - KEEP_BYTES)
 
     def closing(self, fd: int, size: int) -> None:
         """The writer is done with the file: start write-back of the rest, so that its

@@ -34,4 +34,3 @@ def test_freed_buffers_are_used_again():
     kept = faults("kept")
     assert kept < 3 * 2048  # the batch's pages, faulted in once (and the interpreter's few)
     assert new_each_time > 4 * kept
-

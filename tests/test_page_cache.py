@@ -36,9 +36,10 @@ def small_window(monkeypatch):
     monkeypatch.setattr(page_cache, "READ_LAG_BYTES", 4 * MiB)
 
 
-def write_entries(segments: Segments, count: int, size: int = MiB) -> list[bytes]:
-    payload = os.urandom(size)
-    return [segments.write("p", [(i, [payload])])[0] for i in range(count)]
+def write_entries(segments: Segments, count: int) -> tuple[bytes, list[bytes]]:
+    """``count`` entries of one MiB (the same payload); returns it and their pointers."""
+    payload = os.urandom(MiB)
+    return payload, [segments.write("p", [(i, [payload])])[0] for i in range(count)]
 
 
 def test_the_writer_keeps_only_its_newest_bytes_cached(tmp_path, small_window):
@@ -54,8 +55,7 @@ def test_the_writer_keeps_only_its_newest_bytes_cached(tmp_path, small_window):
 def test_a_reader_drops_what_it_consumed_and_the_data_stays_readable(tmp_path, small_window, monkeypatch):
     monkeypatch.setattr(page_cache, "KEEP_BYTES", 1 << 40)  # only the reader drops here
     segments = Segments(tmp_path)
-    payload = os.urandom(MiB)
-    pointers = [segments.write("p", [(i, [payload])])[0] for i in range(24)]
+    payload, pointers = write_entries(segments, 24)
     (path,) = (tmp_path / "p.p").iterdir()
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
