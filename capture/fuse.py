@@ -667,6 +667,11 @@ class FuseCapture:
                 log.warning("removing a dead capture mount", msgid="DT-F025", root=self.root)
                 subprocess.run(["fusermount3", "-u", "-z", "-q", self.root], capture_output=True)
                 return
+        else:
+            # The dead capture's auto_unmount helper may have removed the mount in between:
+            # statvfs then answered for the directory itself.
+            if not self._is_our_mount():
+                return
         raise self._fail("another capture is already mounted there")
 
 
