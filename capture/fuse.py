@@ -13,6 +13,9 @@ unlink -> Unlink; rmdir -> Rmdir; chmod, chown, utimens -> SetAttr; setxattr,
 removexattr -> SetXattr, RemoveXattr; fallocate -> Fallocate; fsync, fsyncdir ->
 Barrier. Reads, opens and listings produce nothing. Shared writable mmap works: dirty
 pages reach ``write`` on msync, munmap and close and become Writes like any other.
+A write, truncate or fallocate first drops what the kernel leaves to this filesystem
+(set-id bits of an unprivileged caller, security.capability: capture/fuse_killpriv.py),
+as SetAttr(mode) and RemoveXattr events before the data change's own.
 
 Times: a Write carries no mtime and a per-write stat would slow the hot path, so the
 file's mtime goes out as a SetAttr once per handle after its writes: on flush (every
@@ -58,8 +61,8 @@ differences); a link into the set is not linked to other names of the inode in t
 
 Message ids: DT-F020 started, DT-F021 serving loop failed, DT-F022 busy at stop (connection
 aborted), DT-F023 stopped, DT-F024 lazy unmount, DT-F025 dead mount removed, DT-F026/F027
-connection could not be aborted; DT-F010/F011 in fuse_session.py; DT-F001..F003 (gaps) in
-engine/capture.py.
+connection could not be aborted; DT-F010/F011/F014 in fuse_session.py; DT-F012/F013 in
+fuse_killpriv.py; DT-F001..F003 (gaps) in engine/capture.py.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ from datatether.engine.events import (Barrier, Fallocate, Link, Operation, Remov
 from datatether.engine.pathlocks import PathLocks
 from datatether.engine.settings import Settings
 
-from . import fuse_libc
+from . import fuse_killpriv, fuse_libc
 from .fuse_recreate import create_op, recreate, symlink_op, sys_path
 from .fuse_session import MAX_WRITE_LIMIT, Session, Tuning, caller
 
@@ -276,15 +279,18 @@ class CaptureFs:
     def write(self, path, data, offset, fh):
         rel = None if path is None else _rel(path)
         if rel is None or not self._matches(rel, False):
+            fuse_killpriv.drop(None, fh, caller)
             return os.pwrite(fh, data, offset)  # unlinked meanwhile, or not in the set
         with self._locks.hold(rel):
+            ops = fuse_killpriv.drop(rel, fh, caller)
             n = os.pwrite(fh, data, offset)
             chunk = self._chunk
             if n <= chunk:
-                self._emit([Write(rel, offset, data if n == len(data) else data[:n])])
+                ops.append(Write(rel, offset, data if n == len(data) else data[:n]))
             else:
                 view = memoryview(data)
-                self._emit([Write(rel, offset + i, view[i:min(i + chunk, n)]) for i in range(0, n, chunk)])
+                ops += [Write(rel, offset + i, view[i:min(i + chunk, n)]) for i in range(0, n, chunk)]
+            self._emit(ops)
             self._written.add(fh)
         return n
 
@@ -327,19 +333,21 @@ class CaptureFs:
             self._emit(ops)
 
     def _data_change(self, path, fh, change, op) -> None:
-        """Run ``change(fd)`` under the lock, then emit ``op(rel)`` and the new mtime."""
+        """Drop privileges, run ``change(fd)`` under the lock, then emit the drops,
+        ``op(rel)`` and the new mtime."""
         rel = None if path is None else _rel(path)
+        matched = rel is not None and self._matches(rel, False)
         with self._held(rel):
-            if fh is not None:
-                change(fh)
-            else:
-                fd = os.open(sys_path(rel), os.O_WRONLY | _OPEN_ADD | os.O_NONBLOCK, dir_fd=self._root)
-                try:
-                    change(fd)
-                finally:
+            fd = fh if fh is not None else os.open(sys_path(rel), os.O_WRONLY | _OPEN_ADD | os.O_NONBLOCK,
+                                                   dir_fd=self._root)
+            try:
+                ops = fuse_killpriv.drop(rel if matched else None, fd, caller)
+                change(fd)
+            finally:
+                if fh is None:
                     os.close(fd)
-            if rel is not None and self._matches(rel, False):
-                self._emit([op(rel), SetAttr(rel, mtime_ns=self._lstat(rel).st_mtime_ns)])
+            if matched:
+                self._emit(ops + [op(rel), SetAttr(rel, mtime_ns=self._lstat(rel).st_mtime_ns)])
 
     def truncate(self, path, size, fh):
         self._data_change(path, fh, lambda fd: os.ftruncate(fd, size), lambda rel: Truncate(rel, size))

@@ -43,6 +43,8 @@ import mfusepy
 
 from datatether.engine import logs
 
+from .fuse_killpriv import InitPatch
+
 log = logs.get(__name__)
 
 _lib = ctypes.CDLL("libfuse3.so.3", use_errno=True)
@@ -73,6 +75,10 @@ _lib.fuse_loop_cfg_set_max_threads.argtypes = [ctypes.c_void_p, ctypes.c_uint]
 _lib.fuse_loop_cfg_set_idle_threads.argtypes = [ctypes.c_void_p, ctypes.c_uint]
 _lib.fuse_loop_cfg_destroy.argtypes = [ctypes.c_void_p]
 _lib.fuse_loop_mt_312.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_lib.fuse_get_session.restype = ctypes.c_void_p
+_lib.fuse_get_session.argtypes = [ctypes.c_void_p]
+_lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
+_lib.fuse_session_custom_io.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,12 @@ class Tuning:
     - Attribute and entry caches of one second: every change goes through this mount, so
       the kernel's view stays right; the timeout only bounds changes made behind it.
     - No negative entry cache, so a name created behind the mount shows up at once.
-    - The kernel does not handle killing set-id bits (HANDLE_KILLPRIV) nor POSIX ACLs:
-      a write by an unprivileged caller reaches the filesystem as a chmod, an event.
+    - No POSIX ACLs, and not HANDLE_KILLPRIV (v1, where the kernel would leave set-id bits
+      to a filesystem told nothing of the caller).
     - libfuse's default atomic O_TRUNC stays: open() sees O_TRUNC and reports it.
+    - ``killpriv_v2``: the filesystem drops privileges on writes itself, so the kernel
+      stops asking for security.capability before each one (capture/fuse_killpriv.py;
+      the handlers must then do what that module says).
     - Four worker threads: the kernel hands each request to the idle worker that waited
       longest, so every idle worker takes its turn, cold; handlers take turns at the
       interpreter lock anyway. A 4 KiB write cost 63-68 us of CPU with 10 workers, 58 with
@@ -102,6 +111,7 @@ class Tuning:
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
     negative_timeout: float = 0.0
+    killpriv_v2: bool = True
 
 
 def caller() -> tuple[int, int, int]:
@@ -336,6 +346,7 @@ class Session:
         self._options = list(options)
         self._tuning = tuning
         self._fuse = None
+        self.init_patch = InitPatch()
         adapters = _Adapters(fs, tuning, self.ready)
         self._ops = mfusepy.fuse_operations()
         self._callbacks = []  # the C function objects must outlive the session
@@ -360,6 +371,13 @@ class Session:
         if _lib.fuse_mount(fuse, os.fsencode(self.mountpoint)) != 0:
             _lib.fuse_destroy(fuse)
             raise OSError(errno.EIO, f"fuse_mount failed on {self.mountpoint}")
+        if self._tuning.killpriv_v2:
+            session = _lib.fuse_get_session(fuse)
+            try:
+                self.init_patch.install(_lib.fuse_session_custom_io, session, _lib.fuse_session_fd(session))
+            except OSError as exc:  # the kernel keeps dropping privileges: slower, still right
+                log.warning("cannot hand privilege drops to the filesystem", msgid="DT-F014",
+                            error=str(exc))
         self._fuse = fuse
 
     def serve(self) -> int:

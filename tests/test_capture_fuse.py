@@ -4,6 +4,7 @@ and links, mmap, a failing sink, unmounting while busy, odd names and ownership.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -555,9 +556,9 @@ def test_start_clears_a_dead_mount_left_behind(fuse_available, source):
 
 
 def test_a_capability_set_through_the_mount_is_dropped_by_the_next_write(capture, source, real):
-    """The kernel asks for security.capability before every write and drops it when there
-    is one: set through the mount after a first write, it is gone after the next, and the
-    drop is an event like any removal."""
+    """A write drops security.capability (the filesystem's job under KILLPRIV_V2, the
+    kernel's before): set through the mount after a first write, it is gone after the
+    next, and the drop is an event like any removal."""
     import struct
     f = source / "prog"
     f.write_bytes(b"#!/bin/true\n")
@@ -574,3 +575,124 @@ def test_a_capability_set_through_the_mount_is_dropped_by_the_next_write(capture
         os.getxattr(real_prog, "security.capability")
     assert gone.value.errno == errno.ENODATA
     assert RemoveXattr("prog", "security.capability") in capture.recorder.take()
+
+
+def test_the_kernel_leaves_privilege_drops_to_the_filesystem(fuse_available, source, monkeypatch):
+    """FUSE_HANDLE_KILLPRIV_V2 is agreed at INIT (capture/fuse_killpriv.py): the kernel
+    asks for security.capability once per file, not before every write."""
+    from datatether.capture.fuse import CaptureFs
+    asked = []
+    real_getxattr = CaptureFs.getxattr
+
+    def counted(self, path, name):
+        asked.append(name)
+        return real_getxattr(self, path, name)
+
+    monkeypatch.setattr(CaptureFs, "getxattr", counted)
+    recorder = Recorder()
+    with FuseCapture(source, recorder) as cap:
+        assert cap._session.init_patch.enabled
+        with open(source / "many", "wb") as f:
+            for i in range(100):
+                f.write(b"w" * 4096)
+                f.flush()
+    assert asked.count(b"security.capability") <= 1
+    assert len(recorder.ops(Write)) == 100
+
+
+OTHER_ID = 4321  # the unprivileged writer's uid and gid
+
+
+def _write_as_other(path: Path, how: str, *, in_group: bool = False, then_run: bool = False) -> str:
+    """As uid OTHER_ID: stat the file (the kernel caches its mode), change its data, and,
+    ``then_run``, run it at once; returns what it printed."""
+    change = {"write": "os.pwrite(fd, open(path, 'rb').read(4), 0)", "truncate": "os.ftruncate(fd, 1 << 20)",
+              "fallocate": "os.posix_fallocate(fd, 0, 1 << 20)"}[how]
+    script = textwrap.dedent(f"""
+        import os, subprocess
+        path = {str(path)!r}
+        os.setgroups([{OTHER_ID + 1 if in_group else OTHER_ID}]); os.setgid({OTHER_ID}); os.setuid({OTHER_ID})
+        os.stat(path)
+        fd = os.open(path, os.O_WRONLY)
+        {change}
+        os.close(fd)
+        if {then_run}:
+            print(subprocess.run([path, "-u"], capture_output=True, text=True, check=True).stdout, end="")
+    """)
+    return subprocess.run([sys.executable, "-c", script], check=True, timeout=CHILD_TIMEOUT_S,
+                          capture_output=True, text=True).stdout
+
+
+@contextmanager
+def set_id_honoured(mountpoint: Path):
+    """The capture mount with set-user-ID honoured on exec while inside (libfuse's
+    fusermount3 always mounts nosuid; MS_REMOUNT|MS_BIND changes only this mount's flags)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    remount, bind, nosuid, nodev = 32, 4096, 2, 4
+    if libc.mount(None, os.fsencode(mountpoint), None, remount | bind, None) != 0:
+        raise OSError(ctypes.get_errno(), "remount suid")
+    try:
+        yield
+    finally:
+        libc.mount(None, os.fsencode(mountpoint), None, remount | bind | nosuid | nodev, None)
+
+
+@pytest.mark.parametrize("how", ["write", "truncate", "fallocate"])
+def test_an_unprivileged_data_change_drops_set_id_bits_and_says_so(fuse_available, shared_dir, how):
+    """A set-user-ID-root program changed by an unprivileged user loses set-user-ID (and
+    its group-executable set-group-ID) on the source, as an event before the data change,
+    and in the kernel's view at once, though it had the mode cached for 30 s: run right
+    after the change, it does not run as root."""
+    from datatether.capture.fuse_session import Tuning
+    source = shared_dir / "src"
+    source.mkdir()
+    os.chmod(source, 0o777)
+    prog = source / "id"
+    shutil.copy("/usr/bin/id", prog)
+    os.chmod(prog, 0o6777)
+    real = os.open(source, os.O_PATH | os.O_DIRECTORY)
+    recorder = Recorder()
+    try:
+        with FuseCapture(source, recorder, tuning=Tuning(attr_timeout=30.0)), set_id_honoured(source):
+            as_root_first = subprocess.run(
+                [sys.executable, "-c", f"import os, subprocess; os.setgid({OTHER_ID}); os.setuid({OTHER_ID}); "
+                                       f"print(subprocess.run([{str(prog)!r}, '-u'], capture_output=True, "
+                                       "text=True).stdout, end='')"],
+                check=True, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S).stdout
+            ran_as = _write_as_other(prog, how, then_run=True)
+            ops = recorder.take()
+            assert stat.S_IMODE(os.stat("id", dir_fd=real).st_mode) == 0o777
+            assert stat.S_IMODE(prog.stat().st_mode) == 0o777
+    finally:
+        os.close(real)
+    assert (as_root_first, ran_as) == ("0\n", f"{OTHER_ID}\n")
+    drop = ops.index(SetAttr("id", mode=0o777))
+    data = next(i for i, op in enumerate(ops) if isinstance(op, (Write, Truncate, Fallocate)))
+    assert drop < data
+
+
+@pytest.mark.parametrize("mode, group, in_group, root, left", [
+    (0o6777, 0, False, True, 0o6777),          # CAP_FSETID keeps everything
+    (0o2766, 0, False, False, 0o0766),         # not in the file's group: set-group-ID goes
+    (0o2766, OTHER_ID + 1, True, False, 0o2766),  # in it, and not group-executable: it stays
+    (0o2776, OTHER_ID + 1, True, False, 0o0776),  # group-executable: it goes even so
+])
+def test_set_id_bits_follow_the_vfs_rule(fuse_available, shared_dir, mode, group, in_group, root, left):
+    source = shared_dir / "src"
+    source.mkdir()
+    os.chmod(source, 0o777)
+    f = source / "prog"
+    f.write_bytes(b"#!/bin/true\n")
+    os.chown(f, 0, group)
+    os.chmod(f, mode)
+    recorder = Recorder()
+    with FuseCapture(source, recorder):
+        if root:
+            with open(f, "r+b") as out:
+                out.write(b"#")
+        else:
+            _write_as_other(f, "write", in_group=in_group)
+        assert stat.S_IMODE(f.stat().st_mode) == left
+    assert stat.S_IMODE(f.stat().st_mode) == left
+    assert [op for op in recorder.take() if isinstance(op, SetAttr) and op.mode is not None] == (
+        [] if left == mode else [SetAttr("prog", mode=left)])
