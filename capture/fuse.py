@@ -152,6 +152,7 @@ class CaptureFs:
         self._keep_deleted = settings.ignore_delete_ops
         self._umask = umask
         self._written: set[int] = set()  # handles whose writes are not followed by their mtime yet
+        self._drops = fuse_killpriv.Drops(caller)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -279,10 +280,10 @@ class CaptureFs:
     def write(self, path, data, offset, fh):
         rel = None if path is None else _rel(path)
         if rel is None or not self._matches(rel, False):
-            fuse_killpriv.drop(None, fh, caller)
+            self._drops.before_change(None, fh)
             return os.pwrite(fh, data, offset)  # unlinked meanwhile, or not in the set
         with self._locks.hold(rel):
-            ops = fuse_killpriv.drop(rel, fh, caller)
+            ops = self._drops.before_change(rel, fh)
             n = os.pwrite(fh, data, offset)
             chunk = self._chunk
             if n <= chunk:
@@ -314,6 +315,7 @@ class CaptureFs:
         try:
             self._report_time(path, fh)
         finally:
+            self._drops.forget(fh)
             os.close(fh)
 
     def fsync(self, path, datasync, fh):
@@ -341,7 +343,7 @@ class CaptureFs:
             fd = fh if fh is not None else os.open(sys_path(rel), os.O_WRONLY | _OPEN_ADD | os.O_NONBLOCK,
                                                    dir_fd=self._root)
             try:
-                ops = fuse_killpriv.drop(rel if matched else None, fd, caller)
+                ops = self._drops.before_change(rel if matched else None, fd, handle=fh is not None)
                 change(fd)
             finally:
                 if fh is None:
@@ -372,6 +374,7 @@ class CaptureFs:
 
     def chmod(self, path, mode, fh):
         def change():
+            self._drops.changed()  # may set a set-id bit
             if fh is not None:
                 os.fchmod(fh, mode)
                 return
@@ -404,6 +407,7 @@ class CaptureFs:
     def _xattr_change(self, path, change, op) -> None:
         rel = _rel(path)
         with self._locks.hold(rel):
+            self._drops.changed()  # may set security.capability
             change()
             if self._matches(rel, stat.S_ISDIR(self._lstat(rel).st_mode)):
                 self._emit([op(rel)])

@@ -22,8 +22,10 @@ done (``drop``, called by capture/fuse.py before the data changes, under the pat
   3.14 passes none of the kernel's kill flags on to the handlers, so the caller's
   credentials are read from /proc, and only when the file has such a bit (almost never:
   the common path costs an fstat and a removexattr that finds nothing, some 4 us).
-- A write or fallocate removes ``security.capability`` (the kernel no longer asks; the
-  underlying filesystem would remove it on the daemon's own write, without an event).
+- ``security.capability``: the kernel still removes it itself, through removexattr (it
+  asks once per inode, and again after an attribute change). ``drop`` removes it too, a
+  second line that finds nothing unless the kernel did not (the daemon's own write to
+  the real file would remove it without an event).
 - Both changes are events (SetAttr of the mode, RemoveXattr) that precede the data change,
   as the kernel's own chmod and removexattr did. The kernel marks a file's cached mode
   stale after each write, truncate and fallocate, so the next exec or stat asks again and
@@ -202,18 +204,21 @@ class Credentials:
         return stat.S_IMODE(mode & ~kill) if kill else None
 
 
-def drop(rel: str | None, fd: int, caller) -> list[Operation]:
+def drop(rel: str | None, fd: int, caller) -> tuple[list[Operation], bool]:
     """Drop what a data change of the open file ``fd`` must drop (see the module
     docstring): set-id bits by ``Credentials.mode_after_write`` of ``caller()``
     ((uid, gid, pid), asked only when the file has such a bit), and the
-    security.capability attribute. Returns the events, for ``rel`` (none when None)."""
+    security.capability attribute. Returns the events, for ``rel`` (none when None),
+    and whether the file is left with neither (nothing to drop for any caller)."""
     ops: list[Operation] = []
     st = os.fstat(fd)
-    if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+    setid = st.st_mode & (stat.S_ISUID | stat.S_ISGID)
+    if setid:
         uid, gid, pid = caller()
         mode = Credentials.of(pid, uid, gid).mode_after_write(st)
         if mode is not None:
             os.fchmod(fd, mode)
+            setid = mode & (stat.S_ISUID | stat.S_ISGID)
             if rel is not None:
                 ops.append(SetAttr(rel, mode=mode))
     try:
@@ -223,4 +228,39 @@ def drop(rel: str | None, fd: int, caller) -> list[Operation]:
     else:
         if rel is not None:
             ops.append(RemoveXattr(rel, CAPABILITY_XATTR))
-    return ops
+    return ops, not setid
+
+
+class Drops:
+    """``drop`` for open handles, skipped for a handle whose file was left with nothing
+    to drop (the filesystem's S_NOSEC): a 4 KiB write's fstat and removexattr were a
+    tenth of its handler's time.
+
+    Invariant: a handle is skipped only while no chmod, chown or extended-attribute
+    change went through the mount since its file was found clean (``changed`` counts
+    them; the count is read before the check, so a change during it is never missed).
+    Nothing else can give a file a set-id bit or security.capability: every change
+    reaches the real tree through this filesystem. ``forget`` a handle before its
+    descriptor is closed (the number is reused)."""
+
+    def __init__(self, caller) -> None:
+        self._caller = caller
+        self._generation = 0
+        self._clean: dict[int, int] = {}  # handle -> generation when found clean
+
+    def changed(self) -> None:
+        self._generation += 1
+
+    def forget(self, fh: int) -> None:
+        self._clean.pop(fh, None)
+
+    def before_change(self, rel: str | None, fd: int, handle: bool = True) -> list[Operation]:
+        """The drops before a data change of ``fd`` (an open handle unless ``handle`` is
+        False: a descriptor of the moment, never remembered)."""
+        generation = self._generation
+        if handle and self._clean.get(fd) == generation:
+            return []
+        ops, clean = drop(rel, fd, self._caller)
+        if clean and handle:
+            self._clean[fd] = generation
+        return ops

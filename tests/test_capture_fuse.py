@@ -557,19 +557,19 @@ def test_start_clears_a_dead_mount_left_behind(fuse_available, source):
 
 def test_a_capability_set_through_the_mount_is_dropped_by_the_next_write(capture, source, real):
     """A write drops security.capability (the filesystem's job under KILLPRIV_V2, the
-    kernel's before): set through the mount after a first write, it is gone after the
-    next, and the drop is an event like any removal."""
+    kernel's before): set through the mount after a first write through the same open
+    file (which found none, so later writes skip the check), it is gone after the next,
+    and the drop is an event like any removal."""
     import struct
     f = source / "prog"
     f.write_bytes(b"#!/bin/true\n")
-    with open(f, "r+b") as out:
-        out.write(b"#")  # asks, and finds none
-    caps = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)  # revision 2, effective, cap_net_raw
-    os.setxattr(f, "security.capability", caps)
     real_prog = f"/proc/self/fd/{real}/prog"
-    assert os.getxattr(real_prog, "security.capability") == caps
-    capture.recorder.take()
-    with open(f, "r+b") as out:
+    caps = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)  # revision 2, effective, cap_net_raw
+    with open(f, "r+b", buffering=0) as out:
+        out.write(b"#")  # looks, and finds none
+        os.setxattr(f, "security.capability", caps)
+        assert os.getxattr(real_prog, "security.capability") == caps
+        capture.recorder.take()
         out.write(b"#")
     with pytest.raises(OSError) as gone:
         os.getxattr(real_prog, "security.capability")
@@ -669,6 +669,43 @@ def test_an_unprivileged_data_change_drops_set_id_bits_and_says_so(fuse_availabl
     drop = ops.index(SetAttr("id", mode=0o777))
     data = next(i for i, op in enumerate(ops) if isinstance(op, (Write, Truncate, Fallocate)))
     assert drop < data
+
+
+def test_a_set_id_bit_given_to_an_open_file_goes_at_its_next_unprivileged_write(fuse_available, shared_dir):
+    """An unprivileged writer's open file found clean skips the check on later writes,
+    until a chmod through the mount: set-user-ID given between two of its writes goes
+    at the second."""
+    source = shared_dir / "src"
+    source.mkdir()
+    os.chmod(source, 0o777)
+    f = source / "prog"
+    f.write_bytes(b"#!/bin/true\n")
+    os.chmod(f, 0o777)
+    recorder = Recorder()
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.setgroups([{OTHER_ID}]); os.setgid({OTHER_ID}); os.setuid({OTHER_ID})
+        fd = os.open({str(f)!r}, os.O_WRONLY)
+        os.pwrite(fd, b"#", 0)
+        print("written", flush=True)
+        sys.stdin.readline()
+        os.pwrite(fd, b"#", 1)
+        os.close(fd)
+    """)
+    with FuseCapture(source, recorder):
+        child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        try:
+            assert child.stdout.readline() == "written\n"
+            os.chmod(f, 0o4777)
+            child.stdin.write("go\n")
+            child.stdin.close()
+            assert child.wait(CHILD_TIMEOUT_S) == 0
+        finally:
+            child.kill()
+        assert stat.S_IMODE(f.stat().st_mode) == 0o777
+    assert [op for op in recorder.take() if isinstance(op, SetAttr) and op.mode is not None] == [
+        SetAttr("prog", mode=0o4777), SetAttr("prog", mode=0o777)]
 
 
 @pytest.mark.parametrize("mode, group, in_group, root, left", [
