@@ -50,7 +50,9 @@ applications keep working on the real directory, uncaptured, until the next star
 Ownership: the daemon runs as root. Created objects are given to the calling user (and
 to the parent's group under a set-group-ID directory), and permission bits that the
 daemon's own umask removed are put back, so objects look as if the caller made them.
-The kernel checks permissions (default_permissions) before a request gets here.
+The kernel checks permissions (default_permissions) before a request gets here. The
+mount takes nosuid, nodev and noexec from the mount the directory is on, so set-user-ID
+programs and device nodes in the set work as they did before the capture.
 
 Known limits: the kernel caches hard links as one inode per name (libfuse's high-level
 API is path based; the real files stay linked, attributes seen through the other name
@@ -61,8 +63,8 @@ differences); a link into the set is not linked to other names of the inode in t
 
 Message ids: DT-F020 started, DT-F021 serving loop failed, DT-F022 busy at stop (connection
 aborted), DT-F023 stopped, DT-F024 lazy unmount, DT-F025 dead mount removed, DT-F026/F027
-connection could not be aborted; DT-F010/F011/F014 in fuse_session.py; DT-F012/F013 in
-fuse_killpriv.py; DT-F001..F003 (gaps) in engine/capture.py.
+connection could not be aborted, DT-F028 mount flags not inherited; DT-F010/F011/F014 in
+fuse_session.py; DT-F012/F013 in fuse_killpriv.py; DT-F001..F003 (gaps) in engine/capture.py.
 """
 
 from __future__ import annotations
@@ -594,6 +596,24 @@ class FuseCapture:
         if not session.ready.wait(self.start_timeout_s) or not self._await_mounted():
             self.stop()
             raise self._fail(f"mount did not come up within {self.start_timeout_s} s")
+        self._inherit_mount_flags()
+
+    def _inherit_mount_flags(self) -> None:
+        """Give the capture mount the set-id, device and exec rules of the mount the
+        directory is on. fusermount3 mounts nosuid,nodev and exec whatever that mount
+        says: set-user-ID programs and device nodes in the set would stop working for as
+        long as it is captured, and a noexec directory would become executable."""
+        under = os.statvfs(self._root_fd).f_flag
+        flags = fuse_libc.MS_RELATIME
+        for st_flag, ms_flag in ((os.ST_NOSUID, fuse_libc.MS_NOSUID), (os.ST_NODEV, fuse_libc.MS_NODEV),
+                                 (os.ST_NOEXEC, fuse_libc.MS_NOEXEC)):
+            if under & st_flag:
+                flags |= ms_flag
+        try:
+            fuse_libc.remount_bind(self.root, flags)
+        except OSError as exc:
+            log.warning("capture mount keeps fusermount3's nosuid,nodev", msgid="DT-F028", root=self.root,
+                        error=exc.strerror)
 
     def _serve(self) -> None:
         try:

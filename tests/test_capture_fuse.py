@@ -4,7 +4,6 @@ and links, mmap, a failing sink, unmounting while busy, odd names and ownership.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -623,20 +622,6 @@ def _write_as_other(path: Path, how: str, *, in_group: bool = False, then_run: b
                           capture_output=True, text=True).stdout
 
 
-@contextmanager
-def set_id_honoured(mountpoint: Path):
-    """The capture mount with set-user-ID honoured on exec while inside (libfuse's
-    fusermount3 always mounts nosuid; MS_REMOUNT|MS_BIND changes only this mount's flags)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    remount, bind, nosuid, nodev = 32, 4096, 2, 4
-    if libc.mount(None, os.fsencode(mountpoint), None, remount | bind, None) != 0:
-        raise OSError(ctypes.get_errno(), "remount suid")
-    try:
-        yield
-    finally:
-        libc.mount(None, os.fsencode(mountpoint), None, remount | bind | nosuid | nodev, None)
-
-
 @pytest.mark.parametrize("how", ["write", "truncate", "fallocate"])
 def test_an_unprivileged_data_change_drops_set_id_bits_and_says_so(fuse_available, shared_dir, how):
     """A set-user-ID-root program changed by an unprivileged user loses set-user-ID (and
@@ -653,7 +638,7 @@ def test_an_unprivileged_data_change_drops_set_id_bits_and_says_so(fuse_availabl
     real = os.open(source, os.O_PATH | os.O_DIRECTORY)
     recorder = Recorder()
     try:
-        with FuseCapture(source, recorder, tuning=Tuning(attr_timeout=30.0)), set_id_honoured(source):
+        with FuseCapture(source, recorder, tuning=Tuning(attr_timeout=30.0)):
             as_root_first = subprocess.run(
                 [sys.executable, "-c", f"import os, subprocess; os.setgid({OTHER_ID}); os.setuid({OTHER_ID}); "
                                        f"print(subprocess.run([{str(prog)!r}, '-u'], capture_output=True, "
@@ -706,6 +691,56 @@ def test_a_set_id_bit_given_to_an_open_file_goes_at_its_next_unprivileged_write(
         assert stat.S_IMODE(f.stat().st_mode) == 0o777
     assert [op for op in recorder.take() if isinstance(op, SetAttr) and op.mode is not None] == [
         SetAttr("prog", mode=0o4777), SetAttr("prog", mode=0o777)]
+
+
+def _run_as_other(prog: Path) -> str:
+    script = (f"import os, subprocess; os.setgroups([]); os.setgid({OTHER_ID}); os.setuid({OTHER_ID}); "
+              f"print(subprocess.run([{str(prog)!r}, '-u'], capture_output=True, text=True).stdout, end='')")
+    return subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                          timeout=CHILD_TIMEOUT_S).stdout
+
+
+def _mount_options(path: Path) -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        found = [line.split()[5] for line in f if line.split()[4] == str(path)]
+    return set(found[-1].split(","))
+
+
+def test_set_user_id_programs_and_device_nodes_work_as_without_the_capture(fuse_available, shared_dir):
+    """fusermount3 mounts nosuid,nodev; the capture takes those from the directory's own
+    mount instead, which allows both here."""
+    source = shared_dir / "src"
+    source.mkdir()
+    prog = source / "id"
+    shutil.copy("/usr/bin/id", prog)
+    os.chmod(prog, 0o4755)
+    os.mknod(source / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    assert _run_as_other(prog) == "0\n"
+    with FuseCapture(source, Recorder()):
+        assert not {"nosuid", "nodev", "noexec"} & _mount_options(source)
+        assert _run_as_other(prog) == "0\n"
+        with open(source / "null", "r+b", buffering=0) as null:
+            assert null.write(b"gone") == 4
+            assert null.read() == b""
+
+
+def test_the_capture_keeps_the_restrictions_of_the_directorys_mount(fuse_available, shared_dir):
+    """On a nosuid,nodev,noexec mount the capture is nosuid,nodev,noexec too: it must not
+    make a directory's programs runnable, nor their set-user-ID bit count."""
+    source = shared_dir / "src"
+    source.mkdir()
+    prog = source / "id"
+    shutil.copy("/usr/bin/id", prog)
+    os.chmod(prog, 0o4755)
+    subprocess.run(["mount", "--bind", str(source), str(source)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,nosuid,nodev,noexec", str(source)], check=True)
+        with FuseCapture(source, Recorder()):
+            assert {"nosuid", "nodev", "noexec"} <= _mount_options(source)
+            with pytest.raises(PermissionError):
+                subprocess.run([str(prog)], capture_output=True)
+    finally:
+        subprocess.run(["umount", str(source)], check=True)
 
 
 @pytest.mark.parametrize("mode, group, in_group, root, left", [
