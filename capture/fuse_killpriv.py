@@ -15,7 +15,8 @@ directly, from then on. The flag is only added when the kernel offered it in its
 request; otherwise nothing changes and the kernel keeps doing the checks.
 
 What the filesystem owes once the flag is on (linux/fuse.h, protocol 7.33), and where it is
-done (``drop``, called by capture/fuse.py before the data changes, under the path lock):
+done (``drop``, through ``Drops``, called by capture/fuse.py before the data changes,
+under the path lock):
 - A write, truncate (also the one the kernel sends after an open with O_TRUNC) or
   fallocate by a caller without CAP_FSETID clears set-user-ID, and set-group-ID when the
   file is group-executable or the caller is not in its group (the VFS's rule). libfuse
@@ -37,6 +38,7 @@ done (``drop``, called by capture/fuse.py before the data changes, under the pat
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import struct
@@ -221,14 +223,17 @@ def drop(rel: str | None, fd: int, caller) -> tuple[list[Operation], bool]:
             setid = mode & (stat.S_ISUID | stat.S_ISGID)
             if rel is not None:
                 ops.append(SetAttr(rel, mode=mode))
+    capability_gone = True
     try:
         os.removexattr(fd, CAPABILITY_XATTR)
-    except OSError:
-        pass  # none (ENODATA; a truncate's was removed by the kernel), or no xattrs here
+    except OSError as exc:
+        # None (ENODATA; a truncate's was removed by the kernel), or no xattrs here; any
+        # other failure may have left one, so the file is not taken to be clean.
+        capability_gone = exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
     else:
         if rel is not None:
             ops.append(RemoveXattr(rel, CAPABILITY_XATTR))
-    return ops, not setid
+    return ops, not setid and capability_gone
 
 
 class Drops:
