@@ -58,6 +58,7 @@ _IN_HEADER_LEN = 40
 _INIT_IN_FLAGS = struct.Struct("<I")  # fuse_init_in.flags, at 12 after the header
 _OUT_HEADER = struct.Struct("<IiQ")  # fuse_out_header: len, error, unique
 _INIT_OUT_FLAGS_AT = 12              # fuse_init_out.flags
+CUSTOM_IO_VERSIONS = (314,)         # libfuse versions (fuse_version()) whose layout _CustomIO is
 CAPABILITY_XATTR = "security.capability"
 _CAP_FSETID = 4
 
@@ -113,8 +114,14 @@ class InitPatch:
         self._io.read = ctypes.cast(self._callbacks[0], ctypes.c_void_p).value
         self._io.writev = ctypes.cast(self._callbacks[1], ctypes.c_void_p).value
 
-    def install(self, custom_io, session: int, fd: int) -> None:
-        """``custom_io`` is libfuse's fuse_session_custom_io; raises OSError if it refuses."""
+    def install(self, custom_io, session: int, fd: int, libfuse_version: int) -> None:
+        """``custom_io`` is libfuse's fuse_session_custom_io; raises OSError if it refuses,
+        or if ``libfuse_version`` (fuse_version()) is not one whose struct fuse_custom_io
+        ``_CustomIO`` is known to match (a wrong layout would hand libfuse bad pointers)."""
+        if libfuse_version not in CUSTOM_IO_VERSIONS:
+            raise OSError(errno.ENOTSUP, f"libfuse {libfuse_version // 100}.{libfuse_version % 100}: "
+                                         "struct fuse_custom_io not known here")
+
         def put(io: _CustomIO) -> None:
             rc = custom_io(session, ctypes.byref(io), fd)
             if rc != 0:

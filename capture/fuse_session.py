@@ -374,7 +374,8 @@ class Session:
         if self._tuning.killpriv_v2:
             session = _lib.fuse_get_session(fuse)
             try:
-                self.init_patch.install(_lib.fuse_session_custom_io, session, _lib.fuse_session_fd(session))
+                self.init_patch.install(_lib.fuse_session_custom_io, session, _lib.fuse_session_fd(session),
+                                        _lib.fuse_version())
             except OSError as exc:  # the kernel keeps dropping privileges: slower, still right
                 log.warning("cannot hand privilege drops to the filesystem", msgid="DT-F014",
                             error=str(exc))

@@ -622,6 +622,25 @@ def _write_as_other(path: Path, how: str, *, in_group: bool = False, then_run: b
                           capture_output=True, text=True).stdout
 
 
+def test_an_unknown_libfuse_leaves_privilege_drops_to_the_kernel(fuse_available, shared_dir, monkeypatch):
+    """Where the layout of libfuse's custom I/O struct is not known, the INIT reply is left
+    alone (DT-F014): the kernel keeps checking before writes, and drops still happen."""
+    from datatether.capture import fuse_killpriv
+    monkeypatch.setattr(fuse_killpriv, "CUSTOM_IO_VERSIONS", ())
+    source = shared_dir / "src"
+    source.mkdir()
+    os.chmod(source, 0o777)
+    f = source / "prog"
+    f.write_bytes(b"#!/bin/true\n")
+    os.chmod(f, 0o4777)
+    recorder = Recorder()
+    with FuseCapture(source, recorder) as cap:
+        assert not cap._session.init_patch.enabled
+        _write_as_other(f, "write")
+        assert stat.S_IMODE(f.stat().st_mode) == 0o777
+    assert SetAttr("prog", mode=0o777) in recorder.take()
+
+
 @pytest.mark.parametrize("how", ["write", "truncate", "fallocate"])
 def test_an_unprivileged_data_change_drops_set_id_bits_and_says_so(fuse_available, shared_dir, how):
     """A set-user-ID-root program changed by an unprivileged user loses set-user-ID (and
