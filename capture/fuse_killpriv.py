@@ -9,10 +9,16 @@ writes alone; in exchange the filesystem has to drop privileges itself.
 
 libfuse 3.14 (Debian 12's) knows the kernel flag but has no capability bit for it, so
 ``InitPatch`` adds it to the INIT reply itself, through libfuse's custom I/O hooks
-(``fuse_session_custom_io``): libfuse's own read and writev of /dev/fuse go through two
-Python functions until the INIT reply is written, and through libc's read and writev,
-directly, from then on. The flag is only added when the kernel offered it in its INIT
-request; otherwise nothing changes and the kernel keeps doing the checks.
+(``fuse_session_custom_io``): libfuse's writev of /dev/fuse goes through a Python function
+until the INIT reply is written, and through libc's writev from then on; reads are libc's
+read throughout, so no worker ever waits for a request inside Python: libfuse cancels
+waiting workers when the session ends (pthread_cancel), which does not unwind a Python
+frame safely. An earlier version hooked reads until INIT too, and kept a worker waiting
+in Python for as long as no request came to it; with it, about one in twenty `dt protect`
+runs stopped soon after starting hung. The
+flag is only added when the kernel offers it: every kernel of protocol 7.33 or later does
+(``offered``, set from the INIT request's minor version, which libfuse hands the init
+handler before it replies).
 
 What the filesystem owes once the flag is on (linux/fuse.h, protocol 7.33), and where it is
 done (``drop``, through ``Drops``, called by capture/fuse.py before the data changes,
@@ -51,11 +57,8 @@ from datatether.engine.events import Operation, RemoveXattr, SetAttr
 log = logs.get(__name__)
 
 # linux/fuse.h
-FUSE_INIT = 26
 FUSE_HANDLE_KILLPRIV_V2 = 1 << 28   # an INIT flag (fuse_init_in/out.flags)
-_IN_HEADER = struct.Struct("<IIQ")   # fuse_in_header: len, opcode, unique (then nodeid...)
-_IN_HEADER_LEN = 40
-_INIT_IN_FLAGS = struct.Struct("<I")  # fuse_init_in.flags, at 12 after the header
+KILLPRIV_V2_MINOR = 33              # the protocol minor version that brought it
 _OUT_HEADER = struct.Struct("<IiQ")  # fuse_out_header: len, error, unique
 _INIT_OUT_FLAGS_AT = 12              # fuse_init_out.flags
 CUSTOM_IO_VERSIONS = (314,)         # libfuse versions (fuse_version()) whose layout _CustomIO is
@@ -75,44 +78,38 @@ class _CustomIO(ctypes.Structure):
 
 _WRITEV = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_int,
                            ctypes.c_void_p, use_errno=True)
-_READ = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
-                         ctypes.c_void_p, use_errno=True)
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-_libc.read.restype = ctypes.c_ssize_t
 _libc.writev.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_int]
 _libc.writev.restype = ctypes.c_ssize_t
 # libfuse calls its hooks with one more argument (userdata) than read(2) and writev(2)
 # take; in the x86-64 and aarch64 calling conventions a callee ignores extra arguments.
-_PLAIN_IO = _CustomIO(ctypes.cast(_libc.writev, ctypes.c_void_p).value,
-                      ctypes.cast(_libc.read, ctypes.c_void_p).value, None, None)
+_LIBC_READ = ctypes.cast(_libc.read, ctypes.c_void_p).value
+_PLAIN_IO = _CustomIO(ctypes.cast(_libc.writev, ctypes.c_void_p).value, _LIBC_READ, None, None)
 
 
 class InitPatch:
     """Adds FUSE_HANDLE_KILLPRIV_V2 to the INIT reply of one libfuse session.
 
-    ``install(custom_io, session, fd)`` (before the loop serves anything) routes libfuse's
-    reads and writes through ``_read`` and ``_writev`` until the INIT reply has gone,
-    then puts libc's functions in their place. ``enabled`` tells, once ``done`` is set,
-    whether the kernel offered the flag and got it back.
+    ``install(custom_io, session, fd, version)`` (before the loop serves anything) routes
+    libfuse's writes through ``_writev`` until the first reply has gone, then puts libc's
+    writev in its place. The first reply is INIT's: the kernel sends nothing else before
+    INIT is answered. ``offered`` is set by the init handler (the kernel's protocol minor
+    version); ``enabled`` tells, once ``done`` is set, whether the flag went back.
 
     Invariants: nothing but the flags word of the INIT reply is ever changed; a failure
-    here only means the flag is not added (the reply goes out as libfuse made it). The C
-    callbacks live as long as this object, which its Session keeps: a worker may still be
-    blocked in ``_read`` when the plain functions are put in place.
+    here only means the flag is not added (the reply goes out as libfuse made it); no
+    worker waits inside Python (reads are libc's). The C callback lives as long as this
+    object, which its Session keeps.
     """
 
     def __init__(self) -> None:
+        self.offered = False
         self.enabled = False
         self.done = threading.Event()
-        self._offered = False
-        self._unique: int | None = None
         self._install = None
-        self._callbacks = (_READ(self._read), _WRITEV(self._writev))
-        self._io = _CustomIO(None, None, None, None)
-        self._io.read = ctypes.cast(self._callbacks[0], ctypes.c_void_p).value
-        self._io.writev = ctypes.cast(self._callbacks[1], ctypes.c_void_p).value
+        self._callback = _WRITEV(self._writev)
+        self._io = _CustomIO(ctypes.cast(self._callback, ctypes.c_void_p).value, _LIBC_READ, None, None)
 
     def install(self, custom_io, session: int, fd: int, libfuse_version: int) -> None:
         """``custom_io`` is libfuse's fuse_session_custom_io; raises OSError if it refuses,
@@ -129,48 +126,31 @@ class InitPatch:
         put(self._io)
         self._install = put
 
-    def _read(self, fd, buf, size, userdata):
-        n = _libc.read(fd, buf, size)
-        err = ctypes.get_errno()
-        if n >= _IN_HEADER_LEN + 16 and self._unique is None:
-            try:
-                _length, opcode, unique = _IN_HEADER.unpack(ctypes.string_at(buf, _IN_HEADER.size))
-                if opcode == FUSE_INIT:
-                    flags = _INIT_IN_FLAGS.unpack(ctypes.string_at(buf + _IN_HEADER_LEN + 12, 4))[0]
-                    self._offered = bool(flags & FUSE_HANDLE_KILLPRIV_V2)
-                    self._unique = unique
-            except Exception as exc:  # never let an exception unwind into libfuse
-                log.error("INIT request not understood", msgid="DT-F012", error=repr(exc))
-        ctypes.set_errno(err)
-        return n
-
     def _writev(self, fd, iov, count, userdata):
-        if self._unique is not None and not self.done.is_set():
+        if not self.done.is_set():
             try:
                 self._patch(iov, count)
-            except Exception as exc:
+            except Exception as exc:  # never let an exception unwind into libfuse
                 log.error("INIT reply not patched", msgid="DT-F012", error=repr(exc))
+            finally:
+                # Only this worker writes now (nothing else is asked before INIT is
+                # answered); libfuse copies the struct, the old copy leaks.
+                self._install(_PLAIN_IO)
+                self.done.set()
+                log.debug("fuse init reply", msgid="DT-F013", killpriv_v2_offered=self.offered,
+                          killpriv_v2=self.enabled)
         n = _libc.writev(fd, iov, count)
         ctypes.set_errno(ctypes.get_errno())
         return n
 
     def _patch(self, iov, count: int) -> None:
-        head = iov[0]
-        if head.len < _OUT_HEADER.size:
+        if count < 2 or iov[0].len < _OUT_HEADER.size or iov[1].len < _INIT_OUT_FLAGS_AT + 4:
             return
-        _length, error, unique = _OUT_HEADER.unpack(ctypes.string_at(head.base, _OUT_HEADER.size))
-        if unique != self._unique:
-            return  # not the INIT reply (none other can come first, but be sure)
-        if error == 0 and self._offered and count >= 2 and iov[1].len >= _INIT_OUT_FLAGS_AT + 4:
+        _length, error, _unique = _OUT_HEADER.unpack(ctypes.string_at(iov[0].base, _OUT_HEADER.size))
+        if error == 0 and self.offered:
             word = ctypes.c_uint32.from_address(iov[1].base + _INIT_OUT_FLAGS_AT)
             word.value |= FUSE_HANDLE_KILLPRIV_V2
             self.enabled = True
-        # The kernel sends nothing else before this reply, so no other worker is inside
-        # a hook while they are swapped (libfuse copies the struct; the old copy leaks).
-        self._install(_PLAIN_IO)
-        self.done.set()
-        log.debug("fuse init reply", msgid="DT-F013", killpriv_v2_offered=self._offered,
-                  killpriv_v2=self.enabled)
 
 
 # -- what the filesystem owes ---------------------------------------------------------------

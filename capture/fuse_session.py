@@ -43,7 +43,7 @@ import mfusepy
 
 from datatether.engine import logs
 
-from .fuse_killpriv import InitPatch
+from .fuse_killpriv import KILLPRIV_V2_MINOR, InitPatch
 
 log = logs.get(__name__)
 
@@ -146,8 +146,8 @@ def _copy_out(data: bytes, buf, size: int) -> int:
 class _Adapters:
     """One method per fuse_operations field: C arguments in, handler call, C answer out."""
 
-    def __init__(self, fs, tuning: Tuning, ready: threading.Event):
-        self.fs, self.tuning, self.ready = fs, tuning, ready
+    def __init__(self, fs, tuning: Tuning, ready: threading.Event, init_patch: InitPatch):
+        self.fs, self.tuning, self.ready, self.init_patch = fs, tuning, ready, init_patch
 
     def getattr(self, path, buf, fip):
         _fill_stat(buf, self.fs.getattr(path, _fh(fip)))
@@ -274,6 +274,7 @@ class _Adapters:
         cfg.attr_timeout, cfg.entry_timeout = t.attr_timeout, t.entry_timeout
         cfg.negative_timeout = t.negative_timeout
         con.max_write = min(t.max_write, MAX_WRITE_LIMIT)
+        self.init_patch.offered = con.proto_minor >= KILLPRIV_V2_MINOR
         con.want &= ~(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_HANDLE_KILLPRIV | FUSE_CAP_POSIX_ACL
                       | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE | FUSE_CAP_SPLICE_READ)
         log.debug("fuse init", msgid="DT-F011", capable=hex(con.capable), want=hex(con.want),
@@ -347,7 +348,7 @@ class Session:
         self._tuning = tuning
         self._fuse = None
         self.init_patch = InitPatch()
-        adapters = _Adapters(fs, tuning, self.ready)
+        adapters = _Adapters(fs, tuning, self.ready, self.init_patch)
         self._ops = mfusepy.fuse_operations()
         self._callbacks = []  # the C function objects must outlive the session
         for field in mfusepy.fuse_operations._fields_:
