@@ -602,6 +602,17 @@ def test_the_kernel_leaves_privilege_drops_to_the_filesystem(fuse_available, sou
 OTHER_ID = 4321  # the unprivileged writer's uid and gid
 
 
+def _program_others_may_change(shared_dir: Path, mode: int) -> tuple[Path, Path]:
+    """A source directory anyone may write in, holding a script ``prog`` of ``mode``."""
+    source = shared_dir / "src"
+    source.mkdir()
+    os.chmod(source, 0o777)
+    f = source / "prog"
+    f.write_bytes(b"#!/bin/true\n")
+    os.chmod(f, mode)
+    return source, f
+
+
 def _write_as_other(path: Path, how: str, *, in_group: bool = False, then_run: bool = False) -> str:
     """As uid OTHER_ID: stat the file (the kernel caches its mode), change its data, and,
     ``then_run``, run it at once; returns what it printed."""
@@ -627,12 +638,7 @@ def test_an_unknown_libfuse_leaves_privilege_drops_to_the_kernel(fuse_available,
     alone (DT-F014): the kernel keeps checking before writes, and drops still happen."""
     from datatether.capture import fuse_killpriv
     monkeypatch.setattr(fuse_killpriv, "CUSTOM_IO_VERSIONS", ())
-    source = shared_dir / "src"
-    source.mkdir()
-    os.chmod(source, 0o777)
-    f = source / "prog"
-    f.write_bytes(b"#!/bin/true\n")
-    os.chmod(f, 0o4777)
+    source, f = _program_others_may_change(shared_dir, 0o4777)
     recorder = Recorder()
     with FuseCapture(source, recorder) as cap:
         assert not cap._session.init_patch.enabled
@@ -679,12 +685,7 @@ def test_a_set_id_bit_given_to_an_open_file_goes_at_its_next_unprivileged_write(
     """An unprivileged writer's open file found clean skips the check on later writes,
     until a chmod through the mount: set-user-ID given between two of its writes goes
     at the second."""
-    source = shared_dir / "src"
-    source.mkdir()
-    os.chmod(source, 0o777)
-    f = source / "prog"
-    f.write_bytes(b"#!/bin/true\n")
-    os.chmod(f, 0o777)
+    source, f = _program_others_may_change(shared_dir, 0o777)
     recorder = Recorder()
     script = textwrap.dedent(f"""
         import os, sys
@@ -769,13 +770,9 @@ def test_the_capture_keeps_the_restrictions_of_the_directorys_mount(fuse_availab
     (0o2776, OTHER_ID + 1, True, False, 0o0776),  # group-executable: it goes even so
 ])
 def test_set_id_bits_follow_the_vfs_rule(fuse_available, shared_dir, mode, group, in_group, root, left):
-    source = shared_dir / "src"
-    source.mkdir()
-    os.chmod(source, 0o777)
-    f = source / "prog"
-    f.write_bytes(b"#!/bin/true\n")
+    source, f = _program_others_may_change(shared_dir, mode)
     os.chown(f, 0, group)
-    os.chmod(f, mode)
+    os.chmod(f, mode)  # the chown cleared set-id bits
     recorder = Recorder()
     with FuseCapture(source, recorder):
         if root:
