@@ -139,9 +139,8 @@ class InitPatch:
                 self.done.set()
                 log.debug("fuse init reply", msgid="DT-F013", killpriv_v2_offered=self.offered,
                           killpriv_v2=self.enabled)
-        n = _libc.writev(fd, iov, count)
-        ctypes.set_errno(ctypes.get_errno())
-        return n
+        # Both sides use ctypes' private errno: writev's is handed back to libfuse as is.
+        return _libc.writev(fd, iov, count)
 
     def _patch(self, iov, count: int) -> None:
         if count < 2 or iov[0].len < _OUT_HEADER.size or iov[1].len < _INIT_OUT_FLAGS_AT + 4:

@@ -664,11 +664,7 @@ def test_an_unprivileged_data_change_drops_set_id_bits_and_says_so(fuse_availabl
     recorder = Recorder()
     try:
         with FuseCapture(source, recorder, tuning=Tuning(attr_timeout=30.0)):
-            as_root_first = subprocess.run(
-                [sys.executable, "-c", f"import os, subprocess; os.setgid({OTHER_ID}); os.setuid({OTHER_ID}); "
-                                       f"print(subprocess.run([{str(prog)!r}, '-u'], capture_output=True, "
-                                       "text=True).stdout, end='')"],
-                check=True, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S).stdout
+            as_root_first = _run_as_other(prog)
             ran_as = _write_as_other(prog, how, then_run=True)
             ops = recorder.take()
             assert stat.S_IMODE(os.stat("id", dir_fd=real).st_mode) == 0o777
