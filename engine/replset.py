@@ -36,7 +36,7 @@ import time
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import fastavro
 
@@ -48,6 +48,8 @@ from .events import ReplicationSetDefinition, Rule
 from .rules import RuleSet, check_rule, is_within, normalise, skip_long_path
 
 log = logs.get(__name__)
+
+_REMEMBERED_ANSWERS = 1 << 16  # answers a relative_matches keeps (then it starts over)
 
 NAME_MAX_CHARS = 64
 NAME_MAX_BYTES = 250  # the name is a file name: NAME_MAX (255) minus the suffix
@@ -118,6 +120,23 @@ class ReplicationSet:
     def matches(self, abs_path: str, is_dir: bool) -> bool:
         """Is ``abs_path`` a member? Block devices and other non-directories: is_dir False."""
         return self._selection.matches(os.fsdecode(abs_path), is_dir)
+
+    def relative_matches(self, root: str) -> "Callable[[str, bool], bool]":
+        """``(rel, is_dir) -> member`` for paths relative to ``root`` ("" is ``root``
+        itself), remembering its answers: a live capture asks for every write, mostly
+        about the same few files. Sound because a set never changes (a new generation is a
+        new object); bounded, as RuleSet's scope cache is."""
+        answers: dict[tuple[str, bool], bool] = {}
+
+        def matches(rel: str, is_dir: bool) -> bool:
+            key = (rel, is_dir)
+            answer = answers.get(key)
+            if answer is None:
+                if len(answers) >= _REMEMBERED_ANSWERS:
+                    answers.clear()
+                answer = answers[key] = self.matches(posixpath.join(root, rel) if rel else root, is_dir)
+            return answer
+        return matches
 
     def must_traverse(self, abs_dir: str) -> bool:
         """May anything beneath ``abs_dir`` be a member (False is a guarantee)?"""

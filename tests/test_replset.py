@@ -58,6 +58,25 @@ def test_root_is_the_deepest_common_directory_of_the_includes(tmp_path):
     assert ReplicationSet("s", (inc(tmp_path / "only.txt"),)).root == str(tmp_path)
 
 
+def test_relative_matches_answers_as_matches_does_and_stays_bounded(monkeypatch):
+    from datatether.engine import replset
+    s = ReplicationSet("s", (inc("/srv/www"), exc("/srv/www/*.tmp"), exc("/srv/www/cache"),
+                             inc("/srv/www/cache/keep", recursive=False)))
+    matches = s.relative_matches(s.root)
+    cases = ["", "a.txt", "a.tmp", "cache", "cache/x", "cache/keep", "deep/er/b.tmp", "deep/er/b.txt"]
+    for rel in cases * 2:  # the second round is answered from memory
+        for is_dir in (False, True):
+            expected = s.matches(os.path.join(s.root, rel) if rel else s.root, is_dir)
+            assert matches(rel, is_dir) is expected, (rel, is_dir)
+    assert matches("a.tmp", False) is False and matches("a.txt", False) is True
+    monkeypatch.setattr(replset, "_REMEMBERED_ANSWERS", 4)
+    bounded = s.relative_matches(s.root)
+    for i in range(50):  # more names than it may remember: it starts over, answers stay right
+        assert bounded(f"f{i}.tmp", False) is False and bounded(f"f{i}.txt", False) is True
+    remembered = next(c.cell_contents for c in bounded.__closure__ if isinstance(c.cell_contents, dict))
+    assert 0 < len(remembered) <= 4
+
+
 def test_relpath_and_abspath_round_trip_and_containment():
     s = ReplicationSet("s", (inc("/srv/data"),))
     assert s.relpath("/srv/data") == "" and s.relpath("/srv/data/a/b") == "a/b"

@@ -202,10 +202,7 @@ def build_daemon(args, state: runtime.State, job: runtime.Job, source_fd: int) -
     locks = PathLocks()
     view_root = f"/proc/self/fd/{source_fd}"
     underneath = _Underneath(rset, view_root)
-    root = rset.root
-
-    def matches(rel: str, is_dir: bool) -> bool:
-        return rset.matches(os.path.join(root, rel) if rel else root, is_dir)
+    matches = rset.relative_matches(rset.root)
 
     def make_mirror(log_, mode: MirrorMode, changed_since_ns: int | None) -> Mirror:
         # No position file: every mirror a daemon starts is a whole new pass (module docstring).
