@@ -422,7 +422,11 @@ def describe(hev: HistoryEvent) -> str:
         return f"{paths[0]} (size {op.size})"
     if hev.op in ("Write", "MirrorData", "BlockWrite"):
         return f"{paths[0]} @{op.offset}"
-    if hev.op in ("Marker", "TaskCommand", "MirrorStart", "MirrorEnd", "Gap"):
+    if hev.op == "TaskCommand":
+        return f"{op.name} (task {op.task_id})"
+    if hev.op == "TaskResult":  # which task, and how it ended (its output: --json)
+        return f"task {op.task_id} exit {op.exit_status}"
+    if hev.op in ("Marker", "MirrorStart", "MirrorEnd", "Gap"):
         return ", ".join(paths) or getattr(op, "name", None) or getattr(op, "reason", None) or getattr(op, "mirror_id", "")
     return ", ".join(paths)
 

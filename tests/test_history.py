@@ -205,6 +205,14 @@ def test_json_form_keeps_non_utf8_paths_exactly(log):
     assert history.describe(hev) == "caf\\xe9/na\\xefve -> plain"
 
 
+def test_human_form_names_a_task_and_how_it_ended(log):
+    append(log, P, ev.TaskCommand("t7", "flush-db", ["sync"]), T0)
+    append(log, P, ev.TaskResult("t7", 3, "its output", 0), T0 + SECOND)
+    command, result = history.read(log, P, 0)
+    assert history.describe(command) == "flush-db (task t7)"
+    assert history.describe(result) == "task t7 exit 3"
+
+
 def test_follow_yields_records_appended_later(log):
     import threading
 
