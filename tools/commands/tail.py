@@ -1,6 +1,7 @@
 """dt tail: print a connection's change stream, one event per line, as it is appended.
 
-Each line: offset, time (ISO 8601, UTC, nanoseconds), operation, path(s), payload bytes.
+Each line: offset, time (ISO 8601, UTC, nanoseconds), operation, path(s) (for a task: its
+name and id, or its id and exit status), payload bytes.
 With --json, one JSON object per line (fields: offset, time, time_ns, op, paths, bytes,
 record_bytes, origin, event_time_ns, fields); it is pure ASCII: a path that is not
 UTF-8 keeps its bytes as \\udcNN escapes (Python: os.fsencode(path) gives the bytes back).
