@@ -125,7 +125,7 @@ def _replay(log_: Log, partition: str, point: Point, root: Path, base: Snapshot 
         progress.set_data_state(initial, f"restored from snapshot {base.id}" if base else "restore")
         view = LogView(log_, last=offset, commits=False)
         applier = Applier(view, partition, root, source_root, progress,
-                          settings.model_copy(update={"task_commands": False}), consumer=CONSUMER)
+                          settings.replace(task_commands=False), consumer=CONSUMER)
         try:
             while applier.applied_offset < offset:
                 before = applier.applied_offset

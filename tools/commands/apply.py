@@ -63,7 +63,7 @@ def run(args) -> int:
         folder = consumer_dir(state.dir, job.partition, args.consumer)
         _bind(folder, to)
         progress = Progress(folder)
-        settings = state.settings.model_copy(update={"task_commands": args.run_tasks})
+        settings = state.settings.replace(task_commands=args.run_tasks)
         applier = Applier(LogView(state.log), job.partition, to, job.rset.root, progress, settings,
                           consumer=args.consumer)
         try:
