@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 
 import pytest
@@ -42,3 +43,19 @@ def test_a_given_stream_and_json_lines(configured, monkeypatch):
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(line["event"], line["msgid"], line["level"], line["n"]) for line in lines] == [("kept", "DT-T004", "error", 1)]
     assert sys.stderr.getvalue() == ""
+
+
+def test_structlog_is_imported_only_by_a_line_that_passes_the_level():
+    # A child interpreter: this one has imported structlog already (structlog.testing).
+    code = ("import sys\n"
+            "from datatether.engine import logs\n"
+            "logs.configure(level='warning')\n"
+            "log = logs.get('t')\n"
+            "log.info('dropped', msgid='DT-T005')\n"
+            "before = 'structlog' in sys.modules\n"
+            "log.warning('kept', msgid='DT-T006')\n"
+            "print(before, 'structlog' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]
+    assert "kept" in done.stderr and "DT-T006" in done.stderr and "dropped" not in done.stderr

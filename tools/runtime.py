@@ -32,7 +32,6 @@ mirror's target and log took about a second.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import signal
@@ -370,13 +369,11 @@ def _die_with_parent() -> None:
 def applier_spec(job: Job) -> dict:
     """What an applier process needs to open the job's target and log, and to log like this
     process (picklable: the process is spawned)."""
-    import structlog
-    config = structlog.get_config()
+    config = logs.current()
     return {"settings": job.state.settings, "partition": job.partition, "state_dir": str(job.state.dir),
             "target_state_dir": str(job.target_state_dir), "target_root": job.conn.target_root,
             "source_root": job.rset.root,
-            "log_json": isinstance(config["processors"][-1], structlog.processors.JSONRenderer),
-            "log_level": logging.getLevelName(config["wrapper_class"].get_effective_level(None)).lower()}
+            "log_json": config.json, "log_level": config.level}
 
 
 def enter_applier_process(spec: dict) -> None:
