@@ -78,7 +78,7 @@ def test_initial_mirror_with_live_changes_then_clean_stop(dirs, real, protected)
     assert same(real, dst, mtimes=False) == []
     after = workload(src, seed=2, ops=150)
     assert during["done"] > 100 and after["done"] > 100
-    status = daemon.converged()
+    daemon.converged()
     assert same(real, dst, mtimes=False) == []
     started = [line for line in daemon.err.read_text().splitlines() if "DT-D029" in line]
     assert "mode=full" in started[0] and "reason='initial mirror'" in started[0]
