@@ -188,6 +188,43 @@ class Passthrough:
         shutil.rmtree(self.path)
 
 
+class CPassthrough:
+    """bench/fuse_passthrough.c, built with gcc against libfuse 3 and mounted over a fresh
+    directory: the least any FUSE filesystem costs on this machine (C handlers, nothing
+    captured), the yardstick for what the capture's own mount leaves. Entering returns
+    the mounted directory once the kernel shows the mount; leaving unmounts it and removes
+    the directory."""
+
+    SOURCE = Path(__file__).with_name("fuse_passthrough.c")
+    MOUNT_S = 10.0
+
+    def __init__(self, work: Path, name: str):
+        self.path, self.binary = work / name, work / "fuse_passthrough"
+
+    def __enter__(self) -> Path:
+        if not self.binary.exists():
+            flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
+                                   capture_output=True, text=True).stdout.split()
+            subprocess.run(["gcc", "-O2", "-o", str(self.binary), str(self.SOURCE), *flags], check=True)
+        self.path.mkdir()
+        self.proc = subprocess.Popen([str(self.binary), "-f", "-o", "max_threads=4", str(self.path)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.MOUNT_S
+        while not os.path.ismount(self.path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"{self.binary} did not mount {self.path}")
+            time.sleep(0.05)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["fusermount3", "-u", "-z", "-q", str(self.path)], capture_output=True)
+        try:
+            self.proc.wait(timeout=30)
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
 class Lsyncd:
     """lsyncd in rsync mode with delay = 0 between a fresh source and target.
 

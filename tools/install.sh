@@ -31,7 +31,7 @@ cd "$(dirname "$0")/.."
 
 runtime_pkgs=(fuse3 libfuse3-3 attr python3-pip)
 test_pkgs=(rsync lsyncd fio e2fsprogs xfsprogs btrfs-progs iproute2 openjdk-17-jre-headless maven
-           gcc make)
+           gcc make libfuse3-dev pkg-config)
 want=("${runtime_pkgs[@]}")
 [[ "${1:-}" == "--test" ]] && want+=("${test_pkgs[@]}")
 
