@@ -54,9 +54,13 @@ The kernel checks permissions (default_permissions) before a request gets here. 
 mount takes nosuid, nodev and noexec from the mount the directory is on, so set-user-ID
 programs and device nodes in the set work as they did before the capture.
 
-Known limits: the kernel caches hard links as one inode per name (libfuse's high-level
-API is path based; the real files stay linked, attributes seen through the other name
-may lag by the attribute timeout); when a directory moves, rules that select differently
+Hard links: libfuse's high-level API is path based, so the kernel has an inode per name
+of a linked file (the real files stay linked). After a change through one name, the
+kernel's cached attributes and pages of the other names are invalidated before the
+caller gets its answer (capture/fuse_links.py), so sizes, modes and mmap stay true
+through every name.
+
+Known limits: when a directory moves, rules that select differently
 beneath its old and new place are not re-evaluated entry by entry, nor are entries
 selected beneath a directory the rules do not select (the next verification finds such
 differences); a link into the set is not linked to other names of the inode in the set.
@@ -88,7 +92,7 @@ from datatether.engine.events import (Barrier, Fallocate, Link, Operation, Remov
 from datatether.engine.pathlocks import PathLocks
 from datatether.engine.settings import Settings
 
-from . import fuse_killpriv, fuse_libc
+from . import fuse_killpriv, fuse_libc, fuse_links
 from .fuse_recreate import create_op, recreate, symlink_op, sys_path
 from .fuse_session import MAX_WRITE_LIMIT, Session, Tuning, caller
 
@@ -114,6 +118,10 @@ def _rel(path: bytes) -> str:
 def _parent(rel: str) -> str:
     """Event path of the directory holding ``rel`` ("" for the root and its entries)."""
     return rel.rpartition("/")[0]
+
+
+def _same_file(a: os.stat_result, b: os.stat_result | None) -> bool:
+    return b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _readdir_type(entry: os.DirEntry) -> int:
@@ -155,6 +163,7 @@ class CaptureFs:
         self._umask = umask
         self._written: set[int] = set()  # handles whose writes are not followed by their mtime yet
         self._drops = fuse_killpriv.Drops(caller)
+        self.links = fuse_links.LinkedNames()  # names of multiply-linked files (fuse_links.py)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -217,10 +226,14 @@ class CaptureFs:
 
     def getattr(self, path, fh):
         if fh is not None:
-            return os.fstat(fh)
-        if path is None:
+            st = os.fstat(fh)
+        elif path is None:
             raise OSError(errno.ENOENT, "unlinked")
-        return self._lstat(_rel(path))
+        else:
+            st = self._lstat(_rel(path))
+        if path is not None and (st.st_nlink > 1 or self.links.active):
+            self.links.seen(path, st)
+        return st
 
     def readlink(self, path):
         return os.readlink(sys_path(_rel(path)), dir_fd=self._root)
@@ -283,7 +296,9 @@ class CaptureFs:
         rel = None if path is None else _rel(path)
         if rel is None or not self._matches(rel, False):
             self._drops.before_change(None, fh)
-            return os.pwrite(fh, data, offset)  # unlinked meanwhile, or not in the set
+            n = os.pwrite(fh, data, offset)  # unlinked meanwhile, or not in the set
+            self._linked_change(path, fh)
+            return n
         with self._locks.hold(rel):
             ops = self._drops.before_change(rel, fh)
             n = os.pwrite(fh, data, offset)
@@ -295,7 +310,13 @@ class CaptureFs:
                 ops += [Write(rel, offset + i, view[i:min(i + chunk, n)]) for i in range(0, n, chunk)]
             self._emit(ops)
             self._written.add(fh)
+            self._linked_change(path, fh)
         return n
+
+    def _linked_change(self, path, fd: int) -> None:
+        """After the data of ``fd`` changed: the kernel's cache of its other names."""
+        if self.links.active:
+            self.links.changed(path, os.fstat(fd))
 
     def _pending_time(self, rel: str | None, fh: int) -> list[Operation]:
         """After writes through ``fh``: the file's mtime, once (call under the path lock)."""
@@ -347,6 +368,7 @@ class CaptureFs:
             try:
                 ops = self._drops.before_change(rel if matched else None, fd, handle=fh is not None)
                 change(fd)
+                self._linked_change(path, fd)
             finally:
                 if fh is None:
                     os.close(fd)
@@ -371,6 +393,7 @@ class CaptureFs:
             if rel is None:
                 return
             st = os.fstat(fh) if fh is not None else self._lstat(rel)
+            self.links.changed(path, st)
             if self._matches(rel, stat.S_ISDIR(st.st_mode)):
                 self._emit([event(rel, st)])
 
@@ -446,7 +469,11 @@ class CaptureFs:
     def _remove(self, path, is_dir, remove) -> None:
         rel = _rel(path)
         with self._locks.hold(rel, _parent(rel)):
+            linked = self._lstat(rel) if self.links.active and not is_dir else None
             remove(sys_path(rel), dir_fd=self._root)
+            if linked is not None:
+                self.links.removed(path)
+                self.links.changed(path, linked)  # the other names' link count
             keep = self._keep_deleted or not self._matches(rel, is_dir)
             self._emit(([] if keep else [Rmdir(rel) if is_dir else Unlink(rel)]) + self._dir_times(rel))
 
@@ -461,13 +488,18 @@ class CaptureFs:
             raise OSError(errno.EINVAL, "RENAME_EXCHANGE and RENAME_WHITEOUT are not supported")
         src, dst = _rel(old), _rel(new)
         with self._locks.hold(src, dst, _parent(src), _parent(dst)):
-            is_dir = stat.S_ISDIR(self._lstat(src).st_mode)
+            src_st = self._lstat(src)
+            is_dir = stat.S_ISDIR(src_st.st_mode)
             was_in, now_in = self._matches(src, is_dir), self._matches(dst, is_dir)
             replaced = self._kind_at(dst) if now_in and not was_in else None
+            same = self.links.active and _same_file(src_st, self._lstat_or_none(dst))
             if flags:
                 fuse_libc.renameat2(self._root, sys_path(src), self._root, sys_path(dst), flags)
             else:
                 os.rename(sys_path(src), sys_path(dst), src_dir_fd=self._root, dst_dir_fd=self._root)
+            if self.links.active and not same:  # two names of one file: rename changes nothing
+                self.links.removed(new)
+                self.links.renamed(old, new)
             ops: list[Operation] = []
             if was_in and now_in:
                 ops.append(Rename(src, dst))
@@ -479,18 +511,26 @@ class CaptureFs:
                 ops.append(self._removal(src, is_dir))
             self._emit(ops + self._dir_times(src, dst))
 
-    def _kind_at(self, rel: str) -> bool | None:
-        """Is there a directory (True), another object (False) or nothing (None) at rel?"""
+    def _lstat_or_none(self, rel: str) -> os.stat_result | None:
         try:
-            return stat.S_ISDIR(self._lstat(rel).st_mode)
+            return self._lstat(rel)
         except FileNotFoundError:
             return None
+
+    def _kind_at(self, rel: str) -> bool | None:
+        """Is there a directory (True), another object (False) or nothing (None) at rel?"""
+        st = self._lstat_or_none(rel)
+        return None if st is None else stat.S_ISDIR(st.st_mode)
 
     def link(self, existing, new):
         src, dst = _rel(existing), _rel(new)
         with self._locks.hold(src, dst, _parent(dst)):
             os.link(sys_path(src), sys_path(dst), src_dir_fd=self._root, dst_dir_fd=self._root,
                     follow_symlinks=False)
+            st = self._lstat(dst)
+            self.links.seen(existing, st)  # the kernel knows the old name from before the link
+            self.links.seen(new, st)
+            self.links.changed(new, st)  # the other names' link count
             ops: list[Operation] = []
             if self._matches(dst, False):
                 if self._matches(src, False):
@@ -543,6 +583,7 @@ class FuseCapture:
         self.stop_grace_s = stop_grace_s
         self._root_fd: int | None = None
         self._session: Session | None = None
+        self._fs: CaptureFs | None = None
         self._thread: threading.Thread | None = None
         self._dev: int | None = None
         self._lifecycle = threading.RLock()  # start and stop may come from different threads
@@ -590,7 +631,8 @@ class FuseCapture:
         except OSError as exc:
             os.close(root_fd)
             raise self._fail(f"{exc.strerror} (libfuse's reason is on stderr)") from None
-        self._root_fd, self._session = root_fd, session
+        fs.links.attach(session.invalidate)
+        self._root_fd, self._session, self._fs = root_fd, session, fs
         self._thread = threading.Thread(target=self._serve, name=f"fuse-capture {self.root}", daemon=True)
         self._thread.start()
         if not session.ready.wait(self.start_timeout_s) or not self._await_mounted():
@@ -642,8 +684,9 @@ class FuseCapture:
                 self._thread.join(self.stop_grace_s)
                 if self._thread.is_alive():
                     self._abort()
+            self._fs.links.close()
             os.close(self._root_fd)
-            self._root_fd = self._session = self._thread = None
+            self._root_fd = self._session = self._thread = self._fs = None
             atexit.unregister(self.stop)
         log.info("capture stopped", msgid="DT-F023", root=self.root, gaps=self.gaps)
 

@@ -79,6 +79,7 @@ _lib.fuse_get_session.restype = ctypes.c_void_p
 _lib.fuse_get_session.argtypes = [ctypes.c_void_p]
 _lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
 _lib.fuse_session_custom_io.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,7 @@ class Session:
         self._options = list(options)
         self._tuning = tuning
         self._fuse = None
+        self._fuse_lock = threading.Lock()  # invalidate() never uses a destroyed session
         self.init_patch = InitPatch()
         adapters = _Adapters(fs, tuning, self.ready, self.init_patch)
         self._ops = mfusepy.fuse_operations()
@@ -391,7 +393,17 @@ class Session:
             return _lib.fuse_loop_mt_312(self._fuse, config)
         finally:
             _lib.fuse_loop_cfg_destroy(config)
-            _lib.fuse_unmount(self._fuse)
-            _lib.fuse_destroy(self._fuse)
-            self._fuse = None
+            with self._fuse_lock:
+                _lib.fuse_unmount(self._fuse)
+                _lib.fuse_destroy(self._fuse)
+                self._fuse = None
+
+    def invalidate(self, path: bytes) -> int:
+        """Drop the kernel's cached attributes and pages of ``path`` (a mount path such as
+        b"/a/b"): 0, or a negative errno (-ENOENT: the kernel has no node for it). Not
+        for the path of a request in progress (capture/fuse_links.py)."""
+        with self._fuse_lock:
+            if self._fuse is None:
+                return -errno.ENOTCONN
+            return _lib.fuse_invalidate_path(self._fuse, path)
 

@@ -5,6 +5,7 @@ and links, mmap, a failing sink, unmounting while busy, odd names and ownership.
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import shutil
@@ -342,6 +343,65 @@ def test_hard_links(capture, source, real):
         f.write(b"S")
     assert capture.recorder.take() == [Write("twin", 0, b"S")]
     assert read_real(real, "orig") == b"Same inode"
+
+
+def _sizes_and_modes_through_both_names(dirpath: Path, a: str, b: str) -> list:
+    """What a child process sees through name ``b`` of a file after changing it through
+    ``a``, within the attribute timeout (the kernel caches each name's attributes apart)."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import json, mmap, os
+        a, b = {str(dirpath / a)!r}, {str(dirpath / b)!r}
+        seen = [(os.stat(b).st_size, os.stat(b).st_mode & 0o777, os.stat(b).st_nlink)]
+        os.truncate(a, 1000)
+        os.chmod(a, 0o600)
+        seen.append((os.stat(b).st_size, os.stat(b).st_mode & 0o777, os.stat(b).st_nlink))
+        with open(a, "ab") as f:
+            f.write(b"y" * 5000)
+        seen.append((os.stat(b).st_size, os.stat(b).st_mode & 0o777, os.stat(b).st_nlink))
+        with open(b, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            m[len(m) - 1] = 0x7a  # past the real end of file if the size were stale: SIGBUS
+        os.unlink({str(dirpath / "third")!r})
+        seen.append((os.stat(b).st_size, os.stat(b).st_mode & 0o777, os.stat(b).st_nlink))
+        print(json.dumps(seen))
+    """)], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr}"
+    return [tuple(x) for x in json.loads(out.stdout)]
+
+
+@pytest.mark.parametrize("where", ["", "excl/"])
+def test_a_change_through_one_name_of_a_hard_link_is_seen_through_the_others(capture, source, real, where):
+    # The mount is path based: each name is an inode of its own in the kernel, with its
+    # own cached attributes. Without invalidating the other names, this saw the old size
+    # and mode through "twin", and the mmap store past the real end of file was a SIGBUS.
+    d = source / where
+    (d / "orig").write_bytes(b"x" * 100_000)
+    os.link(d / "orig", d / "twin")
+    os.link(d / "orig", d / "third")
+    assert _sizes_and_modes_through_both_names(d, "orig", "twin") == [
+        (100_000, 0o644, 3), (1000, 0o600, 3), (6000, 0o600, 3), (6000, 0o600, 2)]
+    assert read_real(real, where + "orig")[-1:] == b"z"
+
+
+def test_linked_names_follow_renames(capture, source):
+    (source / "dir").mkdir()
+    (source / "dir" / "orig").write_bytes(b"x" * 100_000)
+    os.link(source / "dir" / "orig", source / "twin")
+    os.link(source / "twin", source / "third")
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os
+        root = {str(source)!r}
+        sizes = [os.stat(root + p).st_size for p in ("/dir/orig", "/twin", "/third")]
+        os.rename(root + "/dir", root + "/moved")
+        os.rename(root + "/twin", root + "/third")  # two names of one file: nothing happens
+        os.stat(root + "/moved/orig"), os.stat(root + "/third")
+        os.truncate(root + "/twin", 10)
+        sizes += [os.stat(root + "/moved/orig").st_size, os.stat(root + "/third").st_size]
+        os.truncate(root + "/moved/orig", 20)
+        sizes += [os.stat(root + "/twin").st_size, os.stat(root + "/third").st_size]
+        print(sizes)
+    """)], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[100000,", "100000,", "100000,", "10,", "10,", "20,", "20]"]
 
 
 def test_chmod_through_a_symlink_names_the_file_it_reaches(capture, source):
