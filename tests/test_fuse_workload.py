@@ -10,6 +10,9 @@ into it from the excluded part and out of it, hard links, symlinks (relative, ab
 inside the set for RemapLink, absolute outside), chmod, chown, xattrs, deletes, mkdir,
 rmdir and writes through a shared mmap.
 
+The workers' seeds are DT_WORKLOAD_SEED (default 100) plus their number: a seed sweep
+runs the test again with other values (a failure message names the seed).
+
 Run as a script (``python test_fuse_workload.py worker ROOT NAME SEED OPS``) it is one
 worker process.
 """
@@ -44,6 +47,7 @@ SHARED = "shared.bin"
 SHARED_SLICE = 64 << 10
 FIO_SIZE = "8M"
 TIMEOUT_S = 300
+SEED = int(os.environ.get("DT_WORKLOAD_SEED", "100"))
 
 
 # -- the worker (runs in its own process) --------------------------------------------------
@@ -194,15 +198,18 @@ def test_random_workload_and_fio_end_with_an_identical_target(rig):
     capture = FuseCapture(src, sink, settings, matches=in_set, on_gap=gaps.append)
     capture.start()
     try:
-        workers = [subprocess.Popen([sys.executable, __file__, "worker", str(src), f"w{i}", str(100 + i),
-                                     str(OPS_PER_WORKER)]) for i in range(WORKERS)]
+        workers = [subprocess.Popen([sys.executable, __file__, "worker", str(src), f"w{i}", str(SEED + i),
+                                     str(OPS_PER_WORKER)], stderr=subprocess.PIPE, text=True)
+                   for i in range(WORKERS)]
         fio = subprocess.run(["fio", "--name=verify", f"--filename={src / 'fio.dat'}", f"--size={FIO_SIZE}",
                               "--rw=randwrite", "--bs=4k", "--ioengine=psync", "--verify=crc32c",
                               "--do_verify=1", "--fsync=64", "--randseed=7", "--output-format=terse",
                               "--verify_state_save=0"],  # else fio leaves a state file in the cwd
                              capture_output=True, text=True, timeout=TIMEOUT_S)
         assert fio.returncode == 0, fio.stderr
-        assert all(w.wait(TIMEOUT_S) == 0 for w in workers)
+        for w in workers:
+            _, err = w.communicate(timeout=TIMEOUT_S)
+            assert w.returncode == 0, f"seed {SEED}: worker {w.args[4]} exited {w.returncode}: {err[-3000:]}"
     finally:
         capture.stop()  # every event is in the log once it returns
     try:
@@ -216,10 +223,10 @@ def test_random_workload_and_fio_end_with_an_identical_target(rig):
         applying.join()
         applier.close()
         log.close()
-    assert not gaps
+    assert not gaps, f"seed {SEED}"
     ignored = lambda rel: rel == "excl"  # noqa: E731 - excluded by the set's rules
     remap = lambda target: str(dst) + target[len(str(src)):] if target.startswith(str(src) + "/") else target  # noqa: E731
-    assert diff_trees(src, dst, ignore=ignored, link_map=remap) == []
+    assert diff_trees(src, dst, ignore=ignored, link_map=remap) == [], f"seed {SEED}"
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
