@@ -80,7 +80,7 @@ from .errors import AlreadyRunning, BackendUnavailable, DtError, UsageError
 from .events import Event, Gap, Link, Rename, TaskCommand
 from .history import find_task_result
 from .log import Log
-from .queue import QueueLimits, SourceQueue
+from .queue import MirrorFeed, QueueLimits, SourceQueue
 from .retention import apply_retention
 from .settings import Settings
 from .states import MirrorMode, MirrorStatus, ReplicationStatus, TargetDataState, TargetStatus, TransmitMode
@@ -148,8 +148,9 @@ class Parts:
 
     ``make_applier(log)`` builds the applier on the given log view (its TaskResult appends
     are counted in the queue); ``make_capture(sink, on_gap)`` builds the capture backend;
-    ``make_mirror(log, mode, changed_since_ns)`` builds a fresh mirror pass appending to
-    ``log`` that also flags files changed since that time (engine/mirror.py; None: only what
+    ``make_mirror(feed, mode, changed_since_ns)`` builds a fresh mirror pass appending
+    through ``feed`` (engine/queue.MirrorFeed: its log and room) that also flags files
+    changed since that time (engine/mirror.py; None: only what
     the mode flags); capture and mirror must share one PathLocks, which the assembler
     closes over. ``remove_orphans(log, stop)``, when given, runs after every complete
     mirror pass and appends removals of the target's orphans to ``log`` (returns how
@@ -165,7 +166,7 @@ class Parts:
     progress: ProgressLike
     make_applier: Callable[[Log], ApplierLike]
     make_capture: Callable[[Sink, GapReport], Capture]
-    make_mirror: Callable[[Log, MirrorMode, int | None], MirrorLike]
+    make_mirror: Callable[[MirrorFeed, MirrorMode, int | None], MirrorLike]
     remove_orphans: Callable[[Log, threading.Event], int] | None = None
     snapshots: SnapshotsLike | None = None
 
@@ -569,7 +570,7 @@ class Daemon:
             dropped = self.queue.reopen()
             self._mirror_cancel = threading.Event()
             self._mirror_started_ns = time.time_ns()
-            self._mirror = self.parts.make_mirror(self.queue.throttled(self._mirror_cancel), request.mode, since)
+            self._mirror = self.parts.make_mirror(self.queue.mirror_feed(self._mirror_cancel), request.mode, since)
             self._mirror_reason = request.reason
             self._mirror_paused = False
             self._launch_mirror()

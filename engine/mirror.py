@@ -57,7 +57,10 @@ Ordering against live capture: reading an object on the source and appending its
 happen under ``locks.hold(path)`` (engine/pathlocks.py). Small objects are handled in
 groups (one lock acquisition for all their stripes, one append); a large file holds its
 lock per chunk of CHUNK bytes and checks before each chunk that the path still names
-the file it opened. A file replaced or changed while being mirrored is re-examined at
+the file it opened. With ``room`` (engine/queue.MirrorFeed), the mirror first waits for
+room in the queue for a group or a chunk and only then takes its locks: waiting for room
+with a lock held would block the captured writes to those paths while the queue is full
+(a paused target). A file replaced or changed while being mirrored is re-examined at
 the end of the pass; if it cannot be mirrored then, or any object cannot be read, the
 mirror ends with a ``Gap`` so the target goes Mirror Required: never silently wrong.
 
@@ -354,9 +357,11 @@ class Mirror:
                  progress: Callable[[MirrorStats], None] | None = None,
                  observer: Callable[[Difference], None] | None = None,
                  dry_run: bool = False, origin: str = "mirror",
-                 link_map: Callable[[str], str] | None = None, changed_since_ns: int | None = None):
+                 link_map: Callable[[str], str] | None = None, changed_since_ns: int | None = None,
+                 room: Callable[[int], None] | None = None):
         self.source, self.target = source, target
         self._log, self.partition, self.settings = log, partition, settings
+        self._room = room or _no_wait
         self._locks = locks or PathLocks()
         self.mode = MirrorMode(mode)
         self.opts = Options.of(self.mode, newer_only, settings, link_map, changed_since_ns)
@@ -513,6 +518,7 @@ class Mirror:
     def _run_group(self, group: list[Entry | DirEnd]) -> None:
         if not group:
             return
+        self._room(sum(i.size for i in group if isinstance(i, Entry)))
         with self._hold(*[i.rel for i in group]):
             for item in group:
                 self._item(item, large=False)
@@ -614,6 +620,8 @@ class Mirror:
             if not pieces:
                 self._count(end - start, sent=0)
                 continue
+            if large:
+                self._room(end - start)
             with self._chunk_lock(src, fd, large):
                 got = _read_exact(fd, view, start, end - start)
                 stream.feed(start, view[:got])
@@ -662,6 +670,8 @@ class Mirror:
         view = self._view
         sent = 0
         for start, end in _ranges(blocks, bs, src.size, CHUNK):
+            if large:
+                self._room(end - start)
             with self._chunk_lock(src, fd, large):
                 got = _read_exact(fd, view, start, end - start)
                 sent += self._data(src.rel, view, start, start, start + got)
@@ -781,6 +791,7 @@ class Mirror:
                 continue
             entry.included = True
             parent = self.source.entry(os.path.dirname(rel))
+            self._room(entry.size)
             try:
                 with self._hold(rel, parent.rel if parent else ""):
                     self._object(entry, large=False)
@@ -904,6 +915,10 @@ class _Checked:
 
     def __exit__(self, *exc):
         return self._hold.__exit__(*exc)
+
+
+def _no_wait(size: int) -> None:
+    """Room for a log that needs no reservation (its appends wait themselves, or never)."""
 
 
 def _spans(blocks: list[int], shown: int = 20) -> str:

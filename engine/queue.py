@@ -16,6 +16,12 @@ and is the only way a daemon appends to the partition:
 - ``throttled()`` is a ``Log`` view whose ``append`` waits for room, for the mirror: a mirror
   slows down instead of filling the queue the capture needs. It keeps half of the limit free
   for the capture and raises QueueFull when even an empty queue has no room (a full disk).
+- ``mirror_feed()`` is the same throttle for a producer that appends under path locks (the
+  mirror beside a capture): it waits for room *before* taking its locks (``room(n)``) and
+  then appends at once. Waiting with the locks held would block every captured write to
+  those paths (an application's write) for as long as the queue stays full, e.g. while the
+  target is paused. What the capture appends between the wait and the append may take the
+  mirror past its share by one batch.
 - ``log()`` is a ``Log`` view that appends like ``append`` (for the applier, which appends
   TaskResult records), so every record of the partition is counted.
 
@@ -46,7 +52,7 @@ import threading
 import time
 from array import array
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 from . import logs
 from .errors import BackendUnavailable, QueueFull
@@ -55,6 +61,8 @@ from .offsets import NO_OFFSET
 from .settings import MiB, Settings
 
 log = logs.get(__name__)
+
+T = TypeVar("T")
 
 THROTTLE_POLL_S = 0.01  # how often a throttled append looks for room again
 FREE_SPACE_CHECK_S = 0.1  # how long a measure of the free space may be trusted (minus what was appended)
@@ -170,13 +178,19 @@ class SourceQueue:
         A batch larger than that share goes into an empty queue (a producer cannot always
         split its batches; waiting would never end); a lack of free space fails. Setting
         ``cancel`` ends the wait with Cancelled (whoever pauses or stops the producer)."""
-        size = sum(len(v) for v in values)
+        return self._when_room(sum(len(v) for v in values), cancel, lambda: self._append_locked(values))
+
+    def wait_for_room(self, size: int, cancel: threading.Event | None = None) -> None:
+        """Wait as ``append_when_room`` would for ``size`` bytes, appending nothing."""
+        self._when_room(size, cancel, lambda: None)
+
+    def _when_room(self, size: int, cancel: threading.Event | None, then: Callable[[], T]) -> T:
         while True:
             with self._lock:
                 reason = self._no_room(size, share=MIRROR_SHARE)
                 empty = self._queued_bytes_locked() == 0
                 if reason is None or (empty and not reason.startswith(_FREE_SPACE)):
-                    return self._append_locked(values)
+                    return then()
                 if empty:
                     raise self._full_error(reason)
             if self._closed.wait(THROTTLE_POLL_S):
@@ -212,6 +226,10 @@ class SourceQueue:
         """The partition's log where ``append`` waits for room (for the mirror); ``cancel``
         ends a wait (``append_when_room``)."""
         return _QueuedLog(self._log, self.partition, lambda values: self.append_when_room(values, cancel))
+
+    def mirror_feed(self, cancel: threading.Event | None = None) -> MirrorFeed:
+        """The throttle for a producer appending under path locks (module docstring)."""
+        return MirrorFeed(self.log(), lambda size: self.wait_for_room(size, cancel))
 
     # -- accounting ----------------------------------------------------------------------
 
@@ -303,6 +321,15 @@ class SourceQueue:
                 batch = self._log.read(self.partition, offset)
                 self._record_locked(offset, [len(r.value) for r in batch])
                 offset += len(batch)
+
+
+@dataclass(frozen=True)
+class MirrorFeed:
+    """``room(n)`` waits until ``n`` more bytes of mirror data fit (call it before taking
+    path locks); ``log`` appends at once, counted in the queue."""
+
+    log: Log
+    room: Callable[[int], None]
 
 
 class _QueuedLog:

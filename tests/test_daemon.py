@@ -75,8 +75,8 @@ def world(tmp_path):
             progress=progress,
             make_applier=lambda lg: Applier(lg, conn.partition, conn.target_root, str(src), progress, cfg),
             make_capture=ScriptedCapture,
-            make_mirror=lambda lg, mode, since: Mirror(Tree(src), Tree(dst), lg, conn.partition, cfg, locks,
-                                                       mode=mode, changed_since_ns=since),
+            make_mirror=lambda feed, mode, since: Mirror(Tree(src), Tree(dst), feed.log, conn.partition, cfg, locks,
+                                                         mode=mode, changed_since_ns=since, room=feed.room),
             snapshots=TargetSnapshots(log_, conn, cfg)))
         made.append(daemon)
         return daemon

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -38,8 +39,7 @@ def dirs(tmp_path, fuse_available):
 @pytest.fixture
 def real(dirs):
     """The source directory itself, beneath any capture mount (opened before one exists):
-    comparisons read it, not the mount, whose kernel attribute cache may lag for a second
-    on the other names of a hard-linked file (capture/fuse.py, known limits)."""
+    comparisons read the files themselves, and a test can change them behind the capture."""
     fd = os.open(dirs[0], os.O_PATH | os.O_DIRECTORY)
     yield f"/proc/self/fd/{fd}/."
     os.close(fd)
@@ -190,6 +190,34 @@ def test_queue_overflow_marks_mirror_required_and_remirrors(dirs, real, protecte
     assert status["queue_overflow"] is None
     assert same(real, dst) == []
     assert "DT-D026" in daemon.err.read_text()  # the gap is logged, never silent
+
+
+def test_a_mirror_waiting_for_room_does_not_hold_up_writes_to_its_file(dirs, real, protected):
+    # The mirror reads a chunk and appends it under the file's path lock (so a captured
+    # write cannot slip in between). It used to wait for room in the queue with that lock
+    # held: while the target was paused, a write to the file it was on hung until resume.
+    src, dst, state = dirs
+    daemon = protected("--queue-limit-bytes", str(16 << 20))
+    daemon.converged()
+    daemon.call("pause")
+    (Path(real) / "big.bin").write_bytes(os.urandom(32 << 20))  # behind the capture: no events
+    daemon.call("mirror_start", {"mode": "full"})
+    wait_for(lambda: (lambda s: s["mirror_status"] == "Mirroring" and s["queued_bytes"] >= 4 << 20
+                      and s["mirror"]["processed_bytes"] >= 4 << 20)(daemon.status()),
+             what="the mirror in big.bin, waiting for room")
+    done = threading.Event()
+
+    def write():
+        with open(src / "big.bin", "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"written while the mirror waits")
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    assert done.wait(10), "a write to the file being mirrored waited for the paused target"
+    daemon.call("resume")
+    daemon.converged()
+    assert same(real, dst) == []
 
 
 def test_unprotect_stops_the_daemon_and_keeps_the_target(dirs, real, protected):

@@ -100,6 +100,23 @@ def test_throttled_append_waits_for_the_applier(elog, tmp_path):
     assert done == [1]
 
 
+def test_a_mirror_feed_waits_for_room_first_and_then_appends_at_once(elog, tmp_path):
+    applied = Applied()
+    queue = make(elog, tmp_path, applied, memory=100)
+    feed = queue.mirror_feed()
+    queue.append([b"x" * 40])
+    waiter = threading.Thread(target=feed.room, args=(20,))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and elog.end_offset(PART) == 1  # it waits, appending nothing
+    applied.offset = 0
+    waiter.join(10)
+    assert not waiter.is_alive()
+    queue.append([b"y" * 60])  # the capture took the room meanwhile
+    assert feed.log.append(PART, [b"m" * 20]) == 2  # appended at once all the same
+    assert queue.stats().bytes == 80
+
+
 def test_a_batch_larger_than_the_limit_goes_into_an_empty_queue(elog, tmp_path):
     queue = make(elog, tmp_path, Applied(), memory=100)
     assert queue.append_when_room([b"m" * 101]) == 0

@@ -48,7 +48,7 @@ from ...engine.log_feed import FeedingLog
 from ...engine.events import Event, Rmdir, SetAttr, Unlink
 from ...engine.mirror import Mirror
 from ...engine.pathlocks import PathLocks
-from ...engine.queue import QueueLimits
+from ...engine.queue import MirrorFeed, QueueLimits
 from ...engine.replset import check_no_overlap
 from ...engine.rules import is_within
 from ...engine.settings import Settings
@@ -204,10 +204,11 @@ def build_daemon(args, state: runtime.State, job: runtime.Job, source_fd: int) -
     underneath = _Underneath(rset, view_root)
     matches = rset.relative_matches(rset.root)
 
-    def make_mirror(log_, mode: MirrorMode, changed_since_ns: int | None) -> Mirror:
+    def make_mirror(feed: MirrorFeed, mode: MirrorMode, changed_since_ns: int | None) -> Mirror:
         # No position file: every mirror a daemon starts is a whole new pass (module docstring).
-        return Mirror(Tree(view_root, underneath), job.target_view(), log_, job.partition, settings, locks,
-                      mode=mode, link_map=job.link_map(), origin="mirror", changed_since_ns=changed_since_ns)
+        return Mirror(Tree(view_root, underneath), job.target_view(), feed.log, job.partition, settings, locks,
+                      mode=mode, link_map=job.link_map(), origin="mirror", changed_since_ns=changed_since_ns,
+                      room=feed.room)
 
     applier = ApplierProcess(job)  # in a process of its own, fed as records are appended
     return Daemon(Parts(
