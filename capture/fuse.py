@@ -256,10 +256,23 @@ class CaptureFs:
 
     def readdir(self, path, fh):
         yield b".", os.fstat(fh).st_ino, stat.S_IFDIR
-        yield b"..", os.stat(b"..", dir_fd=fh).st_ino, stat.S_IFDIR
+        yield b"..", self._parent_ino(path, fh), stat.S_IFDIR
         with os.scandir(fh) as entries:
             for entry in entries:
                 yield os.fsencode(entry.name), entry.inode(), _readdir_type(entry)
+
+    def _parent_ino(self, path, fh: int) -> int:
+        """The inode of a listed directory's parent, found by walking down from the real
+        root. Never ``..`` from the directory: ``..`` of a top-level directory lands on the
+        set's root, which this mount covers, so the lookup would come back to this
+        filesystem as a request of its own, from inside a handler: with every worker busy
+        that way, or with the daemon being killed, it is never answered."""
+        if path is None:
+            return os.fstat(fh).st_ino  # removed while listed: no parent to name
+        rel = _rel(path)
+        if rel == "":
+            return os.stat(b"..", dir_fd=self._root).st_ino  # outside the set
+        return self._lstat(_parent(rel)).st_ino
 
     def releasedir(self, path, fh):
         os.close(fh)

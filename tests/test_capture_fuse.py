@@ -465,6 +465,26 @@ def test_a_handler_failure_is_an_error_for_that_call_only(fuse_available, source
         assert [type(op) for op in recorder.take()] == [Create, Write]
 
 
+def test_listing_a_directory_never_asks_the_mount_from_inside_a_handler(fuse_available, source):
+    # readdir used to stat ".." of the listed directory: for a top-level directory that
+    # is the set's root, under this very mount, so the handler waited for a request of
+    # its own. With one worker (or every worker doing it, or a killed daemon) nobody
+    # answered: the listing hung, and a SIGKILLed daemon never exited (its mount stayed).
+    from datatether.capture.fuse_session import Tuning
+    (source / "top").mkdir()
+    (source / "top" / "inner").mkdir()
+    with FuseCapture(source, Recorder(), tuning=Tuning(max_threads=1, attr_timeout=0.0),
+                     stop_grace_s=1.0):
+        listed = {}
+        lister = threading.Thread(target=lambda: listed.update(
+            top=sorted(os.listdir(source / "top")), inner=os.listdir(source / "top" / "inner"),
+            root=sorted(os.listdir(source))), daemon=True)
+        lister.start()
+        lister.join(10)
+        assert not lister.is_alive(), "listing a directory waited for the mount itself"
+    assert listed == {"top": ["inner"], "inner": [], "root": ["before.txt", "excl", "top"]}
+
+
 def test_odd_names(capture, source, real):
     names = ["with space", "new\nline", "ünïcödé ☃", "-leading-dash", os.fsdecode(b"bad\xffbyte")]
     for name in names:

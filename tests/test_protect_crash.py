@@ -1,5 +1,6 @@
 """`dt protect` killed with SIGKILL while a workload runs, then started again: the target
-converges to the source (the restart is a gap; the remirror repairs what was lost)."""
+converges to the source (the restart is a gap; the remirror repairs what was lost).
+The workload's seed is DT_WORKLOAD_SEED (default 11), for seed sweeps."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tests.daemon_helpers import REPO, Protected, make_tree, wait_for
 from tests.trees import diff_trees
 
 pytestmark = pytest.mark.fuse
+SEED = int(os.environ.get("DT_WORKLOAD_SEED", "11"))
 
 
 @pytest.fixture
@@ -47,16 +49,16 @@ def test_killed_during_a_workload_converges_after_restart(setup, when):
     else:
         daemon.call("pause")
     base = daemon.status()["end_offset"]
-    workload = start_workload(daemon.src, seed=11, ops=600)
+    workload = start_workload(daemon.src, seed=SEED, ops=600)
     wait_for(lambda: daemon.status()["end_offset"] > base + 50, what="events from the workload")
     killed_while = daemon.status()["state"]
     daemon.kill()
-    assert workload.wait(300) == 0  # it went on, on the bare directory once the mount was gone
+    assert workload.wait(300) == 0, f"seed {SEED}"  # it went on, on the bare directory once the mount was gone
     daemon.start()
     daemon.converged()
-    assert diff_trees(real, daemon.dst) == []
+    assert diff_trees(real, daemon.dst) == [], f"seed {SEED}"
     assert daemon.stop() == 0
-    assert diff_trees(real, daemon.dst) == []
+    assert diff_trees(real, daemon.dst) == [], f"seed {SEED}"
     # Which phase the kill hit depends on timing (a fast mirror may be over by then); the
     # convergence asserted above is what must hold in either phase.
     assert killed_while.endswith("mirroring") or killed_while == "replicating"
