@@ -485,7 +485,7 @@ class CaptureFs:
             linked = self._lstat(rel) if self.links.active and not is_dir else None
             remove(sys_path(rel), dir_fd=self._root)
             if linked is not None:
-                self.links.removed(path)
+                self.links.removed(path, linked)
                 self.links.changed(path, linked)  # the other names' link count
             keep = self._keep_deleted or not self._matches(rel, is_dir)
             self._emit(([] if keep else [Rmdir(rel) if is_dir else Unlink(rel)]) + self._dir_times(rel))
@@ -505,14 +505,15 @@ class CaptureFs:
             is_dir = stat.S_ISDIR(src_st.st_mode)
             was_in, now_in = self._matches(src, is_dir), self._matches(dst, is_dir)
             replaced = self._kind_at(dst) if now_in and not was_in else None
-            same = self.links.active and _same_file(src_st, self._lstat_or_none(dst))
+            replacing = self._lstat_or_none(dst) if self.links.active else None
             if flags:
                 fuse_libc.renameat2(self._root, sys_path(src), self._root, sys_path(dst), flags)
             else:
                 os.rename(sys_path(src), sys_path(dst), src_dir_fd=self._root, dst_dir_fd=self._root)
-            if self.links.active and not same:  # two names of one file: rename changes nothing
-                self.links.removed(new)
-                self.links.renamed(old, new)
+            if self.links.active and not _same_file(src_st, replacing):  # else rename changes nothing
+                if replacing is not None:
+                    self.links.removed(new, replacing)
+                self.links.renamed(old, new, src_st)
             ops: list[Operation] = []
             if was_in and now_in:
                 ops.append(Rename(src, dst))

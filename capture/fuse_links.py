@@ -36,7 +36,7 @@ import queue
 import stat
 import threading
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import Callable
 
 MAX_FILES = 65536
 WAIT_S = 0.2
@@ -83,18 +83,24 @@ class LinkedNames:
             else:
                 self._names.pop(key, None)
 
-    def removed(self, path: bytes) -> None:
+    def removed(self, path: bytes, st: os.stat_result) -> None:
+        """The name ``path`` of the file ``st`` describes is gone."""
         with self._lock:
-            for key, names in list(self._names.items()):
+            names = self._names.get(key_of(st))
+            if names is not None:
                 names.discard(path)
                 if not names:
-                    del self._names[key]
+                    del self._names[key_of(st)]
 
-    def renamed(self, old: bytes, new: bytes) -> None:
-        """``old`` is now ``new``; so is everything below it."""
+    def renamed(self, old: bytes, new: bytes, st: os.stat_result) -> None:
+        """``old`` (``st`` describes it) is now ``new``; so is everything below it."""
         below = old.rstrip(b"/") + b"/"
         with self._lock:
-            for names in self._names.values():
+            if stat.S_ISDIR(st.st_mode):
+                touched = self._names.values()
+            else:  # a file: only its own names can change
+                touched = [self._names[key_of(st)]] if key_of(st) in self._names else []
+            for names in touched:
                 moved = {n for n in names if n == old or n.startswith(below)}
                 if moved:
                     names -= moved
@@ -109,15 +115,10 @@ class LinkedNames:
             return
         with self._lock:
             others = [n for n in self._names.get(key_of(st), ()) if n != path]
-        if others:
-            self._run(others)
-
-    def _run(self, paths: Iterable[bytes]) -> None:
-        if self._invalidate is None:
-            return
-        done = threading.Event()
-        self._queue().put((list(paths), done))
-        done.wait(WAIT_S)
+        if others and self._invalidate is not None:
+            done = threading.Event()
+            self._queue().put((others, done))
+            done.wait(WAIT_S)
 
     def _queue(self) -> queue.SimpleQueue:
         with self._lock:

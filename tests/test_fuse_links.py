@@ -59,8 +59,8 @@ def test_renames_carry_names_and_names_below_a_directory():
     links = LinkedNames(inval)
     for path in (b"/d/x", b"/d/sub/y", b"/dx", b"/top"):
         links.seen(path, st(7, 4))
-    links.renamed(b"/d", b"/e")
-    links.removed(b"/top")
+    links.renamed(b"/d", b"/e", st(3, 2, mode=0o040755))
+    links.removed(b"/top", st(7, 3))
     links.changed(b"/e/x", st(7, 3))
     assert sorted(inval.paths) == [b"/dx", b"/e/sub/y"]  # /dx is not below /d
     links.close()
