@@ -428,8 +428,10 @@ class CaptureFs:
                 os.fchown(fh, uid, gid)
             else:
                 os.chown(sys_path(_rel(path)), uid, gid, dir_fd=self._root, follow_symlinks=False)
+        # The mode goes too: a chown may clear set-id bits (even one changing nothing),
+        # and the target's chown, skipped or not, must end with the source's mode.
         self._set_attr(path, fh, change, lambda rel, st: SetAttr(
-            rel, uid=None if uid == -1 else st.st_uid, gid=None if gid == -1 else st.st_gid))
+            rel, mode=stat.S_IMODE(st.st_mode), uid=None if uid == -1 else st.st_uid, gid=None if gid == -1 else st.st_gid))
 
     def utimens(self, path, times, fh):
         def change():

@@ -112,9 +112,11 @@ PROGRESS_EVERY_S = 0.2
 MISSING, TYPE, SIZE, MTIME, MODE, OWNER, XATTRS, LINK_TARGET, DEVICE, HARD_LINK, CONTENT = (
     "missing", "type", "size", "mtime", "mode", "owner", "xattrs", "link target", "device",
     "hard link", "content")
+EXTRA_LINK = "extra hard link"  # linked on the target to a name the source keeps apart
 _RECREATE = {MISSING, TYPE, LINK_TARGET, DEVICE}
 _FILE_META = {MODE, OWNER, XATTRS}
 _CHECKSUM_MODES = (MirrorMode.CHECKSUM, MirrorMode.CHECKSUM_ALL)
+CAPABILITY = "security.capability"  # a file's capabilities, which every chown removes
 
 
 class Changed(Exception):
@@ -151,11 +153,13 @@ def compare(src: Entry, dst: Entry | None, link_map: Callable[[str], str] | None
     return out
 
 
-def describe(aspects: Iterable[str], src: Entry, dst: Entry | None) -> list[str]:
+def describe(aspects: Iterable[str], src: Entry, dst: Entry | None, linked_on_target: str | None = None) -> list[str]:
     """Human words for each aspect, with the source and target values."""
     out = []
     for a in aspects:
-        if dst is None or a in (MISSING, HARD_LINK, CONTENT):
+        if a == EXTRA_LINK:
+            out.append(f"hard linked on target to {linked_on_target!r}, a separate file on source")
+        elif dst is None or a in (MISSING, HARD_LINK, CONTENT):
             out.append({MISSING: "missing on target", HARD_LINK: "not hard linked on target",
                         CONTENT: "content differs"}.get(a, a))
         elif a == TYPE:
@@ -212,6 +216,7 @@ class Plan:
     aspects: list[str]
     action: str
     hardlink_of: str | None = None
+    linked_on_target: str | None = None  # EXTRA_LINK: the earlier name it shares an inode with
 
 
 def plan(src: Entry, dst: Entry | None, opts: Options, *, hardlink_of: str | None = None,
@@ -375,6 +380,7 @@ class Mirror:
         self._batch: list[bytes] = []
         self._dirs: list[_Dir] = []
         self._links: dict[tuple[int, int], _Links] = {}
+        self._target_links: dict[tuple[int, int], str] = {}  # target inode -> first name met
         self._recheck: list[str] = []
         self._last_key: tuple[bytes, ...] | None = None
         self._unsaved = 0
@@ -457,7 +463,7 @@ class Mirror:
     # -- the pass ----------------------------------------------------------------------
 
     def _begin(self) -> tuple[bytes, ...] | None:
-        self._batch, self._dirs, self._links = [], [], {}
+        self._batch, self._dirs, self._links, self._target_links = [], [], {}, {}
         pos = load_position(self._position_path) if self._position_path else self._memo
         self.stats.started_ns = time.time_ns()
         self._t0 = time.monotonic()
@@ -557,6 +563,9 @@ class Mirror:
         first = group.first if group is not None and group.first != src.rel else None
         linked = first is not None and not group.replaced and self._same_target_inode(dst, first)
         p = plan(src, dst, self.opts, hardlink_of=first, linked=linked)
+        extra = self._extra_link(src, dst, first)
+        if extra is not None:  # a new file, as changing it in place would change the other name
+            p = Plan(p.aspects + [EXTRA_LINK], "whole", linked_on_target=extra)
         if group is not None and first is None and p.action == "whole":
             group.replaced = not self.dry_run  # a new file: link every other name to it again
         if src.rel == "" and p.action != "none":
@@ -736,13 +745,17 @@ class Mirror:
         aspects = set(p.aspects)
         times = MTIME in aspects and not src.is_dir and not src.is_file
         if aspects & {MODE, OWNER} or times:
+            # The mode travels with an owner change too: the target's chown clears its
+            # set-id bits (and its file capability, re-sent below), whatever it had.
             self._emit(SetAttr(path=src.rel,
-                               mode=src.mode if MODE in aspects else None,
+                               mode=src.mode if aspects & {MODE, OWNER} else None,
                                uid=src.uid if OWNER in aspects else None,
                                gid=src.gid if OWNER in aspects else None,
                                atime_ns=src.atime_ns if times else None,
                                mtime_ns=src.mtime_ns if times else None))
         old = dst.xattrs if dst is not None else {}
+        if OWNER in aspects:
+            old = {k: v for k, v in old.items() if k != CAPABILITY}
         for name, value in src.xattrs.items():
             if old.get(name) != value:
                 self._emit(SetXattr(path=src.rel, name=name, value=value))
@@ -771,6 +784,16 @@ class Mirror:
         if not src.is_file or src.nlink < 2:
             return None
         return self._links.setdefault((src.dev, src.ino), _Links(src.rel))
+
+    def _extra_link(self, src: Entry, dst: Entry | None, first: str | None) -> str | None:
+        """The earlier name the target's file is hard linked to where the source's file is
+        not linked to it (None when the links agree). Only names of the set count: a
+        target-only link is kept apart by the applier. A resumed pass does not see the
+        names a previous run finished."""
+        if first is not None or dst is None or not (src.is_file and dst.is_file) or dst.nlink < 2:
+            return None
+        earlier = self._target_links.setdefault((dst.dev, dst.ino), src.rel)
+        return None if earlier == src.rel else earlier
 
     def _same_target_inode(self, dst: Entry | None, first: str) -> bool:
         other = self.target.entry(first)
@@ -839,7 +862,7 @@ class Mirror:
     def _differs(self, src: Entry, dst: Entry | None, p: Plan, blocks: list[int] | None = None) -> None:
         self.stats.differences += 1
         if self._observer is not None:
-            details = describe(p.aspects, src, dst)
+            details = describe(p.aspects, src, dst, p.linked_on_target)
             if blocks:
                 details[-1] = f"content differs in {len(blocks)} block(s) of {self._block} bytes: {_spans(blocks)}"
             self._observer(Difference(path=src.rel, kind=src.kind.value, aspects=list(p.aspects), details=details,

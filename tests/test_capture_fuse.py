@@ -167,7 +167,7 @@ def test_file_operations_become_events_in_order(capture, source, real):
         Barrier("f.txt"),
         Truncate("f.txt", 5),
         SetAttr("f.txt", mode=0o640),
-        SetAttr("f.txt", uid=1234, gid=5678),
+        SetAttr("f.txt", mode=0o640, uid=1234, gid=5678),
         SetAttr("f.txt", atime_ns=1_000_000_123, mtime_ns=2_000_000_456),
         SetXattr("f.txt", "user.note", b"v1"),
         RemoveXattr("f.txt", "user.note"),
@@ -262,7 +262,7 @@ def test_directories_nodes_and_symlinks(capture, source):
     assert (ops[0].path, ops[0].kind, ops[0].mode) == ("d", FileKind.DIR, 0o750)
     assert (ops[1].path, ops[1].kind, ops[1].mode) == ("d/fifo", FileKind.FIFO, 0o600)
     assert (ops[2].path, ops[2].target) == ("d/ln", "../before.txt")
-    assert ops[3:] == [SetAttr("d/ln", uid=42, gid=43), Barrier("d"), Unlink("d/fifo"), Unlink("d/ln"),
+    assert ops[3:] == [SetAttr("d/ln", mode=0o777, uid=42, gid=43), Barrier("d"), Unlink("d/fifo"), Unlink("d/ln"),
                        Rmdir("d")]
 
 

@@ -506,3 +506,26 @@ def test_a_checksum_block_size_other_than_the_digest_block_sends_that_granularit
         stats, outcome = mirror(state, src, dst, MirrorMode.CHECKSUM, observer=seen.append)
     assert stats.sent_bytes == 4096 and seen[-1].blocks == [(5 * DIGEST_BLOCK + 100) // 4096]
     assert outcome.data_state == "OK" and diff_trees(src, dst) == []
+
+
+@pytest.mark.parametrize("mode", [MirrorMode.DIFF, MirrorMode.CHECKSUM])
+def test_an_owner_change_keeps_set_id_bits_and_capabilities_on_the_target(env, mode):
+    """The target's chown clears set-id bits and file capabilities; the remirror of an
+    owner change must leave the target with the source's mode and xattrs all the same."""
+    state, src, dst = env
+    prog = src / "prog"
+    prog.write_bytes(b"#!/bin/sh\n")
+    os.chmod(prog, 0o6755)
+    cap = bytes.fromhex("0000000200200000000000000000000000000000")  # v2: cap_net_raw, permitted
+    os.setxattr(prog, "security.capability", cap)
+    mirror(state, src, dst)
+    assert os.stat(dst / "prog").st_mode & 0o7777 == 0o6755
+    os.chown(prog, 12345, 54321)  # clears the bits and the capability of the source too
+    os.chmod(prog, 0o6755)
+    os.setxattr(prog, "security.capability", cap)
+    _, outcome = mirror(state, src, dst, mode)
+    assert outcome.data_state == "OK"
+    got = os.stat(dst / "prog")
+    assert (got.st_mode & 0o7777, got.st_uid, got.st_gid) == (0o6755, 12345, 54321)
+    assert os.getxattr(dst / "prog", "security.capability") == cap
+    assert diff_trees(src, dst) == []

@@ -129,6 +129,26 @@ def test_a_change_made_while_stopped_that_keeps_size_and_mtime_is_repaired_by_th
     assert same(real, dst) == []
 
 
+def test_a_chown_through_the_capture_leaves_the_target_with_the_sources_mode(dirs, real, protected):
+    """A chown clears set-id bits, even one that keeps the owner; the target's own chown
+    may be skipped (same owner) or clear more, so the captured event carries the mode."""
+    src, dst, state = dirs
+    for name in ("same-owner", "new-owner"):
+        (src / name).write_text("#!/bin/sh\n")
+        os.chmod(src / name, 0o6755)
+    daemon = protected()
+    daemon.converged()
+    assert os.stat(dst / "same-owner").st_mode & 0o7777 == 0o6755
+    os.chown(src / "same-owner", 0, 0)
+    os.chown(src / "new-owner", 4321, 4321)
+    os.chmod(src / "new-owner", 0o4755)
+    daemon.converged()
+    assert os.stat(src / "same-owner").st_mode & 0o7777 == 0o755  # the kernel's rule
+    assert {n: os.stat(dst / n).st_mode & 0o7777 for n in ("same-owner", "new-owner")} == {
+        "same-owner": 0o755, "new-owner": 0o4755}
+    assert same(real, dst, mtimes=False) == []
+
+
 def test_status_fields_while_running_and_when_stopped(dirs, protected):
     src, dst, state = dirs
     make_tree(src, files=5)

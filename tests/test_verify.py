@@ -162,3 +162,26 @@ def test_verify_log_settings_name_append_and_limit(tmp_path):
     assert text.count("=== BEGIN") == 1 and len(text.encode()) <= 2048
     assert "=== END" not in text  # the limit cut it off: lines that do not fit are not written
     assert len(second.differences) == 50  # the result itself is complete
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_names_linked_on_the_target_but_separate_on_the_source_are_found_and_split(tmp_path, checksum):
+    """Writing through one of them would change the other: a difference, and a remirror
+    gives the later name a file of its own (in place, even by blocks, it would not)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (src / "sub" / name).write_text("same\n")
+        os.utime(src / "sub" / name, ns=(10**18, 10**18))
+    with runtime.open_state(tmp_path / "state", retry_delay_s=0.1) as state:
+        mirror(state, src, dst)
+        os.unlink(dst / "sub" / "b")
+        os.link(dst / "sub" / "a", dst / "sub" / "b")
+        os.utime(dst / "sub", ns=(10**18, os.stat(src / "sub").st_mtime_ns))
+        found = check(state, src, dst, checksum=checksum)
+        assert [(d.path, d.aspects, d.details) for d in found.differences] == [
+            ("sub/b", ["extra hard link"], ["hard linked on target to 'sub/a', a separate file on source"])]
+        check(state, src, dst, checksum=checksum, remirror=True)
+        assert os.stat(dst / "sub" / "a").st_nlink == os.stat(dst / "sub" / "b").st_nlink == 1
+        assert check(state, src, dst, checksum=checksum).identical
+        assert diff_trees(src, dst) == []

@@ -1,8 +1,8 @@
 """dt verify: compare SOURCE with its replica TARGET; optionally remirror what differs.
 
 Each differing object is listed with what differs (missing, type, size, mtime, mode,
-owner, xattrs, link target, device, hard link, content blocks), and the verification is
-written to the replication set's verification log in the state directory
+owner, xattrs, link target, device, hard link, extra hard link, content blocks), and
+the verification is written to the replication set's verification log in the state directory
 ("<set> verify.log": begin and end markers, one line per difference, totals).
 
   --checksum   compare the blocks of every file (finds changes that keep size and time;
