@@ -113,6 +113,39 @@ def test_excluded_names_are_neither_mirrored_nor_orphans(paths):
     dt(state, "orphans", "preview", str(src), str(dst), "--exclude", "*.tmp", check_rc=0)
 
 
+def test_later_runs_without_exclude_keep_the_pairs_excludes(paths):
+    """Only an --exclude given replaces the stored ones: a verify or orphans run without
+    it must neither report excluded names missing nor delete them on the target."""
+    src, dst, state = paths
+    (src / "ex").mkdir(parents=True)
+    (src / "a").write_text("a")
+    (src / "ex" / "b").write_text("b")
+    (src / "c.tmp").write_text("c")
+    dt(state, "mirror", str(src), str(dst), "--exclude", "ex", "--exclude", "*.tmp", check_rc=0)
+    (dst / "ex").mkdir()
+    (dst / "ex" / "important").write_text("kept on the target")
+    (dst / "x.tmp").write_text("kept on the target")
+    os.utime(dst, ns=(0, os.stat(src).st_mtime_ns))
+    assert dt_json(state, "verify", str(src), str(dst))["identical"]
+    [listed] = dt_json(state, "set", "list")
+    assert (listed["generation"], listed["rules"]) == (1, 3)
+    dt(state, "orphans", "remove", str(src), str(dst), check_rc=0)
+    dt(state, "mirror", str(src), str(dst), "--diff", check_rc=0)
+    assert sorted(os.listdir(dst)) == ["a", "ex", "x.tmp"] and os.listdir(dst / "ex") == ["important"]
+    dt(state, "mirror", str(src), str(dst), "--exclude", "*.tmp", check_rc=0)  # given: replaces them
+    assert sorted(os.listdir(dst / "ex")) == ["b", "important"]
+
+
+def test_an_exclude_outside_the_source_is_refused(paths):
+    src, dst, state = paths
+    src.mkdir()
+    for pattern in ("/etc", "../elsewhere"):
+        refused = dt(state, "mirror", str(src), str(dst), "--exclude", pattern, check_rc=2)
+        assert "is outside the source" in refused.stderr and "DT-E" in refused.stderr
+    assert not dst.exists()
+    dt(state, "mirror", str(src), str(dst), "--exclude", f"{src}/inside", check_rc=0)
+
+
 def test_orphans_move_and_age(paths, tmp_path):
     src, dst, state = paths
     src.mkdir()

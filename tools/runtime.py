@@ -176,7 +176,11 @@ def adhoc_rules(source: str, excludes: list[str]) -> list:
     for glob in excludes:
         if not glob:
             raise UsageError(detail="an empty --exclude pattern: give a path or a wildcard such as '*.tmp'")
-        rules.append(parse_rule(glob if glob.startswith("/") else os.path.join(source, glob), False, True))
+        path = glob if glob.startswith("/") else os.path.join(source, glob)
+        if os.path.commonpath([source, os.path.normpath(path)]) != source:
+            raise UsageError(detail=f"--exclude {glob!r} is outside the source {source}: "
+                                    "give a name relative to it, or an absolute path inside it")
+        rules.append(parse_rule(path, False, True))
     return rules
 
 
@@ -184,9 +188,10 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
               make_target: bool = False) -> Job:
     """The set and connection of this SOURCE/TARGET pair, created on first use.
 
-    Excludes given now replace the stored ones when they differ (a new set generation).
-    A state directory inside SOURCE is excluded. ``make_target`` creates the target
-    directory first (make_target_root).
+    ``excludes``: None keeps the stored rules of an existing pair; a list (even empty)
+    replaces them when they differ (a new set generation). A state directory inside
+    SOURCE is excluded. ``make_target`` creates the target directory first
+    (make_target_root).
     """
     source, target = os.path.abspath(source), os.path.abspath(target)
     if not os.path.isdir(source):
@@ -194,6 +199,7 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
             raise UsageError(detail=f"the source {source} is not a directory")
         raise NotFound(what="source directory", name=source)
     rules = adhoc_rules(source, list(excludes or []))
+    keep = excludes is None
     if make_target:
         make_target_root(source, target)
     state_dir = os.path.realpath(state.dir)
@@ -207,6 +213,8 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
         rset = _set_with_rules(state.sets, name, rules)
         conn = state.connections.create(name=name, set_name=name, source_root=source, target=target)
         log.info("connection created", msgid="DT-M031", connection=conn.name, source=source, target=target)
+    elif keep and state.sets.exists(conn.set_name):
+        rset = state.sets.get(conn.set_name)
     else:
         rset = _set_with_rules(state.sets, conn.set_name, rules)
     state.log.ensure_partition(conn.partition)

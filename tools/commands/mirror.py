@@ -35,8 +35,9 @@ def register(subparsers, common) -> None:
     p.add_argument("--newer", action="store_true", help="only files newer on the source")
     p.add_argument("--checksum", action="store_true", help="send only differing blocks of differing files")
     p.add_argument("--checksum-all", action="store_true", help="compare the blocks of every file")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="exclude matching names (recursive; relative to SOURCE unless absolute); repeatable")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="exclude matching names (recursive; relative to SOURCE, or absolute inside it); "
+                        "repeatable; given, they replace the pair's stored excludes, else those are kept")
     p.set_defaults(func=run)
 
 

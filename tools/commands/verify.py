@@ -31,8 +31,8 @@ def register(subparsers, common) -> None:
     p.add_argument("--checksum", action="store_true", help="compare the blocks of every file")
     p.add_argument("--newer", action="store_true", help="remirror only files newer on the source")
     p.add_argument("--remirror", action="store_true", help="mirror what differs to the target")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="as for dt mirror (the pair's set is updated when it differs)")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="as for dt mirror: given, they replace the pair's stored excludes, else those are kept")
     p.set_defaults(func=run)
 
 
