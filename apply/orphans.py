@@ -14,7 +14,10 @@ Actions: ``preview`` (list only), ``delete``, or ``move`` to a folder outside bo
 target and the source set (the relative path is kept below it; a folder inside the
 target set is refused, as the reference warns it would move files again and again).
 ``older_than_s`` keeps orphans modified within that many seconds. An orphan directory
-goes when it is empty after its own orphans went (other entries keep it).
+goes when it is empty after its own orphans went (other entries keep it); a preview
+counts it by the same rule, so it lists what a removal would remove. A move never
+replaces what the folder already holds: an orphan whose path is taken there (by an
+earlier run's) gets the first free name ``<name>.1``, ``<name>.2``...
 
 Every orphan acted on is logged (DT-M020) and a summary closes the run (DT-M021), as
 the reference keeps them in the target's log. The target is only touched through
@@ -112,21 +115,23 @@ def process_orphans(target_root: str, rset, source_exists: Callable[[str], bool]
     classify = _Classifier(rset, source_exists)
     view = Tree(target_root)
     tree = TargetTree(target_root) if action != "preview" else None
-    stack: list[bool] = []  # per open directory: is it an orphan?
+    stack: list[_Open] = []  # the directories being walked, innermost last
     try:
         for item in view.walk(dir_ends=True):
             if stop is not None and stop.is_set():
                 break
             if isinstance(item, DirEnd):
-                if stack.pop() and item.rel:
-                    _one(item.entry, result, tree, move_to, cutoff)
+                d = stack.pop()
+                gone = d.orphan and not d.keeps and _one(item.entry, result, tree, move_to, cutoff)
+                if stack and not gone:
+                    stack[-1].keeps = True
                 continue
-            in_orphan_dir = bool(stack) and stack[-1]
+            in_orphan_dir = bool(stack) and stack[-1].orphan
             is_orphan = item.rel != "" and classify.orphan(item.rel, item.is_dir, in_orphan_dir)
             if item.is_dir:
-                stack.append(is_orphan)
-            elif is_orphan:
-                _one(item, result, tree, move_to, cutoff)
+                stack.append(_Open(is_orphan))
+            elif not (is_orphan and _one(item, result, tree, move_to, cutoff)) and stack:
+                stack[-1].keeps = True
     finally:
         if tree is not None:
             tree.close()
@@ -135,13 +140,22 @@ def process_orphans(target_root: str, rset, source_exists: Callable[[str], bool]
     return result
 
 
-def _one(entry: Entry, result: OrphanResult, tree: TargetTree | None, move_to: str | None, cutoff: int) -> None:
-    """One orphan; a directory comes after its entries and goes if nothing is left in it."""
+@dataclass
+class _Open:
+    """A directory of the walk: is it an orphan, does anything in it stay?"""
+
+    orphan: bool
+    keeps: bool = False
+
+
+def _one(entry: Entry, result: OrphanResult, tree: TargetTree | None, move_to: str | None, cutoff: int) -> bool:
+    """One orphan (a directory after its entries, once nothing in it stays); whether it
+    went (or, in a preview, would go)."""
     if entry.mtime_ns > cutoff:
         result.kept_recent += 1
-        return
+        return False
     if tree is not None and not _act(tree, entry, move_to, result):
-        return
+        return False
     size = 0 if entry.is_dir else entry.size
     if entry.is_dir:
         result.dirs += 1
@@ -150,6 +164,7 @@ def _one(entry: Entry, result: OrphanResult, tree: TargetTree | None, move_to: s
         result.bytes += size
     result.paths.append(entry.rel)
     log.info("orphan", msgid="DT-M020", action=result.action, path=entry.rel, bytes=size)
+    return True
 
 
 def _act(tree: TargetTree, entry: Entry, move_to: str | None, result: OrphanResult) -> bool:
@@ -176,13 +191,15 @@ def _act(tree: TargetTree, entry: Entry, move_to: str | None, result: OrphanResu
 
 
 def _move(loc: Loc, entry: Entry, dest: str) -> None:
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
     if entry.is_dir:
-        # Its entries were moved one by one; recreate it there, then remove it here.
+        # Its entries were moved one by one; remove it here (it may still hold some),
+        # then make sure it is there too.
+        os.rmdir(loc.name, dir_fd=loc.dir_fd)
         os.makedirs(dest, exist_ok=True)
         os.chmod(dest, entry.mode)
-        os.rmdir(loc.name, dir_fd=loc.dir_fd)
         return
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    dest = _free_name(dest)
     try:
         os.rename(loc.name, dest, src_dir_fd=loc.dir_fd)
         return
@@ -191,6 +208,18 @@ def _move(loc: Loc, entry: Entry, dest: str) -> None:
             raise
     _copy(loc, entry, dest)
     os.unlink(loc.name, dir_fd=loc.dir_fd)
+
+
+def _free_name(dest: str) -> str:
+    """``dest``, or the first of ``dest.1``, ``dest.2``... that nothing holds. (Only
+    another orphan pass into the same folder could take it before the rename.)"""
+    name, n = dest, 0
+    while os.path.lexists(name):
+        n += 1
+        name = f"{dest}.{n}"
+    if n:
+        log.info("orphan moved under another name", msgid="DT-M023", taken=dest, moved_to=name)
+    return name
 
 
 def _copy(loc: Loc, entry: Entry, dest: str) -> None:

@@ -145,3 +145,35 @@ def test_an_unknown_action_is_refused(pair):
     src, dst = pair
     with pytest.raises(UsageError):
         run(src, dst, action="shred")
+
+
+def test_a_preview_lists_what_a_removal_removes_and_no_more(tmp_path):
+    """An old orphan directory holding a recent orphan, or an excluded file, stays: the
+    preview must not list it, and a move must not leave an empty copy of it behind."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make(src, {"x": "x"})
+    make(dst, {"x": "x", "od/recent": "new", "od/sub/old": "old", "ex/keep.tmp": "excluded", "ex/old": "old"})
+    for rel in ("od/sub/old", "od/sub", "od", "ex/old", "ex"):
+        os.utime(dst / rel, ns=(OLD_NS, OLD_NS))
+    rules = [parse_rule(str(src)), parse_rule(f"{src}/*.tmp", False, True)]
+    preview = run(src, dst, rules, older_than_s=86400)
+    assert preview.paths == ["ex/old", "od/sub/old", "od/sub"] and preview.kept_recent == 1
+    moved = tmp_path / "moved"
+    removed = run(src, dst, rules, action="move", move_to=str(moved), older_than_s=86400)
+    assert removed.paths == preview.paths and not removed.failed
+    assert tree(moved) == ["ex", "ex/old", "od", "od/sub", "od/sub/old"]
+    assert tree(dst) == ["ex", "ex/keep.tmp", "od", "od/recent", "x"]
+
+
+def test_a_move_never_replaces_what_the_folder_holds(pair, tmp_path):
+    src, dst = pair
+    moved = tmp_path / "moved"
+    run(src, dst, action="move", move_to=str(moved))
+    make(dst, {"gone.txt": "second", "olddir/c.txt": "second c"})
+    (dst / "gone.txt.1").symlink_to("nowhere")  # a taken name is never the next one either
+    os.symlink("nowhere", moved / "gone.txt.1")
+    result = run(src, dst, action="move", move_to=str(moved))
+    assert sorted(result.paths) == ["gone.txt", "gone.txt.1", "olddir", "olddir/c.txt"] and not result.failed
+    assert (moved / "gone.txt").read_text() == "orphan" and (moved / "gone.txt.2").read_text() == "second"
+    assert (moved / "olddir" / "c.txt").read_text() == "c" and (moved / "olddir" / "c.txt.1").read_text() == "second c"
+    assert os.readlink(moved / "gone.txt.1") == "nowhere" and os.readlink(moved / "gone.txt.1.1") == "nowhere"

@@ -1,11 +1,13 @@
 """dt orphans: find, remove or move files on TARGET that SOURCE does not have.
 
   preview   list the orphans (exit 1 when there are some, 0 when none)
-  remove    delete them, or with --move-to DIR move them below DIR (outside the set)
+  remove    delete them, or with --move-to DIR move them below DIR (outside the set),
+            never over what DIR holds: a taken name becomes <name>.1, <name>.2...
 
 Only objects the set's rules would carry count: files matching an --exclude pattern are
 never orphans; files outside the source set are. --older-than DURATION (30s, 15m, 2h,
 7d) keeps orphans modified more recently than that (default: settings.orphans_older_than_s).
+A directory goes only once nothing in it stays; the preview lists what remove would take.
 Each orphan handled is written to the log (message id DT-M020), with a summary (DT-M021).
 """
 
@@ -38,8 +40,9 @@ def register(subparsers, common) -> None:
     p.add_argument("--move-to", metavar="DIR", help="move orphans below DIR instead of deleting them")
     p.add_argument("--older-than", metavar="DURATION",
                    help="only orphans not modified for this long (30s, 15m, 2h, 7d)")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="as for dt mirror: excluded names are never orphans")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="as for dt mirror (given, they replace the pair's stored excludes, else those are kept): "
+                        "excluded names are never orphans")
     p.set_defaults(func=run)
 
 
