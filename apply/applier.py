@@ -239,11 +239,25 @@ class Applier:
                                  f"applied offset lost; resumed after consumer offset {committed}")
                 self._last = committed
         if p.data_state is TargetDataState.NOT_READY:
-            p.set_data_state(TargetDataState.OK, "applier loaded")
+            missing = p.fresh and self._lacks_history()
+            if missing:
+                p.set_data_state(TargetDataState.MIRROR_REQUIRED, missing)
+            else:
+                p.set_data_state(TargetDataState.OK, "applier loaded")
         p.commit(self._last, durable=True, synced=p.synced and not p.fresh)
         log.info("applier loaded", msgid="DT-A001", partition=self.partition, target=self.tree.root,
                  applied=self._last, target_data_state=p.data_state.value)
         p.publish(force=True)
+
+    def _lacks_history(self) -> str:
+        """Why a target nothing was applied to yet cannot be a replica by replaying the
+        partition ("" when it can): the partition holds nothing yet (no mirror started:
+        an interrupted first mirror, a read-only command's new pair), or its first events
+        are gone (retention). A mirror in the partition makes it Mirroring, then OK."""
+        start, end = self.log.start_offset(self.partition), self.log.end_offset(self.partition)
+        if start > 0:
+            return f"the partition starts at offset {start}: earlier events are gone"
+        return "" if end > 0 else "no mirror has completed yet"
 
     @property
     def applied_offset(self) -> int:

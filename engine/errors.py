@@ -51,9 +51,16 @@ class AlreadyExists(DtError):
 
 
 class StaleGeneration(DtError):
-    template = ("replication set {name} was changed by someone else (generation {actual}, "
-                "you had {expected}); reload it and try again")
+    """The generation a change was based on is not the set's (older: someone saved in
+    between; newer: the caller's number is simply wrong)."""
+
+    template = "replication set {name} is at generation {actual}, not {expected}: {why}"
     msgid = "DT-E004"
+
+    def __init__(self, *, name: str, actual: int, expected: int):
+        why = ("it was changed by someone else since; reload it and try again" if expected < actual
+               else "that generation does not exist yet")
+        super().__init__(name=name, actual=actual, expected=expected, why=why)
 
 
 class InvalidName(DtError):
@@ -146,6 +153,14 @@ class ApplyFailed(DtError):
 
     template = "the target could not apply the events: {detail} (target data state: Mirror Required)"
     msgid = "DT-E020"
+
+
+class VerifyIncomplete(DtError):
+    """A verification finished but some objects could not be compared (unreadable, too
+    long); without --remirror nothing was sent, so the target's state is unchanged."""
+
+    template = "verification incomplete, {count} object(s) not compared: {shown}"
+    msgid = "DT-E023"
 
 
 class MirrorIncomplete(DtError):

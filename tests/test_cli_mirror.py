@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -211,7 +212,8 @@ def test_unreadable_files_are_reported_the_rest_is_mirrored_and_the_target_needs
     assert (dst / "readable").read_text() == "fine" and not (dst / "locked").exists()
     assert data_state(state) == "Mirror Required"
     verdict = dt(state, "verify", str(src), str(dst), check_rc=2, prefix=drop)
-    assert "locked" in verdict.stderr
+    assert "verification incomplete, 2 object(s) not compared" in verdict.stderr and "locked" in verdict.stderr
+    assert "DT-E023" in verdict.stderr and re.search(r"^result\s+incomplete$", verdict.stdout, re.M)
     dt(state, "mirror", str(src), str(dst), check_rc=0)  # with full privileges it completes
     assert data_state(state) == "OK" and diff_trees(src, dst) == []
 
@@ -332,3 +334,29 @@ def test_an_unexpected_error_is_a_message_and_exit_2_not_a_traceback(tmp_path, m
     err = capsys.readouterr().err
     assert "internal error" in err and "RuntimeError: injected fault" in err and "DT-E101" in err
     assert "Traceback" not in err
+
+
+def test_commands_that_only_read_the_target_refuse_a_missing_one_and_record_nothing(paths):
+    src, dst, state = paths
+    src.mkdir()
+    (src / "f").write_text("f")
+    for args in (("verify",), ("verify", "--checksum"), ("orphans", "preview"), ("orphans", "remove")):
+        refused = dt(state, *args, str(src), str(dst), check_rc=2)
+        assert "does not exist: nothing was mirrored there" in refused.stderr and "DT-E001" in refused.stderr
+    assert not dst.exists()
+    assert dt_json(state, "status")["connections"] == [] and dt_json(state, "set", "list") == []
+    dt(state, "verify", str(src), str(dst), "--remirror", check_rc=1)  # a remirror makes it
+    assert (dst / "f").read_text() == "f"
+
+
+def test_a_new_target_is_mirror_required_until_its_first_mirror_completes(paths):
+    src, dst, state = paths
+    src.mkdir()
+    dst.mkdir()
+    (dst / "stray").write_text("not a replica of anything")
+    assert dt(state, "orphans", "preview", str(src), str(dst), check_rc=1)
+    [conn] = dt_json(state, "status")["connections"]
+    assert conn["target_data_state"] == "Mirror Required"
+    dt(state, "mirror", str(src), str(dst), check_rc=0)
+    [conn] = dt_json(state, "status")["connections"]
+    assert conn["target_data_state"] == "OK"

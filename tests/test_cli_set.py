@@ -60,9 +60,9 @@ def test_errors_exit_2_with_a_clear_message(dt, tmp_path):
         (("show", "nope"), "replication set not found: nope"),
         (("add-rule", "web", "relative/path", "--include"), "must be absolute"),
         (("add-rule", "web", "/" + "a" * 260, "--exclude"), "at most 259 characters"),
-        (("add-rule", "web", f"{src}/x", "--include", "--generation", "7"), "generation 1, you had 7"),
+        (("add-rule", "web", f"{src}/x", "--include", "--generation", "7"), "at generation 1, not 7: that generation does not exist yet"),
         (("remove-rule", "web", "/not/there"), "not found: /not/there"),
-        (("delete", "web", "--generation", "5"), "generation 1, you had 5"),
+        (("delete", "web", "--generation", "5"), "at generation 1, not 5: that generation does not exist yet"),
     ]
     for argv, message in cases:
         code, out, err = dt(*argv)
@@ -142,3 +142,16 @@ def test_console_script_malformed_import_exits_2_without_traceback(tmp_path):
     assert res.returncode == 2 and "cannot import standard input: not JSON" in res.stderr
     res = _dt("set", "frobnicate")
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_a_set_a_connection_uses_is_not_deleted(tmp_path, capsys):
+    src, state = tmp_path / "src", str(tmp_path / "state")
+    src.mkdir()
+    assert main(["mirror", str(src), str(tmp_path / "dst"), "--state", state]) == 0
+    [conn] = json.loads(subprocess.run(["dt", "status", "--json", "--state", state], capture_output=True,
+                                       text=True, check=True).stdout)["connections"]
+    capsys.readouterr()
+    assert main(["set", "delete", conn["replication_set"], "--state", state]) == 2
+    assert f"used by connection(s) {conn['connection']}" in capsys.readouterr().err
+    assert main(["unprotect", conn["connection"], "--state", state]) == 0
+    assert main(["set", "delete", conn["replication_set"], "--state", state]) == 0

@@ -208,7 +208,7 @@ def test_mirror_pause_resume_and_stop(world):
     make, src, dst = world
     for i in range(30):
         (src / f"f{i:02d}").write_bytes(os.urandom(20_000))
-    daemon = make(limit=64 << 10)
+    daemon = make(limit=64 << 10, auto_remirror=False)  # a new target needs a mirror: the test starts it
     ops = daemon.operations()
     daemon.start(restarted=False, mirror=None)
     supervised(daemon)

@@ -157,7 +157,7 @@ def test_a_stale_save_is_refused_and_changes_nothing(tmp_path):
     mine = store.create("web", [inc("/srv/www")])
     theirs = store.get("web")
     store.save(theirs.with_rule(exc("/srv/www/cache")))
-    with pytest.raises(StaleGeneration, match="generation 2, you had 1"):
+    with pytest.raises(StaleGeneration, match="at generation 2, not 1: it was changed by someone else"):
         store.save(mine.with_rule(inc("/srv/other")))
     with pytest.raises(StaleGeneration):
         store.save(store.get("web"), expected_generation=1)

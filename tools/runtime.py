@@ -185,13 +185,14 @@ def adhoc_rules(source: str, excludes: list[str]) -> list:
 
 
 def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None = None, *,
-              make_target: bool = False) -> Job:
+              make_target: bool = False, existing_target: bool = False) -> Job:
     """The set and connection of this SOURCE/TARGET pair, created on first use.
 
     ``excludes``: None keeps the stored rules of an existing pair; a list (even empty)
     replaces them when they differ (a new set generation). A state directory inside
     SOURCE is excluded. ``make_target`` creates the target directory first
-    (make_target_root).
+    (make_target_root); ``existing_target`` (commands that only read it) refuses a
+    target that is not there, before anything is recorded.
     """
     source, target = os.path.abspath(source), os.path.abspath(target)
     if not os.path.isdir(source):
@@ -200,6 +201,11 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
         raise NotFound(what="source directory", name=source)
     rules = adhoc_rules(source, list(excludes or []))
     keep = excludes is None
+    if existing_target and not os.path.isdir(target):
+        if os.path.lexists(target):
+            raise UsageError(detail=f"the target {target} is not a directory")
+        raise UsageError(detail=f"the target {target} does not exist: nothing was mirrored there "
+                                f"(dt mirror SOURCE TARGET makes it)")
     if make_target:
         make_target_root(source, target)
     state_dir = os.path.realpath(state.dir)

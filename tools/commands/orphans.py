@@ -49,7 +49,7 @@ def register(subparsers, common) -> None:
 def run(args) -> int:
     older = None if args.older_than is None else parse_duration(args.older_than)
     with runtime.open_state(args.state) as state:
-        job = runtime.adhoc_job(state, args.source, args.target, args.exclude)
+        job = runtime.adhoc_job(state, args.source, args.target, args.exclude, existing_target=True)
         runtime.drained(job)
         action = "preview" if args.action == "preview" else ("move" if args.move_to else "delete")
         older = state.settings.orphans_older_than_s if older is None else older

@@ -14,6 +14,7 @@ import inspect
 import sys
 import time
 
+from ...engine.connection import ConnectionStore
 from ...engine.errors import AlreadyExists, UsageError
 from ...engine.replset import ReplicationSet, SetStore, calculate_size, overlapping_sets, to_json
 from ...engine.rules import parse_rule
@@ -143,7 +144,11 @@ def cmd_size(args) -> int:
 
 
 def cmd_delete(args) -> int:
-    """Delete a set."""
+    """Delete a set (refused while a connection uses it: dt unprotect removes one)."""
+    users = [c.name for c in ConnectionStore(args.state).list() if c.set_name == args.name]
+    if users:
+        raise UsageError(detail=f"replication set {args.name} is used by connection(s) {', '.join(users)}: "
+                                f"remove them first (dt unprotect {users[0]})")
     rset = SetStore(args.state).delete(args.name, args.generation)
     return _done(args, rset, f"deleted replication set {rset.name}")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from ...engine.errors import EXIT_DIFFERENT, EXIT_OK, MirrorIncomplete
+from ...engine.errors import EXIT_DIFFERENT, EXIT_OK, MirrorIncomplete, VerifyIncomplete
 from ...engine.verify import verify
 from .. import output, runtime
 
@@ -38,7 +38,8 @@ def register(subparsers, common) -> None:
 
 def run(args) -> int:
     with runtime.open_state(args.state) as state, runtime.ProgressBar.for_args(args, "verify") as bar:
-        job = runtime.adhoc_job(state, args.source, args.target, args.exclude)
+        job = runtime.adhoc_job(state, args.source, args.target, args.exclude,
+                                  make_target=args.remirror, existing_target=not args.remirror)
 
         def check(log=None, locks=None):
             return verify(job.source_view(), job.target_view(), state.settings, set_name=job.rset.name,
@@ -68,10 +69,12 @@ def run(args) -> int:
         if diffs:
             output.table(diffs, ["path", "kind", "what"])
             print()
-        output.pairs({**result.totals(), "result": "identical" if result.identical else "different",
+        verdict = "different" if result.differences else ("incomplete" if result.stats.problems else "identical")
+        output.pairs({**result.totals(), "result": verdict,
                       "verify log": result.log_path, "target data state": outcome.data_state,
                       "orphans": "-" if orphans is None else f"{orphans.count} ({orphans.action})"})
     if result.stats.problems:
         problems = result.stats.problems
-        raise MirrorIncomplete(count=len(problems), shown="; ".join(problems[:10]))
+        incomplete = MirrorIncomplete if args.remirror else VerifyIncomplete
+        raise incomplete(count=len(problems), shown="; ".join(problems[:10]))
     return EXIT_OK if result.identical else EXIT_DIFFERENT
