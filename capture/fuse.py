@@ -82,6 +82,7 @@ import subprocess
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Iterable
 
 from datatether.engine import logs
@@ -108,6 +109,15 @@ _OPEN_DROP = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 _OPEN_ADD = os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MIN_WRITE = 128 << 10
+
+
+@dataclass(frozen=True)
+class _Through:
+    """Where the events of a change go: ``name`` in the set, or nowhere (None); then
+    ``unseen`` says why the set's copy may have changed all the same ("": it did not)."""
+
+    name: str | None
+    unseen: str = ""
 
 
 def _rel(path: bytes) -> str:
@@ -307,24 +317,57 @@ class CaptureFs:
 
     def write(self, path, data, offset, fh):
         rel = None if path is None else _rel(path)
-        if rel is None or not self._matches(rel, False):
-            self._drops.before_change(None, fh)
-            n = os.pwrite(fh, data, offset)  # unlinked meanwhile, or not in the set
-            self._linked_change(path, fh)
+        if rel is None or not self._matches(rel, False):  # unlinked meanwhile, or not in the set
+            through = self._set_name(rel, os.fstat(fh))
+            with self._held(through.name):
+                self._drops.before_change(None, fh)
+                n = os.pwrite(fh, data, offset)
+                self._linked_change(path, fh)
+                if through.name is not None:
+                    self._emit(self._writes(through.name, offset, data, n)
+                               + [SetAttr(through.name, mtime_ns=os.fstat(fh).st_mtime_ns)])
+            self._unseen(through)
             return n
         with self._locks.hold(rel):
             ops = self._drops.before_change(rel, fh)
             n = os.pwrite(fh, data, offset)
-            chunk = self._chunk
-            if n <= chunk:
-                ops.append(Write(rel, offset, data if n == len(data) else data[:n]))
-            else:
-                view = memoryview(data)
-                ops += [Write(rel, offset + i, view[i:min(i + chunk, n)]) for i in range(0, n, chunk)]
-            self._emit(ops)
+            self._emit(ops + self._writes(rel, offset, data, n))
             self._written.add(fh)
             self._linked_change(path, fh)
         return n
+
+    def _writes(self, rel: str, offset: int, data, n: int) -> list[Operation]:
+        """The Write events of ``n`` bytes of ``data`` written at ``offset`` (split at the
+        maximum write buffer)."""
+        chunk = self._chunk
+        if n <= chunk:
+            return [Write(rel, offset, data if n == len(data) else data[:n])]
+        view = memoryview(data)
+        return [Write(rel, offset + i, view[i:min(i + chunk, n)]) for i in range(0, n, chunk)]
+
+    def _set_name(self, rel: str | None, st: os.stat_result) -> _Through:
+        """For a change through ``rel`` (not in the set; None: unlinked) to the file ``st``
+        describes: which name of the file in the set its events go to. Another name may
+        be in the set only for a regular file with links besides ``rel``; one name of the
+        set is enough (the target keeps the set's names linked). When none is known but
+        some names of the file were never seen through this mount, its copy in the set
+        may have changed unseen (reported to ``_unseen``, so the connection remirrors)."""
+        own = None if rel is None else b"/" + os.fsencode(rel)
+        links = st.st_nlink - (own is not None)  # names other than the one the change came through
+        if not stat.S_ISREG(st.st_mode) or links < 1:
+            return _Through(None)
+        others = self.links.names(st) - {own}
+        for other in sorted(_rel(name) for name in others):
+            if self._matches(other, False):
+                return _Through(other)
+        if len(others) >= links:
+            return _Through(None)  # every other name is known, and none is in the set
+        return _Through(None, f"{rel or 'an unlinked name'}, outside the set, changed a file whose other "
+                              "names are not known")
+
+    def _unseen(self, through: _Through) -> None:
+        if through.unseen:
+            self._emitter.unseen(through.unseen)
 
     def _linked_change(self, path, fd: int) -> None:
         """After the data of ``fd`` changed: the kernel's cache of its other names."""
@@ -372,21 +415,25 @@ class CaptureFs:
 
     def _data_change(self, path, fh, change, op) -> None:
         """Drop privileges, run ``change(fd)`` under the lock, then emit the drops,
-        ``op(rel)`` and the new mtime."""
+        ``op(rel)`` and the new mtime (for a name outside the set: ``op`` of the file's
+        name in the set, if any, see ``_set_name``)."""
         rel = None if path is None else _rel(path)
         matched = rel is not None and self._matches(rel, False)
-        with self._held(rel):
-            fd = fh if fh is not None else os.open(sys_path(rel), os.O_WRONLY | _OPEN_ADD | os.O_NONBLOCK,
-                                                   dir_fd=self._root)
-            try:
+        fd = fh if fh is not None else os.open(sys_path(rel), os.O_WRONLY | _OPEN_ADD | os.O_NONBLOCK,
+                                               dir_fd=self._root)
+        try:
+            through = _Through(rel) if matched else self._set_name(rel, os.fstat(fd))
+            with self._held(rel, through.name):
                 ops = self._drops.before_change(rel if matched else None, fd, handle=fh is not None)
                 change(fd)
                 self._linked_change(path, fd)
-            finally:
-                if fh is None:
-                    os.close(fd)
-            if matched:
-                self._emit(ops + [op(rel), SetAttr(rel, mtime_ns=self._lstat(rel).st_mtime_ns)])
+                if through.name is not None:
+                    ops += [op(through.name), SetAttr(through.name, mtime_ns=os.fstat(fd).st_mtime_ns)]
+                self._emit(ops)
+            self._unseen(through)
+        finally:
+            if fh is None:
+                os.close(fd)
 
     def truncate(self, path, size, fh):
         self._data_change(path, fh, lambda fd: os.ftruncate(fd, size), lambda rel: Truncate(rel, size))
@@ -401,14 +448,20 @@ class CaptureFs:
         """Run ``change()`` under the lock, then emit ``event(rel, st)`` built from the
         attributes after the change (so UTIME_NOW becomes the time actually set)."""
         rel = None if path is None else _rel(path)
-        with self._held(rel):
+        through = _Through(rel)
+        if rel is not None:
+            before = os.fstat(fh) if fh is not None else self._lstat(rel)
+            if not self._matches(rel, stat.S_ISDIR(before.st_mode)):
+                through = self._set_name(rel, before)  # links do not change with attributes
+        with self._held(rel, through.name):
             change()
             if rel is None:
                 return
             st = os.fstat(fh) if fh is not None else self._lstat(rel)
             self.links.changed(path, st)
-            if self._matches(rel, stat.S_ISDIR(st.st_mode)):
-                self._emit([event(rel, st)])
+            if through.name is not None:
+                self._emit([event(through.name, st)])
+        self._unseen(through)
 
     def chmod(self, path, mode, fh):
         def change():

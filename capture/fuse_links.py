@@ -106,6 +106,12 @@ class LinkedNames:
                     names -= moved
                     names |= {new + n[len(old):] for n in moved}
 
+    def names(self, st: os.stat_result) -> set[bytes]:
+        """The remembered names of the file ``st`` describes (some may be missing: the
+        kernel was never given them, or the file was forgotten)."""
+        with self._lock:
+            return set(self._names.get(key_of(st), ()))
+
     # -- after a change -------------------------------------------------------------------------
 
     def changed(self, path: bytes, st: os.stat_result) -> None:

@@ -121,6 +121,16 @@ class Emitter:
                       origin=self.origin, reason=reason)
         else:
             log.debug("capture lost events", msgid="DT-F001", origin=self.origin, reason=reason)
+        self._report(reason)
+
+    def unseen(self, reason: str) -> None:
+        """A change the backend let through but cannot tell as events (the sink is fine):
+        a gap all the same, reported without counting as a failed delivery."""
+        log.warning("change the capture cannot describe: connection needs a mirror", msgid="DT-F004",
+                    origin=self.origin, reason=reason)
+        self._report(reason)
+
+    def _report(self, reason: str) -> None:
         try:
             self._on_gap(reason)
         except Exception as exc:

@@ -345,6 +345,37 @@ def test_hard_links(capture, source, real):
     assert read_real(real, "orig") == b"Same inode"
 
 
+def test_a_change_through_a_name_outside_the_set_reaches_the_files_name_in_it(capture, source, real):
+    """The data is one inode's: a write, truncate or chmod through an excluded name is
+    a change of the name in the set, and is told as one."""
+    (source / "in.dat").write_bytes(b"v1\n")
+    os.link(source / "in.dat", source / "excl" / "alias")
+    capture.recorder.take()
+    with open(source / "excl" / "alias", "r+b") as f:
+        f.seek(3)
+        f.write(b"v2\n")
+    os.truncate(source / "excl" / "alias", 5)
+    os.chmod(source / "excl" / "alias", 0o640)
+    ops = capture.recorder.take(times=True)
+    assert [op for op in ops if not only_mtime(op)] == [
+        Write("in.dat", 3, b"v2\n"), Truncate("in.dat", 5), SetAttr("in.dat", mode=0o640)]
+    assert {op.path for op in ops} == {"in.dat"} and capture.gap_reasons == []
+    os.link(source / "excl" / "alias", source / "excl" / "alias2")
+    os.unlink(source / "in.dat")
+    capture.recorder.take()
+    (source / "excl" / "alias2").write_bytes(b"every name known, none in the set")
+    assert capture.recorder.take(times=True) == [] and capture.gap_reasons == []
+
+
+def test_a_change_through_a_name_outside_the_set_of_a_file_with_unknown_names_is_a_gap(capture, source, real):
+    os.link("excl/outside.bin", "made-behind-the-mount", src_dir_fd=real, dst_dir_fd=real)
+    capture.recorder.take()
+    with open(source / "excl" / "outside.bin", "r+b") as f:
+        f.write(b"y")
+    assert capture.recorder.take(times=True) == []
+    assert capture.gap_reasons and "excl/outside.bin, outside the set" in capture.gap_reasons[0]
+
+
 def _sizes_and_modes_through_both_names(dirpath: Path, a: str, b: str) -> list:
     """What a child process sees through name ``b`` of a file after changing it through
     ``a``, within the attribute timeout (the kernel caches each name's attributes apart)."""
