@@ -499,11 +499,15 @@ class CaptureFs:
 
     def _xattr_change(self, path, change, op) -> None:
         rel = _rel(path)
-        with self._locks.hold(rel):
+        before = self._lstat(rel)
+        through = (_Through(rel) if self._matches(rel, stat.S_ISDIR(before.st_mode))
+                   else self._set_name(rel, before))
+        with self._held(rel, through.name):
             self._drops.changed()  # may set security.capability
             change()
-            if self._matches(rel, stat.S_ISDIR(self._lstat(rel).st_mode)):
-                self._emit([op(rel)])
+            if through.name is not None:
+                self._emit([op(through.name)])
+        self._unseen(through)
 
     def setxattr(self, path, name, value, flags):
         self._xattr_change(path, lambda: os.setxattr(self._proc(path), name, value, flags, follow_symlinks=False),
