@@ -22,7 +22,7 @@ from pathlib import Path
 
 import fastavro
 
-from .durable import write_atomic
+from .durable import stored_names, write_atomic
 from .errors import AlreadyExists, CorruptRecord, InvalidName, NotFound, UsageError
 from .rules import is_within
 
@@ -86,9 +86,8 @@ class ConnectionStore:
         self.dir = Path(state_dir) / "connections"
 
     def list(self) -> list[Connection]:
-        if not self.dir.is_dir():
-            return []
-        found = [self._read(p) for p in self.dir.glob("*.avro")]
+        found = [self._read(self.dir / name) for name in stored_names(self.dir)
+                 if name.endswith(".avro") and not name.startswith(".")]
         return sorted(found, key=lambda c: c.id)
 
     def get(self, ref: str | int) -> Connection:
