@@ -378,3 +378,11 @@ def test_scheduled_snapshots_appear_and_are_pruned(dirs, protected):
     daemon.converged()
     assert (dst / "after.txt").exists()
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "nan", "inf"])
+def test_a_status_interval_that_is_not_a_positive_number_is_refused(dirs, interval):
+    src, dst, state = dirs
+    refused = dt("protect", str(src), "--to", str(dst), "--status-interval", interval, state=state)
+    assert refused.returncode == 2 and "[DT-E001]" in refused.stderr and "--status-interval" in refused.stderr
+    assert not dst.exists() and os.stat(src).st_dev == os.stat(src.parent).st_dev  # nothing made, nothing mounted

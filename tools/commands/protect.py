@@ -28,6 +28,7 @@ One daemon per source; with the embedded log, one daemon per state directory.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -74,13 +75,14 @@ def register(subparsers, common) -> None:
     p.add_argument("--mapping", choices=("custom", "all_to_one"), default="custom",
                    help="custom: TARGET is SOURCE's replica; all_to_one: SOURCE's path is recreated below TARGET")
     p.add_argument("--status-interval", type=float, default=10.0, metavar="S",
-                   help="seconds between status lines when not on a terminal (default 10)")
+                   help="seconds between status lines when not on a terminal (more than 0; default 10)")
     # Test-only: queue limits below the settings' minimums (engine/queue.py).
     p.add_argument("--queue-limit-bytes", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    _check_status_interval(args.status_interval)
     source = _source_dir(args.source)
     state_dir = Path(args.state).absolute()
     _refuse_state_inside(state_dir, source)
@@ -95,6 +97,12 @@ def run(args) -> int:
             return _serve(args, state, job, created, mode)
     finally:
         lock.release()
+
+
+def _check_status_interval(seconds: float) -> None:
+    # float() takes "nan", "inf" and negatives: no line ever, or lines as fast as the loop runs.
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(detail=f"--status-interval {seconds}: give a number of seconds greater than 0")
 
 
 def _source_dir(path: str) -> str:
