@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from datatether.engine.history import find_task_result
+from datatether.engine.errors import DtError
 from datatether.engine.log_embedded import EmbeddedLog
 from tests.daemon_helpers import Protected, dt, wait_for
 
@@ -78,3 +79,16 @@ def test_task_needs_a_command_and_a_daemon(daemon, tmp_path):
     daemon.stop()
     gone = dt("task", "late", "--", "true", state=state)
     assert gone.returncode == 2 and "no daemon" in gone.stderr
+
+
+@pytest.mark.parametrize("timeout", ["99999999999999999999999", "-1"])
+def test_an_out_of_range_timeout_is_a_usage_error_in_dt_task_and_in_the_daemon(daemon, timeout):
+    end = daemon.status()["end_offset"]
+    refused = dt("task", "big", "--timeout", timeout, "--", "echo", "hi", state=daemon.state)
+    assert refused.returncode == 2 and "[DT-E001]" in refused.stderr and "task timeout" in refused.stderr
+    with pytest.raises(DtError) as answered:  # another client of the control API
+        daemon.call("task", {"name": "big", "argv": ["echo", "hi"], "timeout_s": int(timeout)})
+    assert answered.value.msgid == "DT-E001" and answered.value.exit_code == 2
+    assert daemon.status()["end_offset"] == end  # nothing inserted
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.err.read_text()
