@@ -864,10 +864,16 @@ class Daemon:
         return answer
 
     def _wait_task(self, task_id: str, offset: int) -> dict | None:
-        """The TaskResult of the task at ``offset`` once the target ran it (None if stopped)."""
-        while self._progress.applied_offset < offset:
-            if self.stop_requested.wait(TASK_WAIT_POLL_S):
+        """The TaskResult of the task at ``offset`` once the target ran it. A stop does not
+        end the wait, since the drain usually applies the task; None only once the applier
+        thread ended without it (a paused target, a second signal: it runs at the next start)."""
+        while True:
+            ended = not self._applier_thread.is_alive()  # before the offset: then that one is final
+            if self._progress.applied_offset >= offset:
+                break
+            if ended:
                 return None
+            self._applier_thread.join(TASK_WAIT_POLL_S)
         result = find_task_result(self._log, self.conn.partition, task_id, offset)
         return None if result is None else {"task_id": result.task_id, "exit_status": result.exit_status,
                                             "output": result.output, "offset": result.applied_offset}
