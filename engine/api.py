@@ -55,6 +55,7 @@ MONITOR_GROUP = "dtmonitor"
 SOCKET_MODE = 0o660
 MAX_LINE = 1 << 20
 ACCEPT_POLL_S = 0.25        # how often the accept loop notices stop()
+STOP_CALLS_S = 10.0         # how long stop() waits for calls being answered
 DEFAULT_TIMEOUT_S = 30.0
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python has no name for it yet
 _UNIX_PATH_MAX = 107
@@ -180,12 +181,18 @@ def _reachable(path: Path) -> Iterator[str]:
 # -- server ------------------------------------------------------------------------------------
 
 class ApiServer:
-    """Serves ``operations`` on a Unix socket at ``path``; one thread per client connection."""
+    """Serves ``operations`` on a Unix socket at ``path``; one thread per client connection.
+
+    ``stop`` waits (up to STOP_CALLS_S) for the calls being answered, so that an answer
+    the daemon's shutdown made possible (the result of a ``task`` with ``wait`` that the
+    drain ran) reaches its client before the process exits."""
 
     def __init__(self, path: str | os.PathLike, operations: dict[str, Operation]):
         self.path = Path(path)
         self.operations = operations
         self._stop = threading.Event()
+        self._calls = 0                       # being answered (under _idle)
+        self._idle = threading.Condition()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -210,6 +217,8 @@ class ApiServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        with self._idle:
+            self._idle.wait_for(lambda: self._calls == 0, STOP_CALLS_S)
         if self._listener is not None:
             self._listener.close()
             self.path.unlink(missing_ok=True)
@@ -245,12 +254,17 @@ class ApiServer:
                 line = reader.readline(MAX_LINE + 1)
                 if not line:
                     return
-                answer = self._answer(peer, line)
+                with self._idle:
+                    self._calls += 1
                 try:
-                    writer.write(answer)
+                    writer.write(self._answer(peer, line))
                     writer.flush()
                 except OSError:
                     return  # the client went away; nothing to tell it
+                finally:
+                    with self._idle:
+                        self._calls -= 1
+                        self._idle.notify_all()
 
     def _answer(self, peer: Peer, line: bytes) -> bytes:
         """The encoded answer line to one request line."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import fastavro
 
-from .durable import write_atomic
+from .durable import stored_names, write_atomic
 from .errors import AlreadyExists, CorruptRecord, InvalidName, NotFound, UsageError
 from .rules import is_within
 
@@ -86,9 +86,8 @@ class ConnectionStore:
         self.dir = Path(state_dir) / "connections"
 
     def list(self) -> list[Connection]:
-        if not self.dir.is_dir():
-            return []
-        found = [self._read(p) for p in self.dir.glob("*.avro")]
+        found = [self._read(self.dir / name) for name in stored_names(self.dir)
+                 if name.endswith(".avro") and not name.startswith(".")]
         return sorted(found, key=lambda c: c.id)
 
     def get(self, ref: str | int) -> Connection:
@@ -104,8 +103,10 @@ class ConnectionStore:
         except NotFound:
             return None
 
-    def create(self, *, name: str, set_name: str, source_root: str, target: str,
-               mapping: str = "custom", target_host: str = "local") -> Connection:
+    def check_new(self, *, name: str, source_root: str, target: str, mapping: str = "custom",
+                  target_host: str = "local") -> list[Connection]:
+        """Refuse what ``create`` would refuse, storing nothing (so a caller can check before
+        it makes anything else the connection needs); the existing connections."""
         if not _NAME.match(name or ""):
             raise InvalidName(name=name, reason="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         existing = self.list()
@@ -118,6 +119,14 @@ class ConnectionStore:
             if c.target_root == target_root and c.target_host == target_host:
                 raise UsageError(detail=f"connection {c.name} already sends to {target_root}: "
                                         "two connections to one target location would overwrite each other")
+        return existing
+
+    def create(self, *, name: str, set_name: str, source_root: str, target: str,
+               mapping: str = "custom", target_host: str = "local") -> Connection:
+        existing = self.check_new(name=name, source_root=source_root, target=target, mapping=mapping,
+                                  target_host=target_host)
+        source_root = os.path.abspath(source_root)
+        target_root = map_target(source_root, target, mapping)
         next_id = max([c.id for c in existing] + [self._last_id()]) + 1
         conn = Connection(id=next_id, name=name, set_name=set_name, source_root=source_root,
                           target_root=target_root, mapping=mapping, created_ns=time.time_ns(),

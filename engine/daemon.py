@@ -94,6 +94,7 @@ RETENTION_CHECK_S = 60.0     # how often the history window is enforced on the l
 SNAPSHOT_CHECK_S = 1.0       # how often the supervisor asks whether a scheduled snapshot is due
 TASK_WAIT_POLL_S = 0.05
 DEFAULT_TASK_TIMEOUT_S = 600
+MAX_TASK_TIMEOUT_S = 7 * 86400  # a week; a task that may run longer takes 0 (no limit)
 GAP_CLOCK_MARGIN_NS = 2 * 10**9  # ctimes come from a coarse clock; events are stamped after their operation
 RESTART_GAP = "the capture was not running: changes made meanwhile were not captured"
 MOVED_GAP = ("objects were renamed or linked while a mirror ran: some may have moved into the part "
@@ -283,6 +284,16 @@ def wait_stopped(state_dir: str | os.PathLike, source_root: str, timeout_s: floa
             return False
         time.sleep(SUPERVISE_S)
     return True
+
+
+def task_timeout_s(value: Any) -> int:
+    """A task's timeout as the TaskCommand event stores it (an Avro int): whole seconds from
+    1 to MAX_TASK_TIMEOUT_S, or 0 for no limit; UsageError otherwise. Checked by dt task
+    and again by the daemon's task operation, which other clients may call."""
+    if type(value) is not int or not 0 <= value <= MAX_TASK_TIMEOUT_S:
+        raise UsageError(detail=f"a task timeout is a whole number of seconds from 1 to {MAX_TASK_TIMEOUT_S}, "
+                                f"or 0 for no limit (not {value!r})")
+    return value
 
 
 def current_latency_ms(log_: Log, partition: str, applied: int) -> float:
@@ -842,7 +853,7 @@ class Daemon:
             raise UsageError(detail="a task needs a name")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise UsageError(detail="a task needs a command: a non-empty list of strings")
-        timeout_s = int(args.get("timeout_s") or DEFAULT_TASK_TIMEOUT_S)
+        timeout_s = task_timeout_s(args.get("timeout_s", DEFAULT_TASK_TIMEOUT_S))
         cmd = TaskCommand(task_id=uuid.uuid4().hex[:16], name=name, argv=argv, timeout_s=timeout_s)
         offset = self.queue.append([codec.encode(Event(cmd, time.time_ns(), "api"))])
         log.info("task inserted", msgid="DT-D033", connection=self.conn.name, task_id=cmd.task_id,
@@ -853,10 +864,16 @@ class Daemon:
         return answer
 
     def _wait_task(self, task_id: str, offset: int) -> dict | None:
-        """The TaskResult of the task at ``offset`` once the target ran it (None if stopped)."""
-        while self._progress.applied_offset < offset:
-            if self.stop_requested.wait(TASK_WAIT_POLL_S):
+        """The TaskResult of the task at ``offset`` once the target ran it. A stop does not
+        end the wait, since the drain usually applies the task; None only once the applier
+        thread ended without it (a paused target, a second signal: it runs at the next start)."""
+        while True:
+            ended = not self._applier_thread.is_alive()  # before the offset: then that one is final
+            if self._progress.applied_offset >= offset:
+                break
+            if ended:
                 return None
+            self._applier_thread.join(TASK_WAIT_POLL_S)
         result = find_task_result(self._log, self.conn.partition, task_id, offset)
         return None if result is None else {"task_id": result.task_id, "exit_status": result.exit_status,
                                             "output": result.output, "offset": result.applied_offset}

@@ -3,6 +3,7 @@
 Invariant: after ``write_atomic`` returns, a reader (even after a crash or power loss)
 sees either the old content or the new content, never a mix or an empty file.
 ``folder_lock`` serialises the writers of one folder that read before they write.
+``stored_names`` lists what a store folder holds.
 ``BackgroundFile`` keeps a file at the newest content handed to it, written atomically
 beside its caller.
 """
@@ -40,6 +41,17 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def stored_names(folder: str | Path) -> list[str]:
+    """The names in a store's ``folder``; none when it does not exist (nothing stored yet).
+
+    Any other failure raises: a state directory given as a regular file must fail
+    (ENOTDIR, DT-E100) as every other access to it does, not read as an empty store."""
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
 
 
 @contextmanager

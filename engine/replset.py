@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import fastavro
 
 from . import frame, logs
-from .durable import folder_lock, fsync_dir, write_atomic
+from .durable import folder_lock, fsync_dir, stored_names, write_atomic
 from .errors import (AlreadyExists, CorruptRecord, InvalidName, InvalidRule, NotFound, Overlap,
                      PathEscapes, StaleGeneration, UsageError)
 from .events import ReplicationSetDefinition, Rule
@@ -395,10 +395,8 @@ class SetStore:
 
     def list(self) -> list[ReplicationSet]:
         """Every set, by name. A damaged set file raises CorruptRecord naming it."""
-        if not self.dir.is_dir():
-            return []
-        names = sorted(p.name[:-len(_SUFFIX)] for p in self.dir.iterdir()
-                       if p.name.endswith(_SUFFIX) and not p.name.startswith("."))
+        names = sorted(name[:-len(_SUFFIX)] for name in stored_names(self.dir)
+                       if name.endswith(_SUFFIX) and not name.startswith("."))
         return [self.get(n) for n in names]
 
     def save(self, rset: ReplicationSet, expected_generation: int | None = None) -> ReplicationSet:

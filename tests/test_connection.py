@@ -2,6 +2,7 @@ import pytest
 
 from datatether.engine.connection import ConnectionStore, map_target
 from datatether.engine.errors import AlreadyExists, CorruptRecord, InvalidName, NotFound, UsageError
+from datatether.tools.cli import main
 
 
 def test_create_get_list_delete_and_ids_are_never_reused(tmp_path):
@@ -52,3 +53,13 @@ def test_a_damaged_connection_record_is_corrupt_never_half_read(tmp_path, damage
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(CorruptRecord, match="1.avro: not a connection record"):
         store.list()
+
+
+@pytest.mark.parametrize("command", [["status"], ["set", "list"], ["set", "show", "web"]])
+def test_a_state_path_that_is_a_regular_file_is_an_error_not_an_empty_state(tmp_path, capsys, command):
+    state = tmp_path / "not-a-dir"
+    state.write_text("x")
+    assert main([*command, "--state", str(state)]) == 2
+    err = capsys.readouterr().err
+    assert "[DT-E100]" in err and "Not a directory" in err
+    assert ConnectionStore(tmp_path / "absent").list() == []  # a state never used is empty, not an error

@@ -19,7 +19,8 @@ from datatether.apply.progress import Progress
 from datatether.apply.snapshot import TargetSnapshots, list_snapshots
 from datatether.engine.capture import Emitter
 from datatether.engine.connection import ConnectionStore
-from datatether.engine.daemon import Daemon, DaemonLock, Parts, running_daemons
+from datatether.engine.codec import decode
+from datatether.engine.daemon import MAX_TASK_TIMEOUT_S, Daemon, DaemonLock, Parts, running_daemons
 from datatether.engine.history import find_task_result
 from datatether.engine.errors import AlreadyRunning, BackendUnavailable, UsageError
 from datatether.engine.events import Create, FileKind, Write
@@ -247,6 +248,26 @@ def test_task_operation(world):
     assert answer["result"]["exit_status"] == 4 and answer["result"]["output"] == "hi\n"
     found = find_task_result(daemon.queue.log(), "conn-1", answer["task_id"], answer["offset"])
     assert found is not None and found.exit_status == 4
+
+
+@pytest.mark.parametrize("timeout_s", [10**23, -1, MAX_TASK_TIMEOUT_S + 1, 1.5, True, "60", None])
+def test_a_task_timeout_out_of_range_is_refused_before_anything_is_appended(world, timeout_s):
+    make, src, dst = world
+    daemon = make()
+    running(daemon)
+    end = daemon.queue.log().end_offset("conn-1")
+    with pytest.raises(UsageError, match="task timeout"):
+        daemon.operations()["task"].handler({"name": "t", "argv": ["true"], "timeout_s": timeout_s})
+    assert daemon.queue.log().end_offset("conn-1") == end
+
+
+def test_a_task_timeout_of_0_means_no_limit(world):
+    make, src, dst = world
+    daemon = make()
+    running(daemon)
+    answer = daemon.operations()["task"].handler({"name": "t", "argv": ["true"], "timeout_s": 0})
+    (record,) = daemon.queue.log().read("conn-1", answer["offset"], max_records=1)
+    assert decode(record.value).op.timeout_s == 0
 
 
 def test_one_daemon_per_source(tmp_path):

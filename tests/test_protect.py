@@ -378,3 +378,53 @@ def test_scheduled_snapshots_appear_and_are_pruned(dirs, protected):
     daemon.converged()
     assert (dst / "after.txt").exists()
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "nan", "inf"])
+def test_a_status_interval_that_is_not_a_positive_number_is_refused(dirs, interval):
+    src, dst, state = dirs
+    refused = dt("protect", str(src), "--to", str(dst), "--status-interval", interval, state=state)
+    assert refused.returncode == 2 and "[DT-E001]" in refused.stderr and "--status-interval" in refused.stderr
+    assert not dst.exists() and os.stat(src).st_dev == os.stat(src.parent).st_dev  # nothing made, nothing mounted
+
+
+def _recorded(state) -> tuple[list, list]:
+    """(connection names, set names) of a state directory."""
+    conns = json.loads(dt("status", "--json", state=state, check=True).stdout)["connections"]
+    sets = json.loads(dt("set", "list", "--json", "--state", str(state), check=True).stdout)
+    return [c["connection"] for c in conns], [s["name"] for s in sets]
+
+
+def test_a_refused_protect_creates_nothing(dirs, tmp_path):
+    src, dst, state = dirs
+    (src / "a").write_text("a\n")
+    dt("mirror", str(src), str(dst), state=state, check=True)
+    before = _recorded(state)
+    overlap = dt("protect", str(src), "--to", str(tmp_path / "t1"), state=state)
+    assert overlap.returncode == 2 and "[DT-E011]" in overlap.stderr
+    dt("set", "create", "elsewhere", "--include", str(tmp_path / "other"), "--state", str(state), check=True)
+    before = before[0], sorted(before[1] + ["elsewhere"])
+    wrong_root = dt("protect", str(src), "--to", str(tmp_path / "t2"), "--name", "elsewhere", state=state)
+    assert wrong_root.returncode == 2 and "has its root at" in wrong_root.stderr
+    src2 = tmp_path / "src2"
+    src2.mkdir()
+    taken_target = dt("protect", str(src2), "--to", str(dst), state=state)
+    assert taken_target.returncode == 2 and "already sends to" in taken_target.stderr
+    assert _recorded(state) == before
+    assert not (tmp_path / "t1").exists() and not (tmp_path / "t2").exists()
+
+
+def test_a_protect_whose_mount_is_refused_undoes_what_it_made(dirs, protected, tmp_path):
+    src, dst, state = dirs
+    protected()  # another state directory's capture is mounted on SOURCE
+    other_state, target = tmp_path / "state5", tmp_path / "new" / "t5"
+    refused = dt("protect", str(src), "--to", str(target), state=other_state)
+    assert refused.returncode == 2 and "[DT-E019]" in refused.stderr and "already mounted" in refused.stderr
+    assert _recorded(other_state) == ([], [])
+    assert not (tmp_path / "new").exists()
+    assert list((other_state / "targets").iterdir()) == []
+    with EmbeddedLog.open_readonly(other_state / "log") as log_:
+        assert log_.partitions() == []
+    src2 = tmp_path / "src2"
+    src2.mkdir()
+    dt("mirror", str(src2), str(target), state=other_state, check=True)  # the target is free

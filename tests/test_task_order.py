@@ -7,11 +7,13 @@ the queue together: the order the task observes comes from the log, not from tim
 
 from __future__ import annotations
 
+import signal
 import threading
 
 import pytest
 
 from datatether.engine.history import find_task_result
+from datatether.engine.errors import DtError
 from datatether.engine.log_embedded import EmbeddedLog
 from tests.daemon_helpers import Protected, dt, wait_for
 
@@ -78,3 +80,44 @@ def test_task_needs_a_command_and_a_daemon(daemon, tmp_path):
     daemon.stop()
     gone = dt("task", "late", "--", "true", state=state)
     assert gone.returncode == 2 and "no daemon" in gone.stderr
+
+
+@pytest.mark.parametrize("timeout", ["99999999999999999999999", "-1"])
+def test_an_out_of_range_timeout_is_a_usage_error_in_dt_task_and_in_the_daemon(daemon, timeout):
+    end = daemon.status()["end_offset"]
+    refused = dt("task", "big", "--timeout", timeout, "--", "echo", "hi", state=daemon.state)
+    assert refused.returncode == 2 and "[DT-E001]" in refused.stderr and "task timeout" in refused.stderr
+    with pytest.raises(DtError) as answered:  # another client of the control API
+        daemon.call("task", {"name": "big", "argv": ["echo", "hi"], "timeout_s": int(timeout)})
+    assert answered.value.msgid == "DT-E001" and answered.value.exit_code == 2
+    assert daemon.status()["end_offset"] == end  # nothing inserted
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.err.read_text()
+
+
+def test_a_task_the_drain_runs_after_sigterm_reports_its_result(daemon, tmp_path):
+    started = tmp_path / "started"
+    waited: list = []
+    task = threading.Thread(target=lambda: waited.append(dt(
+        "task", "longone", "--wait", "--", "sh", "-c", f"touch {started}; sleep 2; echo done",
+        state=daemon.state)))
+    task.start()
+    wait_for(started.exists, what="the task to start")
+    daemon.proc.send_signal(signal.SIGTERM)  # the daemon drains: the running task ends first
+    task.join(120)
+    done = waited[0]
+    assert done.returncode == 0 and "exit status 0" in done.stdout and "done" in done.stdout, done
+    assert daemon.proc.wait(60) == 0
+
+
+def test_a_task_still_queued_when_the_daemon_stops_is_reported_as_not_run(daemon):
+    daemon.call("pause")  # a paused target keeps its queue through the stop
+    waited: list = []
+    task = threading.Thread(target=lambda: waited.append(dt(
+        "task", "later", "--wait", "--", "true", state=daemon.state)))
+    task.start()
+    wait_for(lambda: daemon.status()["queued_ops"] > 0, what="the task in the queue")
+    assert daemon.stop() == 0
+    task.join(120)
+    done = waited[0]
+    assert done.returncode == 1 and "the daemon stopped before the task ran" in done.stdout, done

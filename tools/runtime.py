@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import threading
 from contextlib import contextmanager
@@ -227,18 +228,37 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
     return Job(state=state, conn=conn, rset=rset)
 
 
-def make_target_root(source_root: str, target_root: str) -> None:
+def make_target_root(source_root: str, target_root: str) -> list[str]:
     """Create the target directory (and its parents) before anything is recorded or runs,
     so that a target that cannot be a directory is a clear usage error, not a failure of
     the applier. The roots are checked first (check_roots): nothing is ever created
-    inside the source."""
+    inside the source. Returns the directories created, outermost first."""
     check_roots(source_root, target_root)
+    missing, path = [], os.path.abspath(target_root)
+    while not os.path.lexists(path):
+        missing.insert(0, path)
+        path = os.path.dirname(path)
     try:
         os.makedirs(target_root, exist_ok=True)
+        return missing
     except FileExistsError:
         raise UsageError(detail=f"the target {target_root} exists and is not a directory") from None
     except OSError as exc:
         raise UsageError(detail=f"cannot create the target directory {target_root}: {exc.strerror}") from None
+
+
+def remove_connection(state: State, conn: Connection) -> None:
+    """Forget ``conn``: its log partition, its record, the target's progress record and a
+    saved mirror position. The target's data and the replication set are kept."""
+    try:
+        state.log.drop_partition(conn.partition)
+    except NotFound:
+        pass  # never used
+    state.connections.delete(conn.id)
+    shutil.rmtree(state.dir / "targets" / conn.partition, ignore_errors=True)
+    (state.dir / "mirrors" / f"{conn.partition}.json").unlink(missing_ok=True)
+    log.info("connection removed", msgid="DT-D041", connection=conn.name, source=conn.source_root,
+             target=conn.target_root)
 
 
 def _set_with_rules(sets: SetStore, name: str, rules: list) -> ReplicationSet:

@@ -28,11 +28,13 @@ One daemon per source; with the embedded log, one daemon per state directory.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,7 +43,7 @@ from ...apply.snapshot import TargetSnapshots
 from ...capture.fuse import FuseCapture
 from ...engine import codec, logs
 from ...engine.api import ApiServer
-from ...engine.connection import map_target
+from ...engine.connection import Connection, map_target
 from ...engine.daemon import Daemon, DaemonLock, Parts, refuse_other_daemons, socket_path
 from ...engine.errors import NotFound, UsageError
 from ...engine.log_feed import FeedingLog
@@ -49,7 +51,7 @@ from ...engine.events import Event, Rmdir, SetAttr, Unlink
 from ...engine.mirror import Mirror
 from ...engine.pathlocks import PathLocks
 from ...engine.queue import MirrorFeed, QueueLimits
-from ...engine.replset import check_no_overlap
+from ...engine.replset import ReplicationSet, check_no_overlap
 from ...engine.rules import is_within
 from ...engine.settings import Settings
 from ...engine.states import MirrorMode
@@ -74,13 +76,14 @@ def register(subparsers, common) -> None:
     p.add_argument("--mapping", choices=("custom", "all_to_one"), default="custom",
                    help="custom: TARGET is SOURCE's replica; all_to_one: SOURCE's path is recreated below TARGET")
     p.add_argument("--status-interval", type=float, default=10.0, metavar="S",
-                   help="seconds between status lines when not on a terminal (default 10)")
+                   help="seconds between status lines when not on a terminal (more than 0; default 10)")
     # Test-only: queue limits below the settings' minimums (engine/queue.py).
     p.add_argument("--queue-limit-bytes", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    _check_status_interval(args.status_interval)
     source = _source_dir(args.source)
     state_dir = Path(args.state).absolute()
     _refuse_state_inside(state_dir, source)
@@ -91,10 +94,16 @@ def run(args) -> int:
             refuse_other_daemons(state_dir, source, "this daemon")
         with runtime.open_state(state_dir) as state:
             job, created = protect_job(state, source, args.target, args.name, args.mapping)
-            mode = _first_mirror(args.mirror, created, state.settings)
+            mode = _first_mirror(args.mirror, created is not None, state.settings)
             return _serve(args, state, job, created, mode)
     finally:
         lock.release()
+
+
+def _check_status_interval(seconds: float) -> None:
+    # float() takes "nan", "inf" and negatives: no line ever, or lines as fast as the loop runs.
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(detail=f"--status-interval {seconds}: give a number of seconds greater than 0")
 
 
 def _source_dir(path: str) -> str:
@@ -123,38 +132,67 @@ def derive_name(source: str, taken: set[str]) -> str:
     return name
 
 
+@dataclass
+class Created:
+    """What one run made for a new connection, so that a run that cannot start (the mount
+    refused) leaves the state directory and the target as it found them."""
+
+    conn: Connection
+    set_name: str | None   # the replication set, when this run made it
+    dirs: list[str]        # target directories this run made, outermost first
+
+    def undo(self, state: runtime.State) -> None:
+        runtime.remove_connection(state, self.conn)
+        if self.set_name is not None:
+            state.sets.delete(self.set_name)
+        for path in reversed(self.dirs):
+            try:
+                os.rmdir(path)
+            except OSError:
+                break  # something else put an entry there meanwhile: keep it
+
+
 def protect_job(state: runtime.State, source: str, target: str, name: str | None,
-                mapping: str) -> tuple[runtime.Job, bool]:
+                mapping: str) -> tuple[runtime.Job, Created | None]:
     """The connection of SOURCE -> TARGET (found by name, or by source and target root),
     created with a replication set of SOURCE (recursive) when there is none.
-    Returns the job and whether it was created now."""
+    Every check that can refuse runs before anything is made, so a refusal changes nothing.
+    Returns the job and, for a connection made now, what was made."""
     target_root = map_target(source, target, mapping)
     conns = state.connections.list()
     conn = next((c for c in conns if c.name == name), None) if name else next(
         (c for c in conns if c.source_root == source and c.target_root == target_root and c.target_host == "local"),
         None)
-    created = conn is None
-    if conn is not None and (conn.source_root, conn.target_root) != (source, target_root):
-        raise UsageError(detail=f"connection {conn.name} replicates {conn.source_root} to {conn.target_root}, "
-                                f"not {source} to {target_root}; choose another --name")
-    runtime.make_target_root(source, target_root)
     if conn is not None:
+        if (conn.source_root, conn.target_root) != (source, target_root):
+            raise UsageError(detail=f"connection {conn.name} replicates {conn.source_root} to {conn.target_root}, "
+                                    f"not {source} to {target_root}; choose another --name")
         rset = state.sets.get(conn.set_name)
-    else:
-        name = name or derive_name(source, {c.name for c in conns})
-        rset = (state.sets.get(name) if state.sets.exists(name)
-                else state.sets.create(name, runtime.adhoc_rules(source, [])))
-        check_no_overlap(rset, [state.sets.get(c.set_name) for c in conns
-                                if c.set_name != rset.name and state.sets.exists(c.set_name)])
-        conn = state.connections.create(name=name, set_name=rset.name, source_root=source, target=target,
-                                        mapping=mapping)
-        log.info("connection created", msgid="DT-D040", connection=conn.name, source=source,
-                 target=conn.target_root)
+        _check_set_root(rset, source)
+        runtime.make_target_root(source, target_root)
+        state.log.ensure_partition(conn.partition)
+        return runtime.Job(state=state, conn=conn, rset=rset), None
+    name = name or derive_name(source, {c.name for c in conns})
+    stored = state.sets.exists(name)
+    rset = state.sets.get(name) if stored else ReplicationSet(name=name, rules=tuple(runtime.adhoc_rules(source, [])))
+    _check_set_root(rset, source)
+    check_no_overlap(rset, [state.sets.get(c.set_name) for c in conns
+                            if c.set_name != rset.name and state.sets.exists(c.set_name)])
+    state.connections.check_new(name=name, source_root=source, target=target, mapping=mapping)
+    dirs = runtime.make_target_root(source, target_root)
+    if not stored:
+        rset = state.sets.create(rset.name, rset.rules)
+    conn = state.connections.create(name=name, set_name=rset.name, source_root=source, target=target,
+                                    mapping=mapping)
+    log.info("connection created", msgid="DT-D040", connection=conn.name, source=source, target=conn.target_root)
+    state.log.ensure_partition(conn.partition)
+    return runtime.Job(state=state, conn=conn, rset=rset), Created(conn, None if stored else rset.name, dirs)
+
+
+def _check_set_root(rset: ReplicationSet, source: str) -> None:
     if rset.root != source:
         raise UsageError(detail=f"replication set {rset.name} has its root at {rset.root}, not at the "
                                 f"protected directory {source}")
-    state.log.ensure_partition(conn.partition)
-    return runtime.Job(state=state, conn=conn, rset=rset), created
 
 
 def _first_mirror(flag: str | None, created: bool, settings) -> MirrorMode | None:
@@ -266,8 +304,11 @@ def orphan_remover(settings, job: runtime.Job, locks: PathLocks, view_root: str)
     return remove
 
 
-def _serve(args, state, job, created: bool, mode: MirrorMode | None) -> int:
+def _serve(args, state, job, created: Created | None, mode: MirrorMode | None) -> int:
+    """Run the daemon until a stop. When the daemon of a connection made by this run cannot
+    start (the mount refused, another applier on the target), what the run made is undone."""
     source_fd = os.open(job.conn.source_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    started = False
     try:
         daemon = build_daemon(args, state, job, source_fd)
         abort = threading.Event()
@@ -275,11 +316,12 @@ def _serve(args, state, job, created: bool, mode: MirrorMode | None) -> int:
         api = ApiServer(socket_path(state.dir, job.conn.source_root), daemon.operations())
         with runtime.stop_signals(_stopper(daemon.stop_requested, abort)):
             try:
-                daemon.start(restarted=not created, mirror=mode)
+                daemon.start(restarted=created is None, mirror=mode)
+                started = True
                 api.start()
                 show.note(f"protecting {job.conn.source_root} -> {job.conn.target_root} "
                           f"(connection {job.conn.name}, pid {os.getpid()})"
-                          + _resume_note(created, mode))
+                          + _resume_note(created is not None, mode))
                 daemon.supervise(tick=show, tick_s=show.interval)
             finally:
                 final = daemon.shutdown(abort, tick=show, tick_s=show.interval)
@@ -288,6 +330,8 @@ def _serve(args, state, job, created: bool, mode: MirrorMode | None) -> int:
         return 0
     finally:
         os.close(source_fd)
+        if created is not None and not started:
+            created.undo(state)  # after the shutdown: the applier no longer holds the target
 
 
 def _resume_note(created: bool, mode: MirrorMode | None) -> str:

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from ...engine.connection import ConnectionStore
-from ...engine.daemon import DEFAULT_TASK_TIMEOUT_S, connect, running_daemons
+from ...engine.daemon import DEFAULT_TASK_TIMEOUT_S, MAX_TASK_TIMEOUT_S, connect, running_daemons, task_timeout_s
 from ...engine.errors import EXIT_DIFFERENT, BackendUnavailable, UsageError
 from .. import output
 from .status import connection_of
@@ -34,11 +34,13 @@ def register(subparsers, common) -> None:
                    help="connection name, id or source directory (default: the only running daemon)")
     p.add_argument("--wait", action="store_true", help="wait for the result and print it")
     p.add_argument("--timeout", type=int, default=DEFAULT_TASK_TIMEOUT_S, metavar="S",
-                   help=f"kill the task after S seconds (0: never; default {DEFAULT_TASK_TIMEOUT_S})")
+                   help=f"kill the task after S seconds, at most {MAX_TASK_TIMEOUT_S} "
+                        f"(0: never; default {DEFAULT_TASK_TIMEOUT_S})")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    task_timeout_s(args.timeout)
     state_dir = Path(args.state)
     source = _source(state_dir, args.connection)
     client = connect(state_dir, source, timeout_s=None if args.wait else 30.0)

@@ -9,18 +9,13 @@ the replication set (dt set delete removes it).
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-from ...engine import logs
 from ...engine.connection import ConnectionStore
 from ...engine.daemon import connect, refuse_other_daemons, wait_stopped
-from ...engine.errors import NotFound
 from ...engine.settings import Settings
 from .. import output, runtime
 from .status import connection_of
-
-log = logs.get(__name__)
 
 
 def register(subparsers, common) -> None:
@@ -42,15 +37,7 @@ def run(args) -> int:
     if Settings.load(state_dir).log == "embedded":
         refuse_other_daemons(state_dir, None, "dt unprotect")
     with runtime.open_state(state_dir) as state:
-        try:
-            state.log.drop_partition(conn.partition)
-        except NotFound:
-            pass  # never used
-        state.connections.delete(conn.id)
-    shutil.rmtree(state_dir / "targets" / conn.partition, ignore_errors=True)
-    (state_dir / "mirrors" / f"{conn.partition}.json").unlink(missing_ok=True)
-    log.info("connection removed", msgid="DT-D041", connection=conn.name, source=conn.source_root,
-             target=conn.target_root)
+        runtime.remove_connection(state, conn)
     report = {"connection": conn.name, "source": conn.source_root, "target": conn.target_root,
               "daemon_stopped": stopped_pid, "replication_set": conn.set_name,
               "note": f"the data in {conn.target_root} is kept; replication set {conn.set_name} is kept"}
