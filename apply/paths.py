@@ -30,7 +30,10 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from datatether.engine import logs
 from datatether.engine.errors import PathEscapes
+
+log = logs.get(__name__)
 
 MAX_PATH = 4094
 MAX_NAME = 255
@@ -97,9 +100,15 @@ def inside(path: str, prefix: str) -> bool:
     return prefix == "" or path == prefix or path.startswith(prefix + "/")
 
 
+LINK_MAX = 4095  # bytes of a symlink's target (PATH_MAX less its terminating NUL)
+
+
 def remap_link(link: str, source_root: str, target_root: str) -> str:
     """RemapLink: an absolute link into the source set root points at the same place below
-    the target root; any other link (relative, or outside the set) is kept verbatim.
+    the target root; any other link (relative, or outside the set) is kept verbatim. So is
+    one whose remapped target would be longer than a link can hold (a longer target root):
+    no filesystem could store it, and an event that can never be applied would hold the
+    queue for good (logged, DT-A020; a comparison expects the same verbatim link).
 
     Containment does not depend on this: the applier never follows a link it stores."""
     if not link.startswith("/"):
@@ -107,10 +116,16 @@ def remap_link(link: str, source_root: str, target_root: str) -> str:
     norm = os.path.normpath(link)
     root = os.path.normpath(source_root)
     if norm == root:
-        return os.path.normpath(target_root)
-    if norm.startswith(root.rstrip("/") + "/"):
-        return os.path.join(os.path.normpath(target_root), norm[len(root.rstrip("/")) + 1:])
-    return link
+        remapped = os.path.normpath(target_root)
+    elif norm.startswith(root.rstrip("/") + "/"):
+        remapped = os.path.join(os.path.normpath(target_root), norm[len(root.rstrip("/")) + 1:])
+    else:
+        return link
+    if len(os.fsencode(remapped)) > LINK_MAX:
+        log.warning("symlink kept as it is: remapped it would be too long", msgid="DT-A020",
+                    link=link, length=len(os.fsencode(remapped)))
+        return link
+    return remapped
 
 
 class TargetTree:

@@ -136,3 +136,15 @@ def test_very_long_paths(tree, tmp_path):
         assert os.stat(parts[-1], dir_fd=fd).st_size == 0
     finally:
         os.close(fd)
+
+
+def test_a_link_that_would_be_too_long_remapped_is_kept_as_it_is(tmp_path):
+    """No filesystem stores a symlink target over 4095 bytes: the applier would retry it
+    for ever, holding the queue. Kept verbatim, it is stored, and comparisons agree."""
+    src = "/s"
+    link = src + "/" + "q" * (4095 - len(src) - 1)
+    longer = "/a-much-longer-target-root"
+    assert remap_link(link, src, longer) == link
+    assert remap_link(src + "/short", src, longer) == longer + "/short"
+    os.symlink(remap_link(link, src, longer), tmp_path / "stored")  # fits: 4095 bytes
+    assert os.readlink(tmp_path / "stored") == link
