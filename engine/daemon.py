@@ -88,6 +88,7 @@ from .states import MirrorMode, MirrorStatus, ReplicationStatus, TargetDataState
 log = logs.get(__name__)
 
 SUPERVISE_S = 0.1            # how often the supervisor looks at the parts
+SET_CHECK_S = 1.0            # how often it asks whether the replication set changed
 CAPTURE_RESTART_S = 5.0      # wait before starting a capture that died again
 REMIRROR_BACKOFF_S = (5.0, 600.0)  # first and longest wait between remirrors that did not help
 RETENTION_CHECK_S = 60.0     # how often the history window is enforced on the log
@@ -157,6 +158,10 @@ class Parts:
     mirror pass and appends removals of the target's orphans to ``log`` (returns how
     many); None leaves orphans alone.
     ``snapshots``, when given, takes the target snapshots (module docstring); None: none.
+    ``reload_set()``, when given, is asked every SET_CHECK_S whether the replication set
+    changed (a new generation saved while the daemon runs): it switches the capture and
+    the mirror to the new rules and says why ("" when nothing changed); the daemon then
+    mirrors by differences, so data the new rules take in reaches the target.
     """
 
     conn: Connection
@@ -170,6 +175,7 @@ class Parts:
     make_mirror: Callable[[MirrorFeed, MirrorMode, int | None], MirrorLike]
     remove_orphans: Callable[[Log, threading.Event], int] | None = None
     snapshots: SnapshotsLike | None = None
+    reload_set: Callable[[], str] | None = None
 
 
 @dataclass
@@ -353,6 +359,7 @@ class Daemon:
         self._snapshotting = False            # a snapshot holds the applier paused (under _lock)
         self._snapshot_thread: threading.Thread | None = None
         self._snapshot_check_at = 0.0         # no look at the schedule before (time.monotonic)
+        self._set_check_at = 0.0              # no look at the replication set before
         self._retain_at = time.monotonic() + RETENTION_CHECK_S  # next enforcement of the history window
 
     # -- life cycle ----------------------------------------------------------------------
@@ -383,6 +390,7 @@ class Daemon:
             self._reap_mirror()
             self._watch_capture()
             self._watch_target()
+            self._maybe_reload_set()
             self._maybe_start_mirror()
             self._maybe_snapshot()
             self._maybe_retain()
@@ -544,6 +552,23 @@ class Daemon:
             log.error("capture restart failed", msgid="DT-D028", connection=self.conn.name, error=exc.message)
 
     # -- mirrors -------------------------------------------------------------------------
+
+    def _maybe_reload_set(self) -> None:
+        """A replication set saved while running: new rules now, then a difference mirror
+        for what they take in (with auto-remirror off: Mirror Required until one runs)."""
+        now = time.monotonic()
+        if self.parts.reload_set is None or now < self._set_check_at:
+            return
+        self._set_check_at = now + SET_CHECK_S
+        reason = self.parts.reload_set()
+        if not reason:
+            return
+        log.info("replication set changed: new rules in force", msgid="DT-D067", connection=self.conn.name,
+                 reason=reason, remirror=self.settings.auto_remirror)
+        if self.settings.auto_remirror:
+            self._request_mirror(MirrorMode.DIFF, reason)
+        else:
+            self._on_gap(reason, remirror=False)
 
     def _request_mirror(self, mode: MirrorMode, reason: str) -> None:
         with self._lock:

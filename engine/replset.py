@@ -42,7 +42,7 @@ import fastavro
 
 from . import frame, logs
 from .durable import folder_lock, fsync_dir, stored_names, write_atomic
-from .errors import (AlreadyExists, CorruptRecord, InvalidName, InvalidRule, NotFound, Overlap,
+from .errors import (AlreadyExists, CorruptRecord, DtError, InvalidName, InvalidRule, NotFound, Overlap,
                      PathEscapes, StaleGeneration, UsageError)
 from .events import ReplicationSetDefinition, Rule
 from .rules import RuleSet, check_rule, is_within, normalise, skip_long_path
@@ -517,3 +517,43 @@ class SetStore:
     def _to_set(record: dict) -> ReplicationSet:
         rules = tuple(Rule(os.fsdecode(r["path"]), r["include"], r["recursive"]) for r in record["rules"])
         return ReplicationSet(name=record["name"], rules=rules, generation=record["generation"])
+
+
+class LiveSet:
+    """A running connection's replication set, following the saved one.
+
+    ``current`` is the generation in force; ``matches(rel, is_dir)`` answers for it (paths
+    relative to its root). ``reload()`` reads the stored set: a newer generation becomes
+    current at once, for every caller (the capture's next operation, the mirror's next
+    question). A set whose root moved, or that cannot be read, is not taken: the
+    running daemon keeps the generation it has, and says so once per generation.
+    """
+
+    def __init__(self, store: SetStore, rset: ReplicationSet):
+        self._store = store
+        self.current = rset
+        self._matches = rset.relative_matches(rset.root)
+        self._refused = rset.generation
+
+    def matches(self, rel: str, is_dir: bool) -> bool:
+        return self._matches(rel, is_dir)
+
+    def reload(self) -> str:
+        """Why the rules changed ("" when they did not)."""
+        old = self.current
+        try:
+            new = self._store.get(old.name)
+        except (DtError, OSError) as exc:
+            log.warning("replication set unreadable: the running daemon keeps its rules", msgid="DT-R011",
+                        set=old.name, error=str(exc))
+            return ""
+        if new.generation in (old.generation, self._refused):
+            return ""
+        if new.root != old.root:
+            self._refused = new.generation
+            log.error("replication set root changed: not taken while running; restart to use it", msgid="DT-R012",
+                      set=old.name, generation=new.generation, root=new.root, running_root=old.root)
+            return ""
+        self._matches = new.relative_matches(new.root)
+        self.current = new
+        return f"replication set {new.name} changed (generation {old.generation} -> {new.generation})"

@@ -149,6 +149,29 @@ def test_a_chown_through_the_capture_leaves_the_target_with_the_sources_mode(dir
     assert same(real, dst, mtimes=False) == []
 
 
+def test_rules_saved_while_running_take_over_at_once(dirs, real, protected):
+    """A new generation of the set is in force for the running daemon: what it excludes
+    is no longer captured, and what it takes in is mirrored (a difference mirror)."""
+    src, dst, state = dirs
+    (src / "cache").mkdir()
+    (src / "logs").mkdir()
+    (src / "logs" / "old.log").write_text("there before\n")
+    daemon = protected()
+    status = daemon.converged()
+    name = status["replication_set"]
+    dt("set", "add-rule", name, str(src / "logs"), "--exclude", "--state", str(state), check=True)
+    wait_for(lambda: "DT-D067" in daemon.err.read_text(), what="the daemon taking the new rules")
+    (src / "logs" / "new.log").write_text("not replicated now\n")
+    (src / "cache" / "c1").write_text("replicated\n")
+    daemon.converged()
+    assert (dst / "cache" / "c1").read_text() == "replicated\n"
+    assert not (dst / "logs" / "new.log").exists()
+    dt("set", "remove-rule", name, str(src / "logs"), "--state", str(state), check=True)
+    wait_for(lambda: (dst / "logs" / "new.log").exists(), what="the difference mirror of what came in")
+    daemon.converged()
+    assert same(real, dst, mtimes=False) == []
+
+
 def test_status_fields_while_running_and_when_stopped(dirs, protected):
     src, dst, state = dirs
     make_tree(src, files=5)

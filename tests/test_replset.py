@@ -15,7 +15,7 @@ from datatether.engine import codec
 from datatether.engine.errors import (AlreadyExists, CorruptRecord, InvalidName, InvalidRule, NotFound,
                                       Overlap, PathEscapes, StaleGeneration, UsageError)
 from datatether.engine.events import Event
-from datatether.engine.replset import (ILLEGAL_NAME_CHARS, ReplicationSet, SetSize, SetStore,
+from datatether.engine.replset import (ILLEGAL_NAME_CHARS, LiveSet, ReplicationSet, SetSize, SetStore,
                                        calculate_size, check_no_overlap, overlapping_sets, walk)
 from datatether.engine.rules import PATH_MAX_BYTES, parse_rule
 
@@ -360,3 +360,17 @@ def test_connecting_a_set_whose_data_another_connected_set_replicates_is_refused
         check_no_overlap(www, [logs])
     assert "www and logs both select /srv/www/logs" in err.value.message
     check_no_overlap(www, [ReplicationSet("home", (inc("/home"),)), www])  # itself is fine
+
+
+def test_a_live_set_takes_a_new_generation_but_not_a_moved_root(tmp_path):
+    store = SetStore(tmp_path)
+    live = LiveSet(store, store.create("web", [inc("/srv/www")]))
+    assert live.reload() == "" and live.matches("cache/x", False)
+    store.save(store.get("web").with_rule(exc("/srv/www/cache")))
+    assert live.reload() == "replication set web changed (generation 1 -> 2)"
+    assert not live.matches("cache/x", False) and live.matches("index.html", False)
+    assert live.reload() == ""
+    moved = store.save(store.get("web").without_rule("/srv/www").with_rule(inc("/srv/elsewhere")))
+    with capture_logs() as logs:
+        assert live.reload() == "" and live.reload() == ""
+    assert [e["msgid"] for e in logs] == ["DT-R012"] and live.current.generation == 2 != moved.generation

@@ -51,7 +51,7 @@ from ...engine.events import Event, Rmdir, SetAttr, Unlink
 from ...engine.mirror import Mirror
 from ...engine.pathlocks import PathLocks
 from ...engine.queue import MirrorFeed, QueueLimits
-from ...engine.replset import ReplicationSet, check_no_overlap
+from ...engine.replset import LiveSet, ReplicationSet, check_no_overlap
 from ...engine.rules import is_within
 from ...engine.settings import Settings
 from ...engine.states import MirrorMode
@@ -217,30 +217,30 @@ class _Underneath:
     opened before the capture was mounted on it: reads then never go through the capture
     (whose threads may all be waiting for path locks the mirror holds)."""
 
-    def __init__(self, rset, view_root: str):
-        self._rset, self._view, self._real = rset, view_root, rset.root
+    def __init__(self, live: LiveSet, view_root: str):
+        self._live, self._view, self._real = live, view_root, live.current.root
 
     def _map(self, path) -> str:
         path = os.fsdecode(path)
         return self._real + path[len(self._view):]
 
     def matches(self, abs_path, is_dir):
-        return self._rset.matches(self._map(abs_path), is_dir)
+        return self._live.current.matches(self._map(abs_path), is_dir)
 
     def must_traverse(self, abs_dir):
-        return self._rset.must_traverse(self._map(abs_dir))
+        return self._live.current.must_traverse(self._map(abs_dir))
 
     def entry_verdict(self, abs_dir):
-        return self._rset.entry_verdict(self._map(abs_dir))
+        return self._live.current.entry_verdict(self._map(abs_dir))
 
 
 def build_daemon(args, state: runtime.State, job: runtime.Job, source_fd: int) -> Daemon:
     settings = state.settings
-    rset, conn = job.rset, job.conn
+    conn = job.conn
+    live = LiveSet(state.sets, job.rset)  # rules saved while running take over (Parts.reload_set)
     locks = PathLocks()
     view_root = f"/proc/self/fd/{source_fd}"
-    underneath = _Underneath(rset, view_root)
-    matches = rset.relative_matches(rset.root)
+    underneath = _Underneath(live, view_root)
 
     def make_mirror(feed: MirrorFeed, mode: MirrorMode, changed_since_ns: int | None) -> Mirror:
         # No position file: every mirror a daemon starts is a whole new pass (module docstring).
@@ -253,14 +253,15 @@ def build_daemon(args, state: runtime.State, job: runtime.Job, source_fd: int) -
         conn=conn, log=FeedingLog(state.log, job.partition, applier.feed), settings=settings,
         limits=_limits(args, settings), space_path=state.dir, progress=applier.progress,
         make_applier=applier.bind,
-        make_capture=lambda sink, on_gap: FuseCapture(conn.source_root, sink, settings, matches=matches,
+        make_capture=lambda sink, on_gap: FuseCapture(conn.source_root, sink, settings, matches=live.matches,
                                                       locks=locks, on_gap=on_gap),
         make_mirror=make_mirror,
-        remove_orphans=orphan_remover(settings, job, locks, view_root),
-        snapshots=TargetSnapshots(state.log, conn, settings)))
+        remove_orphans=orphan_remover(settings, job, live, locks, view_root),
+        snapshots=TargetSnapshots(state.log, conn, settings),
+        reload_set=live.reload))
 
 
-def orphan_remover(settings, job: runtime.Job, locks: PathLocks, view_root: str):
+def orphan_remover(settings, job: runtime.Job, live: LiveSet, locks: PathLocks, view_root: str):
     """With ``orphans_action = "delete"``: after each mirror, an Unlink or Rmdir event for
     every orphan of the target (apply/orphans.py decides what is one), appended under the
     path's lock once the source is checked again, so it is ordered with live changes and
@@ -279,7 +280,7 @@ def orphan_remover(settings, job: runtime.Job, locks: PathLocks, view_root: str)
         log_.append(job.partition, [codec.encode(Event(op, time.time_ns(), "orphans"))])
 
     def remove(log_, stop: threading.Event) -> int:
-        found = process_orphans(target_root, job.rset, source_exists, action="preview",
+        found = process_orphans(target_root, live.current, source_exists, action="preview",
                                 older_than_s=settings.orphans_older_than_s, stop=stop)
         removed, parents = 0, set()
         for rel in found.paths:
