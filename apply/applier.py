@@ -678,8 +678,10 @@ class Applier:
         self._durable = True
 
     def _gap(self, offset: int, op: ev.Gap) -> None:
-        log.error("events were lost before reaching the log", msgid="DT-A007", partition=self.partition,
-                  offset=offset, reason=op.reason)
+        # A warning: the producer that wrote the gap logged its cause at its own level (a
+        # stop between two runs is expected, a capture losing events is an error there).
+        log.warning("a gap in the stream: the target needs a mirror", msgid="DT-A007", partition=self.partition,
+                    offset=offset, reason=op.reason)
         self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"gap at event {offset}: {op.reason}")
 
     def _task(self, offset: int, op: ev.TaskCommand) -> None:
