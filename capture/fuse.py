@@ -315,6 +315,19 @@ class CaptureFs:
     def read(self, path, size, offset, fh):
         return os.pread(fh, size, offset)
 
+    def lseek(self, path, offset, whence, fh):
+        """SEEK_DATA and SEEK_HOLE (the kernel answers the other whences itself): from the
+        real file, so programs reading through the mount (cp, tar, the mirror of another
+        tool) see its holes. Moving the handle's position is harmless: the capture only
+        uses pread and pwrite on it."""
+        if fh is not None:
+            return os.lseek(fh, offset, whence)
+        fd = os.open(sys_path(_rel(path)), os.O_RDONLY | _OPEN_ADD, dir_fd=self._root)
+        try:
+            return os.lseek(fd, offset, whence)
+        finally:
+            os.close(fd)
+
     def write(self, path, data, offset, fh):
         rel = None if path is None else _rel(path)
         if rel is None or not self._matches(rel, False):  # unlinked meanwhile, or not in the set

@@ -18,7 +18,7 @@ no open file for the call), and answer with os-style values: getattr -> os.stat_
 readlink -> bytes, open/create/opendir -> handle, read -> bytes, write -> count (its data
 is a memoryview of libfuse's request buffer, released when the handler returns: a
 handler copies what it keeps),
-statfs -> os.statvfs_result, getxattr -> bytes, listxattr -> [bytes], readdir -> iterable
+statfs -> os.statvfs_result, lseek -> offset, getxattr -> bytes, listxattr -> [bytes], readdir -> iterable
 of (name, inode, file-type bits); utimens gets ((sec, nsec), (sec, nsec)) or None for
 "now". Contract of the adaptation:
 - A handler raising OSError answers the kernel with its errno. Anything else is logged
@@ -299,6 +299,9 @@ class _Adapters:
 
     def fallocate(self, path, mode, offset, length, fip):
         return self.fs.fallocate(path, mode, offset, length, fip.contents.fh)
+
+    def lseek(self, path, offset, whence, fip):
+        return self.fs.lseek(path, offset, whence, _fh(fip))
 
 
 _SESSION_OPS = ("init", "destroy")  # answered by the session itself, never raise

@@ -378,6 +378,23 @@ def test_a_change_through_a_name_outside_the_set_of_a_file_with_unknown_names_is
     assert capture.gap_reasons and "excl/outside.bin, outside the set" in capture.gap_reasons[0]
 
 
+def test_holes_of_a_sparse_file_show_through_the_mount(capture, source, real):
+    with open(source / "sparse", "wb") as f:
+        f.write(b"a")
+        f.seek(10 << 20)
+        f.write(b"b")
+    fd = os.open(source / "sparse", os.O_RDONLY)
+    try:
+        hole = os.lseek(fd, 0, os.SEEK_HOLE)
+        assert 0 < hole < 10 << 20
+        assert os.lseek(fd, hole, os.SEEK_DATA) == (10 << 20) // os.statvfs(source).f_bsize * os.statvfs(source).f_bsize
+        with pytest.raises(OSError) as err:
+            os.lseek(fd, (10 << 20) + 1, os.SEEK_DATA)
+        assert err.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+
+
 def _sizes_and_modes_through_both_names(dirpath: Path, a: str, b: str) -> list:
     """What a child process sees through name ``b`` of a file after changing it through
     ``a``, within the attribute timeout (the kernel caches each name's attributes apart)."""
