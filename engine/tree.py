@@ -137,10 +137,14 @@ class Tree:
     """A local directory seen through ``lstat``; ``matcher`` limits what belongs to it."""
 
     def __init__(self, root: str | os.PathLike, matcher: Matcher | None = None,
-                 on_problem: Callable[[Problem], None] | None = None, *, details: bool = True):
-        """``details=False``: entries without xattrs and link targets (sizing walks)."""
+                 on_problem: Callable[[Problem], None] | None = None, *, details: bool = True,
+                 quiet: bool = False):
+        """``details=False``: entries without xattrs and link targets (sizing walks);
+        ``quiet``: problems are kept in ``problems`` but not logged (a walk ahead of the
+        one that reports them)."""
         self.root = os.path.abspath(os.fspath(root))
         self._details = details
+        self._quiet = quiet
         self.matcher = matcher or Everything()
         self.problems: list[Problem] = []
         self._on_problem = on_problem
@@ -254,7 +258,8 @@ class Tree:
             rel = join(parent.rel, os.fsdecode(name))
             path = dir_path + b"/" + name
             if len(path) > MAX_PATH:
-                log.warning("path too long, skipped", msgid="DT-M001", path=rel, length=len(path))
+                if not self._quiet:
+                    log.warning("path too long, skipped", msgid="DT-M001", path=rel, length=len(path))
                 self.report(rel, f"path longer than {MAX_PATH} bytes, skipped")
                 continue
             try:
@@ -283,7 +288,7 @@ class Tree:
         """(bytes of regular files, objects) that belong to the view. What cannot be read
         is left for the walk that uses the view to report."""
         total = count = 0
-        for item in Tree(self.root, self.matcher, details=False).walk():
+        for item in Tree(self.root, self.matcher, details=False, quiet=True).walk():
             if item.included:
                 count += 1
                 total += item.size
