@@ -26,7 +26,7 @@ def kafka_broker(tmp_path_factory) -> broker_tool.Broker:
 
     need(shutil.which("java") is not None and shutil.which("mvn") is not None,
          "Java and Maven (to run the Kafka test broker)", INSTALL_HINT)
-    broker = broker_tool.start(tmp_path_factory.mktemp("kafka"))
+    broker = broker_tool.start(tmp_path_factory.mktemp("kafka"), tied=True)  # gone with a killed run
     yield broker
     broker.stop()
 

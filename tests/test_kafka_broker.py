@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -49,3 +50,21 @@ def test_cluster_ids_are_kafka_uuids():
 def test_the_version_comes_from_the_pom():
     assert broker_tool.kafka_version().startswith("4.")
     assert broker_tool.cache_dir().name == f"kafka-{broker_tool.kafka_version()}"
+
+
+@pytest.mark.kafka
+def test_a_tied_broker_dies_with_the_process_that_started_it(kafka_broker, tmp_path):
+    """A test run killed before its teardown (SIGKILL, a CI timeout) leaves no broker."""
+    script = ("import sys, time; from datatether.tools import kafka_broker as k; "
+              "b = k.start(sys.argv[1], tied=True); print(b.pid, flush=True); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "b")], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(child.stdout.readline())
+        assert broker_tool.attach(tmp_path / "b").pid == pid
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.monotonic() + 30
+    while broker_tool.attach(tmp_path / "b") is not None:
+        assert time.monotonic() < deadline, "the broker outlived the process that started it"
+        time.sleep(0.1)

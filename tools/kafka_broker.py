@@ -181,6 +181,7 @@ class Broker:
     port: int
     pid: int
     process: subprocess.Popen | None = None  # set when this process started it
+    tied: bool = False  # it dies with the thread that started it (start(tied=True))
 
     @property
     def bootstrap(self) -> str:
@@ -221,7 +222,7 @@ class Broker:
         the new process (crash tests: ``kill()`` then ``restart()``)."""
         if self.running():
             self.stop()
-        fresh = start(self.dir, self.port, timeout_s=timeout_s)
+        fresh = start(self.dir, self.port, timeout_s=timeout_s, tied=self.tied)
         self.pid, self.process = fresh.pid, fresh.process
 
     def _signal(self, sig: int) -> None:
@@ -254,9 +255,12 @@ class Broker:
 
 
 def start(dir: str | os.PathLike, port: int | None = None, *, timeout_s: float = START_TIMEOUT_S,
-          cache: Path | None = None) -> Broker:
+          cache: Path | None = None, tied: bool = False) -> Broker:
     """Start a broker on ``dir`` (created, configured and formatted on first use) and return
-    once it answers. ``port=None`` keeps the previous start's port, or picks a free one."""
+    once it answers. ``port=None`` keeps the previous start's port, or picks a free one.
+    ``tied``: the kernel kills the broker when the thread that started it dies (a test
+    run killed before its teardown must not leave a broker behind); the command line's
+    ``start`` leaves it running on purpose."""
     dir = Path(dir).resolve()
     dir.mkdir(parents=True, exist_ok=True)
     if (running := attach(dir)) is not None:
@@ -265,7 +269,7 @@ def start(dir: str | os.PathLike, port: int | None = None, *, timeout_s: float =
     libs = jars(cache)
     port, controller_port = _write_config(dir, port)
     _format_once(dir, libs)
-    broker = _launch(dir, libs, port)
+    broker = _launch(dir, libs, port, tied)
     _wait_ready(broker, timeout_s)
     log.info("broker ready", msgid="DT-K004", bootstrap=broker.bootstrap, pid=broker.pid, dir=str(dir))
     return broker
@@ -331,13 +335,16 @@ def _format_once(dir: Path, libs: Path) -> None:
     log.info("broker storage formatted", msgid="DT-K005", cluster_id=cluster_id, dir=str(dir / "data"))
 
 
-def _launch(dir: Path, libs: Path, port: int) -> Broker:
+def _launch(dir: Path, libs: Path, port: int, tied: bool) -> Broker:
+    # setpriv (util-linux) sets the parent-death signal and execs java: no preexec_fn,
+    # which is unsafe in a process with threads (the tests' daemons and appliers).
+    tie = ["setpriv", "--pdeathsig", "KILL", "--"] if tied else []
     with open(dir / "broker.log", "ab") as out:
-        process = subprocess.Popen(_java(libs, dir, "kafka.Kafka", str(dir / "server.properties")),
+        process = subprocess.Popen([*tie, *_java(libs, dir, "kafka.Kafka", str(dir / "server.properties"))],
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     (dir / "broker.pid").write_text(f"{process.pid}\n")
-    return Broker(dir=dir, port=port, pid=process.pid, process=process)
+    return Broker(dir=dir, port=port, pid=process.pid, process=process, tied=tied)
 
 
 def _wait_ready(broker: Broker, timeout_s: float) -> None:
