@@ -365,10 +365,10 @@ class CaptureFs:
         set is enough (the target keeps the set's names linked). When none is known but
         some names of the file were never seen through this mount, its copy in the set
         may have changed unseen (reported to ``_unseen``, so the connection remirrors)."""
-        own = None if rel is None else b"/" + os.fsencode(rel)
-        links = st.st_nlink - (own is not None)  # names other than the one the change came through
+        links = st.st_nlink - (rel is not None)  # names other than the one the change came through
         if not stat.S_ISREG(st.st_mode) or links < 1:
-            return _Through(None)
+            return _Through(None)  # the common case, at the cost of the fstat alone
+        own = None if rel is None else b"/" + os.fsencode(rel)
         others = self.links.names(st) - {own}
         for other in sorted(_rel(name) for name in others):
             if self._matches(other, False):

@@ -55,7 +55,7 @@ from ..engine.log import Log
 from ..engine.pathlocks import PathLocks
 from ..engine.queue import QueueLimits, SourceQueue
 from ..engine.replset import ReplicationSet, SetStore
-from ..engine.rules import parse_rule
+from ..engine.rules import is_within, parse_rule
 from ..engine.settings import Settings
 from ..engine.states import TargetDataState, TargetStatus
 from ..engine.tree import Tree
@@ -178,7 +178,7 @@ def adhoc_rules(source: str, excludes: list[str]) -> list:
         if not glob:
             raise UsageError(detail="an empty --exclude pattern: give a path or a wildcard such as '*.tmp'")
         path = glob if glob.startswith("/") else os.path.join(source, glob)
-        if os.path.commonpath([source, os.path.normpath(path)]) != source:
+        if not is_within(os.path.normpath(path), source):
             raise UsageError(detail=f"--exclude {glob!r} is outside the source {source}: "
                                     "give a name relative to it, or an absolute path inside it")
         rules.append(parse_rule(path, False, True))
@@ -201,7 +201,6 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
             raise UsageError(detail=f"the source {source} is not a directory")
         raise NotFound(what="source directory", name=source)
     rules = adhoc_rules(source, list(excludes or []))
-    keep = excludes is None
     if existing_target and not os.path.isdir(target):
         if os.path.lexists(target):
             raise UsageError(detail=f"the target {target} is not a directory")
@@ -220,7 +219,7 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
         rset = _set_with_rules(state.sets, name, rules)
         conn = state.connections.create(name=name, set_name=name, source_root=source, target=target)
         log.info("connection created", msgid="DT-M031", connection=conn.name, source=source, target=target)
-    elif keep and state.sets.exists(conn.set_name):
+    elif excludes is None and state.sets.exists(conn.set_name):
         rset = state.sets.get(conn.set_name)
     else:
         rset = _set_with_rules(state.sets, conn.set_name, rules)
