@@ -8,6 +8,7 @@ Only objects the set's rules would carry count: files matching an --exclude patt
 never orphans; files outside the source set are. --older-than DURATION (30s, 15m, 2h,
 7d) keeps orphans modified more recently than that (default: settings.orphans_older_than_s).
 A directory goes only once nothing in it stays; the preview lists what remove would take.
+TARGET must exist (a missing one is an error, exit 2).
 Each orphan handled is written to the log (message id DT-M020), with a summary (DT-M021).
 """
 

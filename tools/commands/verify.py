@@ -10,6 +10,9 @@ the verification is written to the replication set's verification log in the sta
   --newer      remirror only files newer on the source (all differences are reported)
   --remirror   send what differs to the target, through the log and the applier
 
+TARGET must exist; only --remirror creates a missing one. Excludes given with --exclude
+replace the pair's stored ones; without it the stored ones are kept.
+
 Exit codes: 0 identical, 1 differences found (also when they were remirrored: the
 report shows the state before the remirror), 2 error.
 """
