@@ -423,7 +423,8 @@ def test_dt_restore_refusals(stream_world, tmp_path):
         (("restore", "nope", "--at", "1", "--into", tmp_path / "a"), "connection not found: nope"),
         (("restore", "web", "--at", "99", "--into", tmp_path / "a"), f"the last offset is {LAST}"),
         (("restore", "web", "--at", "someday", "--into", tmp_path / "a"), "not a time"),
-        (("restore", "web", "--at", "1", "--into", w.target / "x"), "inside the target"),
+        (("restore", "web", "--at", "1", "--into", w.target / "x"), "overlaps the target"),
+        (("restore", "web", "--at", "1", "--into", w.state / "r"), "overlaps the state directory"),
     ]
     full = tmp_path / "full"
     full.mkdir()

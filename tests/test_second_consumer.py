@@ -159,8 +159,11 @@ def test_bad_inputs(tmp_path):
         dt("apply", "web", "--to", tmp_path / "a", "--consumer", "a", state=world.state)
         cases = [
             (("apply", "web", "--to", tmp_path / "b", "--consumer", "a"), "feeds"),
-            (("apply", "web", "--to", world.target, "--consumer", "x"), "own target"),
+            (("apply", "web", "--to", world.target, "--consumer", "x"), "overlaps the target"),
             (("apply", "web", "--to", world.source / "sub", "--consumer", "x"), "the source"),
+            (("apply", "web", "--to", world.state, "--consumer", "x"), "the state directory"),
+            (("apply", "web", "--to", world.state / "replica", "--consumer", "x"), "the state directory"),
+            (("apply", "web", "--to", tmp_path / "target.dt-snapshots" / "r", "--consumer", "x"), "the snapshots"),
             (("apply", "web", "--to", tmp_path / "c", "--consumer", "applier"), "reserved"),
             (("apply", "web", "--to", tmp_path / "c", "--consumer", "no/slash"), "invalid name"),
             (("apply", "ghost", "--to", tmp_path / "c", "--consumer", "x"), "connection not found"),
@@ -168,6 +171,8 @@ def test_bad_inputs(tmp_path):
         for argv, message in cases:
             done = dt(*argv, state=world.state, check=False)
             assert done.returncode == 2 and message in done.stderr, (argv, done.stderr)
+        assert not (world.state / "d").exists() and not (world.state / "replica").exists()
+        assert not (tmp_path / "target.dt-snapshots").exists()
     finally:
         world.close()
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..apply.snapshot import snapshots_dir_for
 from ..engine.connection import ConnectionStore
-from ..engine.errors import BackendUnavailable, NotFound
+from ..engine.errors import BackendUnavailable, NotFound, UsageError
 from ..engine.log import Log
 from ..engine.log_embedded import EmbeddedLog
 from ..engine.replset import SetStore
+from ..engine.rules import is_within
 from ..engine.settings import Settings
 from . import runtime
 
@@ -58,3 +60,17 @@ def job(state: runtime.State, ref: str) -> runtime.Job:
     except NotFound:
         raise NotFound(what=f"change stream of connection {conn.name}", name=conn.partition) from None
     return runtime.Job(state=state, conn=conn, rset=state.sets.get(conn.set_name))
+
+
+def check_apart(path: Path, job: runtime.Job) -> None:
+    """Refuse a directory that a stream command fills (dt restore --into, dt apply --to) when
+    it is, holds or lies inside what the connection itself keeps: the source, the target,
+    the target's snapshots or the state directory (the log, offsets and settings). Events
+    applied there would overwrite or delete them by their own paths."""
+    real = os.path.realpath(path)
+    kept = ((job.rset.root, "the source"), (job.conn.target_root, "the target"),
+            (snapshots_dir_for(job.conn, job.state.settings), "the snapshots"), (job.state.dir, "the state directory"))
+    for where, what in kept:
+        where_real = os.path.realpath(where)
+        if is_within(real, where_real) or is_within(where_real, real):
+            raise UsageError(detail=f"{path} overlaps {what} of connection {job.conn.name} ({where})")

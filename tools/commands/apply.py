@@ -16,7 +16,8 @@ Without --follow it applies what the log holds now and exits; with --follow it k
 applying until interrupted (Ctrl-C or SIGTERM: it stops after the current batch, exit 0).
 Task commands in the stream run only with --run-tasks; their results are not added to
 the stream (they belong to the connection's own target). A NAME always feeds the DIR it
-was first used with.
+was first used with. DIR must be apart from the source, the connection's own target, its
+snapshots and the state directory.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def run(args) -> int:
     to = Path(args.to).absolute()
     with stream.open_state(args.state, write=True) as state:
         job = stream.job(state, args.connection)
-        _check_target(to, job)
+        stream.check_apart(to, job)
         folder = consumer_dir(state.dir, job.partition, args.consumer)
         _bind(folder, to)
         progress = Progress(folder)
@@ -83,13 +84,6 @@ def run(args) -> int:
     else:
         output.pairs(result)
     return 0
-
-
-def _check_target(to: Path, job: runtime.Job) -> None:
-    for where, what in ((job.conn.target_root, "the connection's own target"), (job.rset.root, "the source")):
-        where = Path(where).resolve()
-        if to.resolve() == where or where in to.resolve().parents or to.resolve() in where.parents:
-            raise UsageError(detail=f"{to} overlaps {what} ({where})")
 
 
 def _bind(folder: Path, to: Path) -> None:
