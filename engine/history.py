@@ -102,10 +102,15 @@ class Point:
         return f"offset {self.offset}" if self.offset is not None else f"time {format_time(self.time_ns)}"
 
 
+def is_offset(text: str) -> bool:
+    """Decimal digits 0-9 only (``str.isdigit`` also takes "²" and other scripts' digits)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_point(text: str) -> Point:
     """``"42"`` is offset 42; anything else must be an ISO 8601 time."""
     text = text.strip()
-    if text.isdigit():
+    if is_offset(text):
         return Point(offset=int(text))
     return Point(time_ns=parse_time(text))
 

@@ -66,6 +66,9 @@ def test_parse_time_refuses_what_is_not_a_time(text):
 def test_points_are_offsets_or_times():
     assert history.parse_point("42") == Point(offset=42)
     assert history.parse_point("2026-03-01T10:00:00Z") == Point(time_ns=T0)
+    for digits in ("\u00b2", "\u0663"):  # superscript two, Arabic-Indic three: not offsets
+        with pytest.raises(UsageError, match="not a time"):
+            history.parse_point(digits)
     assert str(Point(offset=3)) == "offset 3"
     assert str(Point(time_ns=T0)) == "time 2026-03-01T10:00:00.000000000Z"
 

@@ -91,6 +91,9 @@ def test_bad_inputs(world):
     assert unknown.returncode == 2 and "connection not found: nope" in unknown.stderr
     beyond = dt("tail", "web", "--from", "99", state=world.state, check=False)
     assert beyond.returncode == 2 and "the last offset is 4" in beyond.stderr
+    for digits in ("\u00b2", "\u0663"):  # Unicode digits other than 0-9 are no offset
+        bad_offset = dt("tail", "web", "--from", digits, state=world.state, check=False)
+        assert bad_offset.returncode == 2 and "not an offset" in bad_offset.stderr
     bad_time = dt("tail", "web", "--since", "last tuesday", state=world.state, check=False)
     assert bad_time.returncode == 2 and "not a time" in bad_time.stderr
     both = dt("tail", "web", "--from", "1", "--since", "2026-03-01T10:00:00Z", state=world.state, check=False)

@@ -43,7 +43,7 @@ def register(subparsers, common) -> None:
 
 
 def _offset(text: str) -> history.Point:
-    if not text.isdigit():
+    if not history.is_offset(text):
         raise argparse.ArgumentTypeError(f"not an offset: {text!r}")
     return history.Point(offset=int(text))
 
