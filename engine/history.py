@@ -7,8 +7,9 @@ not the capture time inside the event: it is what ``Log.offset_for_time`` search
 time printed by ``dt tail`` or ``dt history`` and given back to ``--since``/``--at``
 finds the same event on every backend. Times are shown as ISO 8601 in UTC with
 nanoseconds (``2026-01-02T03:04:05.123456789Z``). Parsed times accept a ``Z`` or
-``+HH:MM`` offset and any number of fraction digits (kept to the nanosecond); a time
-without an offset is taken as UTC, because the log itself only knows UTC.
+``+HH:MM`` offset and any number of fraction digits of the seconds (kept to the
+nanosecond; a fraction anywhere else is refused, not dropped); a time without an offset
+is taken as UTC, because the log itself only knows UTC.
 
 Points
 ------
@@ -59,7 +60,7 @@ log = logs.get(__name__)
 
 READ_BATCH = 1000
 _NS = 1_000_000_000
-_FRACTION = re.compile(r"[.,](\d+)")
+_FRACTION = re.compile(r"(?<=\d\d:\d\d:\d\d)[.,](\d+)")  # of the seconds only
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -82,6 +83,8 @@ def parse_time(text: str) -> int:
         fraction_ns = int(digits[:9].ljust(9, "0"))
         plain = text[:match.start()] + text[match.end():]
     try:
+        if "." in plain or "," in plain:  # a second fraction, or one not after the seconds
+            raise ValueError(text)
         moment = datetime.fromisoformat(plain)
     except ValueError:
         raise UsageError(detail=f"not a time: {text!r} (use ISO 8601, e.g. 2026-01-02T03:04:05.5Z)") from None

@@ -57,7 +57,8 @@ def test_parse_time_accepts_iso_8601_with_offsets_and_fractions(text, expected):
     assert history.parse_time(text) == expected
 
 
-@pytest.mark.parametrize("text", ["yesterday", "2026-13-01T00:00:00Z", "", "12:00"])
+@pytest.mark.parametrize("text", ["yesterday", "2026-13-01T00:00:00Z", "", "12:00",
+                                  "2026-03-01T10:00:00Z.5", "2026-03-01T10:00.5Z", "2026-03-01T10:00:00.5.25Z"])
 def test_parse_time_refuses_what_is_not_a_time(text):
     with pytest.raises(UsageError, match="not a time"):
         history.parse_time(text)
