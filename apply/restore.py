@@ -16,6 +16,9 @@ Contract:
   command. Any event the Applier refuses or cannot apply (a corrupt record, an object
   missing) makes the restore fail (RestoreFailed naming the event's offset): nothing from
   that event or after it is applied.
+- The snapshot it starts from is held while it is copied (apply/snapshot.reading): dt
+  snapshot delete refuses it meanwhile and prune keeps it, so a restore never copies a
+  tree that is being removed.
 - ``glob`` (engine/history.path_matches) keeps only matching paths and what is beneath
   them, with the directories leading to them. The whole tree is materialised first and
   filtered after, which stays right across renames into and out of the selection.
@@ -43,7 +46,7 @@ from datatether.engine.states import TargetDataState, TargetStatus
 from .applier import Applier
 from .paths import remap_link
 from .progress import Progress
-from .snapshot import Snapshot, copy_tree, list_snapshots, nearest
+from .snapshot import Snapshot, copy_tree, list_snapshots, nearest, reading
 
 log = logs.get(__name__)
 
@@ -80,7 +83,8 @@ def restore(log_: Log, partition: str, point: Point, into: str | os.PathLike, *,
     try:
         if base is not None:
             staging.mkdir()
-            copy_tree(base.tree, staging)
+            with reading(base):
+                copy_tree(base.tree, staging)
         else:
             staging.mkdir(mode=0o755)
         state = _replay(log_, partition, point, staging, base, offset, source_root, settings)

@@ -32,6 +32,12 @@ Layout of a snapshots folder (one per connection)::
 A folder without ``snapshot.json`` is incomplete (a crash while taking or deleting): it is
 never listed and the next take or prune removes it. Deleting removes ``snapshot.json``
 first for the same reason.
+
+A snapshot being read (``reading``: restore copies its tree) is never deleted under its
+reader: the reader holds a shared flock on the snapshot's folder, deleting takes it
+exclusively without waiting. ``delete_snapshot`` then refuses (BackendUnavailable) and
+``prune`` keeps the snapshot until its next run (DT-H004), so neither a take waiting for
+the folder lock nor the daemon's applier paused for it waits for a long restore.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import shutil
 import stat
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -142,6 +149,24 @@ def nearest(snapshots: list[Snapshot], offset: int) -> Snapshot | None:
     """The newest snapshot at or before ``offset``."""
     before = [s for s in snapshots if s.offset <= offset]
     return before[-1] if before else None
+
+
+@contextmanager
+def reading(snap: Snapshot) -> Iterator[Snapshot]:
+    """Keep ``snap`` from being deleted while its tree is read (see the module doc).
+    Raises NotFound when it was deleted since it was listed."""
+    gone = NotFound(what="snapshot (deleted since it was listed; try again)", name=snap.id)
+    try:
+        fd = os.open(snap.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise gone from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not (snap.folder / META).exists():  # deleted between the open and the lock
+            raise gone
+        yield snap
+    finally:
+        os.close(fd)
 
 
 def _read_meta(folder: Path) -> Snapshot:
@@ -418,9 +443,19 @@ def delete_snapshot(snapshots_dir: str | Path, snapshot_id: str) -> Snapshot:
 
 
 def _delete(snap: Snapshot) -> None:
-    (snap.folder / META).unlink()
-    fsync_dir(snap.folder)
-    _remove(snap.folder)
+    """Delete ``snap``; BackendUnavailable if a reader holds it (``reading``)."""
+    fd = os.open(snap.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackendUnavailable(backend=f"snapshot {snap.id}",
+                                     detail="a restore is reading it; try again when it is done") from None
+        (snap.folder / META).unlink()
+        fsync_dir(snap.folder)
+        _remove(snap.folder)
+    finally:
+        os.close(fd)
     log.info("snapshot deleted", msgid="DT-H002", snapshot=snap.id, offset=snap.offset)
 
 
@@ -429,7 +464,8 @@ def prune(snapshots_dir: str | Path, max_count: int, max_age_s: int | None,
     """Delete the oldest snapshots beyond ``max_count`` and those older than ``max_age_s``.
 
     The newest snapshot is always kept: it may be the only way back past the log's own
-    retention. Returns what was deleted.
+    retention; so is one a restore is reading, until the next prune. Returns what was
+    deleted.
     """
     now = time.time_ns() if now_ns is None else now_ns
     snapshots_dir = Path(snapshots_dir)
@@ -441,9 +477,14 @@ def prune(snapshots_dir: str | Path, max_count: int, max_age_s: int | None,
         keep = snaps[-max(1, max_count):]
         if max_age_s is not None:
             keep = [s for s in keep if now - s.taken_ns <= max_age_s * _NS] or snaps[-1:]
-        gone = [s for s in snaps if s not in keep]
-        for snap in gone:
-            _delete(snap)
+        gone = []
+        for snap in (s for s in snaps if s not in keep):
+            try:
+                _delete(snap)
+            except BackendUnavailable:
+                log.warning("snapshot in use, not pruned", msgid="DT-H004", snapshot=snap.id, offset=snap.offset)
+                continue
+            gone.append(snap)
     return gone
 
 

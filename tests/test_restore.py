@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 
 import pytest
 from history_helpers import SECOND, T0, append, corrupt_embedded, create, loop_filesystem, tree_state
@@ -14,9 +15,9 @@ from history_helpers import SECOND, T0, append, corrupt_embedded, create, loop_f
 from datatether.apply import snapshot as snapshots
 from datatether.apply.applier import Applier
 from datatether.apply.progress import Progress
-from datatether.apply.restore import restore
+from datatether.apply.restore import STAGING_PREFIX, restore
 from datatether.engine import events as ev
-from datatether.engine.errors import NotFound, OutsideHistory, RestoreFailed, UsageError
+from datatether.engine.errors import BackendUnavailable, NotFound, OutsideHistory, RestoreFailed, UsageError
 from datatether.engine.history import Point
 from datatether.engine.log_embedded import EmbeddedLog
 from datatether.engine.log_view import LogView
@@ -200,6 +201,30 @@ def test_snapshots_reach_past_retention(tmp_path):
             w.restore(Point(time_ns=T0 + 3 * SECOND))
     finally:
         w.log.close()
+
+
+def test_a_snapshot_is_neither_deleted_nor_pruned_while_a_restore_copies_it(world, tmp_path):
+    big = tmp_path / "big"  # a tree that takes a while to copy
+    for d in range(40):
+        (big / f"d{d:02}").mkdir(parents=True)
+        for f in range(500):
+            (big / f"d{d:02}" / f"f{f}").write_bytes(b"x")
+    copied = snapshots.take_snapshot(big, world.snaps, 9, T0 + 9 * SECOND)
+    snapshots.take_snapshot(world.target, world.snaps, LAST, T0 + LAST * SECOND)
+    into = tmp_path / "into"
+    restoring = threading.Thread(target=world.restore, args=(Point(offset=9),), kwargs={"into": into})
+    restoring.start()
+    try:
+        while restoring.is_alive() and not any(into.glob(f"{STAGING_PREFIX}*/d*")):
+            time.sleep(0.001)
+        assert restoring.is_alive(), "the copy ended before the test could delete it"
+        with pytest.raises(BackendUnavailable, match="a restore is reading it"):
+            snapshots.delete_snapshot(world.snaps, copied.id)
+        assert snapshots.prune(world.snaps, max_count=1, max_age_s=None) == []
+    finally:
+        restoring.join()
+    assert tree_state(into) == tree_state(big)
+    assert [s.id for s in snapshots.prune(world.snaps, max_count=1, max_age_s=None)] == [copied.id]
 
 
 def test_a_time_before_retention_says_how_far_back_one_can_go(world):

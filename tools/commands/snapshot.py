@@ -16,8 +16,9 @@ take asks the running daemon of the connection (dt protect) when there is one: i
 its applier for the copy and resumes it (root or group dtadmin). Without a daemon, take
 holds the target's progress lock while copying, so no event is applied meanwhile. After
 taking, snapshots beyond snapshot_max_count or older than snapshot_max_age_s are pruned
-(the newest is always kept); prune does only that. Scheduled snapshots are the daemon's
-(snapshot_interval_s).
+(the newest is always kept); prune does only that. A snapshot that a dt restore is
+copying is not deleted: delete refuses it, prune keeps it until its next run. Scheduled
+snapshots are the daemon's (snapshot_interval_s).
 """
 
 from __future__ import annotations
