@@ -51,7 +51,7 @@ from datetime import datetime, timezone
 from typing import Iterable, Iterator, Sequence
 
 from . import codec, logs
-from .errors import CorruptRecord, OutsideHistory, UsageError
+from .errors import CorruptRecord, OffsetOutOfRange, OutsideHistory, UsageError
 from .events import Event, FileKind, TaskResult
 from .log import Log, LogRecord
 from .offsets import NO_OFFSET
@@ -354,15 +354,26 @@ def find_task_result(log_: Log, partition: str, task_id: str, after: int) -> Tas
 def follow(log_: Log, partition: str, first: int, *, glob: str | None = None,
            poll_s: float = 1.0, stop: threading.Event | None = None) -> Iterator[HistoryEvent]:
     """Events from ``first`` on, until ``stop`` is set (forever without one): waits
-    (``Log.wait``, ``poll_s`` at a time) for each new record."""
+    (``Log.wait``, ``poll_s`` at a time) for each new record.
+
+    A follower keeps following: records that retention drops before they are read (a
+    slow reader, the byte bound) are passed over with a warning naming them (DT-H030)."""
     offset = first
     while stop is None or not stop.is_set():
         if not log_.wait(partition, offset, poll_s):
             continue
-        for hev in read(log_, partition, offset, glob=None):
-            offset = hev.offset + 1
-            if selected(hev, glob):
-                yield hev
+        try:
+            for hev in read(log_, partition, offset, glob=None):
+                offset = hev.offset + 1
+                if selected(hev, glob):
+                    yield hev
+        except OffsetOutOfRange:
+            start = log_.start_offset(partition)
+            if start <= offset:
+                raise
+            log.warning("events dropped by retention before being shown", msgid="DT-H030", partition=partition,
+                        first=offset, last=start - 1)
+            offset = start
 
 
 # -- presentation shared by tail and history --------------------------------------------
