@@ -69,12 +69,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 def format_time(time_ns: int) -> str:
     """ISO 8601, UTC, nanoseconds, ``Z`` suffix (parse_time reads it back exactly)."""
     seconds, ns = divmod(time_ns, _NS)
-    stamp = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None).isoformat()  # strftime %Y writes year 1 as "1"
     return f"{stamp}.{ns:09d}Z"
 
 
 def parse_time(text: str) -> int:
-    """Nanoseconds since the epoch of an ISO 8601 time; naive times are UTC."""
+    """Nanoseconds since the epoch of an ISO 8601 time; naive times are UTC. The time in UTC
+    must fall in the years 1 to 9999, as ``format_time`` writes them."""
     match = _FRACTION.search(text)
     fraction_ns = 0
     plain = text
@@ -86,10 +87,11 @@ def parse_time(text: str) -> int:
         if "." in plain or "," in plain:  # a second fraction, or one not after the seconds
             raise ValueError(text)
         moment = datetime.fromisoformat(plain)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.astimezone(timezone.utc)  # OverflowError past the years 1-9999
+    except (ValueError, OverflowError):
         raise UsageError(detail=f"not a time: {text!r} (use ISO 8601, e.g. 2026-01-02T03:04:05.5Z)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
     whole = moment - _EPOCH
     return (whole.days * 86400 + whole.seconds) * _NS + fraction_ns
 
