@@ -166,12 +166,15 @@ def test_bad_inputs(tmp_path):
             (("apply", "web", "--to", tmp_path / "target.dt-snapshots" / "r", "--consumer", "x"), "the snapshots"),
             (("apply", "web", "--to", tmp_path / "c", "--consumer", "applier"), "reserved"),
             (("apply", "web", "--to", tmp_path / "c", "--consumer", "no/slash"), "invalid name"),
+            (("apply", "web", "--to", tmp_path / "c", "--consumer", "."), "invalid name"),  # not a folder of its own
+            (("apply", "web", "--to", tmp_path / "c", "--consumer", ".."), "invalid name"),
             (("apply", "ghost", "--to", tmp_path / "c", "--consumer", "x"), "connection not found"),
         ]
         for argv, message in cases:
             done = dt(*argv, state=world.state, check=False)
             assert done.returncode == 2 and message in done.stderr, (argv, done.stderr)
         assert not (world.state / "d").exists() and not (world.state / "replica").exists()
+        assert not (tmp_path / "c").exists()
         assert not (tmp_path / "target.dt-snapshots").exists()
     finally:
         world.close()

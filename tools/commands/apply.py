@@ -29,7 +29,7 @@ from pathlib import Path
 from ...apply.applier import Applier
 from ...apply.progress import Progress
 from ...engine.durable import write_atomic
-from ...engine.errors import ApplyFailed, UsageError
+from ...engine.errors import ApplyFailed, InvalidName, UsageError
 from ...engine.log import check_partition_name
 from ...engine.log_view import LogView
 from ...engine.states import TargetStatus
@@ -55,6 +55,8 @@ def consumer_dir(state_dir: Path, partition: str, consumer: str) -> Path:
 
 def run(args) -> int:
     check_partition_name(args.consumer)
+    if args.consumer in (".", ".."):  # the name is a folder under consumers/<partition>/
+        raise InvalidName(name=args.consumer, reason="'.' and '..' are folders, not a consumer's own")
     if args.consumer in RESERVED:
         raise UsageError(detail=f"consumer name {args.consumer!r} is reserved; choose another")
     to = Path(args.to).absolute()
