@@ -301,6 +301,24 @@ def test_an_undecodable_event_or_a_gap_fails_the_restore(tmp_path):
             restore(log, P, Point(offset=3), tmp_path / "at-3", **kw)
 
 
+def test_a_name_that_is_not_utf8_is_restored(tmp_path):
+    """The progress of the replay names the last file applied; its status snapshot must
+    still be written when that name is not UTF-8 (the daemon's applier keeps one too)."""
+    name = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    with EmbeddedLog(tmp_path / "log") as log:
+        log.ensure_partition(P)
+        append(log, P, create(name), T0)
+        append(log, P, ev.Write(name, 0, b"latin-1"), T0 + SECOND)
+        restore(log, P, Point(offset=1), tmp_path / "into", snapshots_dir=tmp_path / "snaps", source_root=SOURCE,
+                target_root=str(tmp_path / "t"), settings=SETTINGS)
+    assert os.listdir(tmp_path / "into") == [name]
+    assert (tmp_path / "into" / name).read_bytes() == b"latin-1"
+    progress = Progress(tmp_path / "progress")
+    progress.sample(T0, name, 0)
+    progress.close()
+    assert Progress.read_snapshot(tmp_path / "progress")["last_file"] == name
+
+
 def test_a_snapshot_of_a_target_already_mirror_required_is_replayed_on(tmp_path):
     with EmbeddedLog(tmp_path / "log") as log:
         log.ensure_partition(P)
