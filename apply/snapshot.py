@@ -196,6 +196,8 @@ def take_snapshot(target_root: str | Path, snapshots_dir: str | Path, applied_of
     with folder_lock(snapshots_dir):
         _remove_incomplete(snapshots_dir)
         previous = list_snapshots(snapshots_dir)
+        if kind is not None:
+            _check_kind(kind, target_root, snapshots_dir)
         chosen = kind or _best_kind(target_root, snapshots_dir)
         folder = snapshots_dir / f"{fmt(applied_offset) if applied_offset >= 0 else 'empty'}-{taken}"
         folder.mkdir()
@@ -287,6 +289,17 @@ def _best_kind(target_root: Path, snapshots_dir: Path) -> str:
     if _can_reflink(target_root, snapshots_dir):
         return "reflink"
     return "linktree"
+
+
+def _check_kind(kind: str, target_root: Path, snapshots_dir: Path) -> None:
+    """A forced kind the filesystem cannot give is bad input, refused before any copy (a
+    failing ``btrfs`` or ``cp`` would be an OSError, an internal error to the daemon's API)."""
+    if kind == "btrfs" and not (_is_btrfs_subvolume(target_root) and shutil.which("btrfs")):
+        raise UsageError(detail=f"snapshot kind btrfs needs the target root to be a btrfs subvolume "
+                                f"(and the btrfs command): {target_root} is not one")
+    if kind == "reflink" and _first_file(target_root) is not None and not _can_reflink(target_root, snapshots_dir):
+        raise UsageError(detail=f"snapshot kind reflink needs a filesystem that clones extents (xfs, btrfs) "
+                                f"holding both {target_root} and {snapshots_dir}")
 
 
 def _is_btrfs_subvolume(path: Path) -> bool:

@@ -109,11 +109,15 @@ def test_btrfs_subvolume_snapshot(tmp_path):
         assert snapshots.take_snapshot(plain, mnt / "snaps2", 1, T0).kind == "reflink"
 
 
-def test_forcing_a_kind_the_filesystem_lacks_fails_and_leaves_nothing(tmp_path):
+def test_forcing_a_kind_the_filesystem_lacks_is_refused_and_leaves_nothing(tmp_path):
+    """Bad input (DT-E001), whether dt snapshot take runs it or a daemon's API: the
+    daemon answers an OSError as an internal error."""
     target = tmp_path / "target"
     make_tree(target)
-    with pytest.raises(OSError, match="failed"):
+    with pytest.raises(UsageError, match="reflink needs a filesystem that clones"):
         snapshots.take_snapshot(target, tmp_path / "snaps", 1, T0, kind="reflink")
+    with pytest.raises(UsageError, match="btrfs needs the target root to be a btrfs subvolume"):
+        snapshots.take_snapshot(target, tmp_path / "snaps", 1, T0, kind="btrfs")
     assert snapshots.list_snapshots(tmp_path / "snaps") == []
     assert [p.name for p in (tmp_path / "snaps").iterdir()] == [".lock"]
 
