@@ -65,14 +65,16 @@ class Restored:
 
 
 def restore(log_: Log, partition: str, point: Point, into: str | os.PathLike, *, snapshots_dir: str | os.PathLike,
-            source_root: str, target_root: str, settings: Settings, glob: str | None = None) -> Restored:
+            source_root: str, target_root: str, settings: Settings, glob: str | None = None,
+            stream: str | None = None) -> Restored:
     """Materialise the state at ``point`` into the empty folder ``into`` (see the module doc).
 
     ``source_root`` and ``target_root`` are the connection's: symlinks come out as the
-    target had them (RemapLink points them into ``target_root``, as in snapshots)."""
+    target had them (RemapLink points them into ``target_root``, as in snapshots). Only
+    snapshots of ``stream`` (apply/snapshot.stream_of) serve, when it is given."""
     into = Path(into)
     _check_destination(into)
-    snaps = list_snapshots(snapshots_dir)
+    snaps = list_snapshots(snapshots_dir, stream)
     offset, reach = offset_at(log_, partition, point, [s.anchor for s in snaps])
     base = _base(snaps, offset, reach.start)
     first = base.offset + 1 if base else 0

@@ -33,6 +33,12 @@ A folder without ``snapshot.json`` is incomplete (a crash while taking or deleti
 never listed and the next take or prune removes it. Deleting removes ``snapshot.json``
 first for the same reason.
 
+A snapshots folder belongs to a target root, not to a connection: a connection removed and
+made again to the same target starts a stream of its own, whose offsets say nothing of the
+old one's snapshots. So each snapshot records the stream it holds (``stream_of``: the
+connection's partition and creation time) and every listing for a connection keeps only
+its own; a snapshot from before streams were recorded (None) is taken as anyone's.
+
 A snapshot being read (``reading``: restore copies its tree) is never deleted under its
 reader: the reader holds a shared flock on the snapshot's folder, deleting takes it
 exclusively without waiting. ``delete_snapshot`` then refuses (BackendUnavailable) and
@@ -94,6 +100,7 @@ class Snapshot:
     copied_files: int | None = None   # linktree: files copied / hard-linked from the previous
     linked_files: int | None = None
     data_state: str = "OK"   # the target data state at ``offset`` (a replay continues from it)
+    stream: str | None = None  # the stream it holds (stream_of); None: taken before streams were recorded
     folder: Path | None = None
 
     @property
@@ -116,6 +123,12 @@ class Snapshot:
         return cls(**{**values, "folder": Path(values["folder"])})
 
 
+def stream_of(conn: Connection) -> str:
+    """The stream a connection's snapshots hold: a partition name is used again by a
+    connection made again (another state directory), its creation time is not."""
+    return f"{conn.partition}@{conn.created_ns}"
+
+
 def snapshots_dir_for(conn: Connection, settings: Settings) -> Path:
     """Beside the target root (same filesystem, so copy-on-write works) unless configured."""
     if settings.snapshot_dir:
@@ -125,8 +138,8 @@ def snapshots_dir_for(conn: Connection, settings: Settings) -> Path:
 
 # -- listing ---------------------------------------------------------------------------
 
-def list_snapshots(snapshots_dir: str | Path) -> list[Snapshot]:
-    """Complete snapshots, oldest offset first."""
+def list_snapshots(snapshots_dir: str | Path, stream: str | None = None) -> list[Snapshot]:
+    """Complete snapshots, oldest offset first (of ``stream`` only, when given)."""
     folder = Path(snapshots_dir)
     if not folder.is_dir():
         return []
@@ -135,11 +148,12 @@ def list_snapshots(snapshots_dir: str | Path) -> list[Snapshot]:
         meta = entry / META
         if entry.is_dir() and meta.is_file():
             found.append(_read_meta(entry))
+    found = [s for s in found if stream is None or s.stream in (stream, None)]
     return sorted(found, key=lambda s: (s.offset, s.taken_ns))
 
 
-def get_snapshot(snapshots_dir: str | Path, snapshot_id: str) -> Snapshot:
-    for snap in list_snapshots(snapshots_dir):
+def get_snapshot(snapshots_dir: str | Path, snapshot_id: str, stream: str | None = None) -> Snapshot:
+    for snap in list_snapshots(snapshots_dir, stream):
         if snap.id == snapshot_id:
             return snap
     raise NotFound(what="snapshot", name=snapshot_id)
@@ -178,8 +192,8 @@ def _read_meta(folder: Path) -> Snapshot:
 
 def take_snapshot(target_root: str | Path, snapshots_dir: str | Path, applied_offset: int,
                   applied_time_ns: int | None, *, reason: str = "manual", kind: str | None = None,
-                  data_state: str = "OK", now_ns: int | None = None) -> Snapshot:
-    """Snapshot ``target_root`` as the state at ``applied_offset``.
+                  data_state: str = "OK", stream: str | None = None, now_ns: int | None = None) -> Snapshot:
+    """Snapshot ``target_root`` as the state at ``applied_offset`` of ``stream``.
 
     The caller guarantees no event is applied meanwhile. ``kind`` None picks the best the
     filesystem offers; naming one forces it (and fails if the filesystem cannot).
@@ -215,7 +229,7 @@ def take_snapshot(target_root: str | Path, snapshots_dir: str | Path, applied_of
             _syncfs(folder)
             snap = Snapshot(id=folder.name, offset=applied_offset, time_ns=applied_time_ns, taken_ns=taken,
                             kind=chosen, reason=reason, copied_files=counts[0], linked_files=counts[1],
-                            data_state=data_state)
+                            data_state=data_state, stream=stream)
             meta = {k: v for k, v in asdict(snap).items() if k != "folder"}
             write_atomic(folder / META, json.dumps(meta, indent=1).encode(), mode=0o644)
         except BaseException:
@@ -239,7 +253,7 @@ def applied_time(log_: Log, partition: str, offset: int) -> int | None:
 
 def take_while_paused(applier, log_: Log, partition: str, target_root: str | Path, snapshots_dir: str | Path,
                       *, reason: str = "manual", kind: str | None = None, resume: bool = True,
-                      timeout_s: float = 60.0) -> Snapshot:
+                      stream: str | None = None, timeout_s: float = 60.0) -> Snapshot:
     """Snapshot the target of a running applier (apply/applier.py, applying in its own thread).
 
     The applier is paused; once it reports Paused (the batch in hand is applied and
@@ -256,7 +270,7 @@ def take_while_paused(applier, log_: Log, partition: str, target_root: str | Pat
             time.sleep(0.01)
         offset = applier.applied_offset
         return take_snapshot(target_root, snapshots_dir, offset, applied_time(log_, partition, offset),
-                             reason=reason, kind=kind, data_state=progress.data_state.value)
+                             reason=reason, kind=kind, data_state=progress.data_state.value, stream=stream)
     finally:
         if resume:
             applier.resume()
@@ -270,17 +284,18 @@ class TargetSnapshots:
 
     def __init__(self, log_: Log, conn: Connection, settings: Settings):
         self._log, self._partition, self._target_root = log_, conn.partition, conn.target_root
+        self._stream = stream_of(conn)
         self._settings = settings
         self.folder = snapshots_dir_for(conn, settings)
 
     def take(self, applier, reason: str, *, kind: str | None = None, resume: bool = True) -> Snapshot:
         snap = take_while_paused(applier, self._log, self._partition, self._target_root, self.folder,
-                                 reason=reason, kind=kind, resume=resume)
-        prune(self.folder, self._settings.snapshot_max_count, self._settings.snapshot_max_age_s)
+                                 reason=reason, kind=kind, resume=resume, stream=self._stream)
+        prune(self.folder, self._settings.snapshot_max_count, self._settings.snapshot_max_age_s, stream=self._stream)
         return snap
 
     def due(self, now_ns: int) -> str | None:
-        return due(list_snapshots(self.folder), now_ns, self._settings.snapshot_interval_s)
+        return due(list_snapshots(self.folder, self._stream), now_ns, self._settings.snapshot_interval_s)
 
 
 def _best_kind(target_root: Path, snapshots_dir: Path) -> str:
@@ -448,9 +463,9 @@ def _write_manifest(folder: Path, manifest: dict[str, list[int]]) -> None:
 
 # -- deleting, retention, schedule ---------------------------------------------------
 
-def delete_snapshot(snapshots_dir: str | Path, snapshot_id: str) -> Snapshot:
+def delete_snapshot(snapshots_dir: str | Path, snapshot_id: str, stream: str | None = None) -> Snapshot:
     with folder_lock(Path(snapshots_dir)):
-        snap = get_snapshot(snapshots_dir, snapshot_id)
+        snap = get_snapshot(snapshots_dir, snapshot_id, stream)
         _delete(snap)
     return snap
 
@@ -473,8 +488,9 @@ def _delete(snap: Snapshot) -> None:
 
 
 def prune(snapshots_dir: str | Path, max_count: int, max_age_s: int | None,
-          now_ns: int | None = None) -> list[Snapshot]:
-    """Delete the oldest snapshots beyond ``max_count`` and those older than ``max_age_s``.
+          now_ns: int | None = None, stream: str | None = None) -> list[Snapshot]:
+    """Delete the oldest snapshots (of ``stream``, when given) beyond ``max_count`` and those
+    older than ``max_age_s``.
 
     The newest snapshot is always kept: it may be the only way back past the log's own
     retention; so is one a restore is reading, until the next prune. Returns what was
@@ -486,7 +502,7 @@ def prune(snapshots_dir: str | Path, max_count: int, max_age_s: int | None,
         return []
     with folder_lock(snapshots_dir):
         _remove_incomplete(snapshots_dir)
-        snaps = list_snapshots(snapshots_dir)
+        snaps = list_snapshots(snapshots_dir, stream)
         keep = snaps[-max(1, max_count):]
         if max_age_s is not None:
             keep = [s for s in keep if now - s.taken_ns <= max_age_s * _NS] or snaps[-1:]

@@ -460,6 +460,40 @@ def test_dt_snapshot_and_restore(stream_world, tmp_path):
 
 
 @backends()
+def test_a_new_connection_to_the_same_target_does_not_inherit_its_snapshots(stream_world, tmp_path):
+    """Snapshots live beside the target root; their offsets are those of the stream they
+    were taken of. A connection made again to that target starts a stream of its own."""
+    from history_helpers import make_connection
+
+    from datatether.engine.connection import ConnectionStore
+    from datatether.engine.replset import SetStore
+
+    w = stream_world
+    apply_up_to(w, 6)
+    old = json.loads(dt("snapshot", "take", "web", "--json", state=w.state).stdout)[0]
+    state = runtime.State(w.state, Settings.load(w.state), w.log, ConnectionStore(w.state), SetStore(w.state))
+    runtime.remove_connection(state, w.conn)
+    again = make_connection(w.state, tmp_path / "source2", w.target, name="again")
+    w.log.ensure_partition(again.partition)
+    append(w.log, again.partition, create("fresh", ev.FileKind.DIR), T0 + 100 * SECOND)
+    for n in range(1, 8):
+        append(w.log, again.partition, create(f"fresh/{n}"), T0 + (100 + n) * SECOND)
+    try:
+        assert json.loads(dt("snapshot", "list", "again", "--json", state=w.state).stdout) == []
+        for at in ("6", "7"):
+            done = json.loads(dt("restore", "again", "--at", at, "--into", tmp_path / at, "--json",
+                                 state=w.state).stdout)
+            assert done["snapshot"] is None
+            assert contents(tmp_path / at) == {"fresh": None, **{f"fresh/{n}": b"" for n in range(1, int(at) + 1)}}
+        assert json.loads(dt("snapshot", "prune", "again", "--json", state=w.state).stdout) == {"deleted": []}
+        assert snapshots.list_snapshots(w.target.parent / "target.dt-snapshots")[0].id == old["id"]  # kept
+    finally:
+        if w.backend == "kafka":  # the world drops its own partition when it closes
+            w.log.drop_partition(again.partition)
+            w.log.ensure_partition(w.partition)
+
+
+@backends()
 def test_dt_restore_refusals(stream_world, tmp_path):
     w = stream_world
     cases = [

@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 
 from ...apply.restore import restore
-from ...apply.snapshot import snapshots_dir_for
+from ...apply.snapshot import snapshots_dir_for, stream_of
 from ...engine import history
 from .. import output, stream
 
@@ -49,7 +49,7 @@ def run(args) -> int:
         stream.check_apart(into, job)
         done = restore(state.log, job.partition, point, into, snapshots_dir=snapshots_dir_for(conn, state.settings),
                        source_root=job.rset.root, target_root=conn.target_root, settings=state.settings,
-                       glob=args.path)
+                       glob=args.path, stream=stream_of(conn))
     result = {"connection": conn.name, "offset": done.offset,
               "time": history.format_time(done.time_ns) if done.time_ns is not None else None,
               "snapshot": done.snapshot, "replayed": done.replayed, "target_data_state": done.data_state,
