@@ -350,8 +350,8 @@ def _first_file(root: Path) -> Path | None:
     return None
 
 
-def _run(argv: list[str]) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True)
+def _run(argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, pass_fds=pass_fds)
     if done.returncode != 0:
         raise OSError(errno.EIO, f"{' '.join(argv[:3])} failed: {done.stderr.strip() or done.returncode}")
 
@@ -551,8 +551,10 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def copy_tree(src: str | Path, into: str | Path) -> None:
+def copy_tree(src: str | Path, into: str | Path, keep_open: tuple[int, ...] = ()) -> None:
     """Copy the contents of ``src`` into the existing folder ``into``, preserving links,
     owners, modes, times and extended attributes; clones extents where the filesystem can
-    (used by restore: the copy never shares an inode with the snapshot)."""
-    _run(["cp", "-a", "--reflink=auto", f"{src}/.", f"{into}/"])
+    (used by restore: the copy never shares an inode with the snapshot). ``cp`` inherits
+    the descriptors ``keep_open`` (restore's lock on ``into``: a cp that outlives a killed
+    restore still holds it while it writes)."""
+    _run(["cp", "-a", "--reflink=auto", f"{src}/.", f"{into}/"], pass_fds=keep_open)

@@ -493,6 +493,50 @@ def test_a_new_connection_to_the_same_target_does_not_inherit_its_snapshots(stre
             w.log.ensure_partition(w.partition)
 
 
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_a_restore_killed_midway_is_cleared_by_the_next_one(stream_world, tmp_path):
+    """A restore's staging folder in DIR outlives a kill -9 or a crash; the next restore into
+    DIR removes it. One that is still running is left alone: DIR is not empty then."""
+    import fcntl
+    import signal
+    import sys
+
+    w = stream_world
+    apply_up_to(w, 6)
+    for d in range(40):  # a snapshot that takes a while to copy
+        (w.target / f"bulk{d:02}").mkdir()
+        for f in range(500):
+            (w.target / f"bulk{d:02}" / f"f{f}").write_bytes(b"x")
+    dt("snapshot", "take", "web", state=w.state)
+    into = tmp_path / "r"
+    argv = [sys.executable, "-m", "datatether.tools.cli", "restore", "web", "--at", "6", "--into", str(into),
+            "--state", str(w.state)]
+    def start_and_wait_for_the_copy():
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not any(into.glob(f"{STAGING_PREFIX}*/bulk*")):
+            time.sleep(0.001)
+        return proc
+
+    running = start_and_wait_for_the_copy()
+    running.send_signal(signal.SIGSTOP)
+    beside = dt("restore", "web", "--at", "6", "--into", into, state=w.state, check=False)
+    assert beside.returncode == 2 and "is not empty" in beside.stderr
+    running.send_signal(signal.SIGCONT)
+    assert running.wait(timeout=120) == 0
+    assert sorted(os.listdir(into)) == sorted(os.listdir(w.target))
+    subprocess.run(["rm", "-rf", str(into)], check=True)
+
+    killed = start_and_wait_for_the_copy()
+    killed.kill()
+    killed.wait()
+    (left,) = into.iterdir()
+    fd = os.open(left, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # the cp that the killed restore ran writes on until it ends
+    os.close(fd)
+    dt("restore", "web", "--at", "6", "--into", into, state=w.state)
+    assert sorted(os.listdir(into)) == sorted(os.listdir(w.target))
+
+
 @backends()
 def test_dt_restore_refusals(stream_world, tmp_path):
     w = stream_world

@@ -11,9 +11,10 @@ go is bounded by the oldest snapshot and the log's retention (history window and
 a point outside says so, with what is reachable.
 
 DIR must be empty or absent, and apart from the source, the target, its snapshots and
-the state directory. Nothing is written to DIR unless the restore succeeds. --path GLOB
-restores only matching paths (and what is beneath them, with the directories leading to
-them).
+the state directory. Nothing is written to DIR unless the restore succeeds (what a restore
+killed mid-way leaves, a hidden .dt-restore-PID folder, the next restore into DIR removes).
+--path GLOB restores only matching paths (and what is beneath them, with the directories
+leading to them).
 Errors (exit 2): unknown connection, a point after the end or before what is reachable,
 a corrupt record on the way (its offset is named; nothing from it is applied), DIR not
 empty.
