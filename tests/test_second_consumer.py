@@ -136,6 +136,35 @@ def test_dt_apply_follow_until_interrupted(world, tmp_path):
     assert json.loads(out)["applied_offset"] == world.log.end_offset(world.partition) - 1
 
 
+def test_a_follower_started_first_leaves_the_embedded_log_to_the_daemon(tmp_path):
+    """dt apply --follow runs for days; the connection's daemon (dt protect, dt mirror) must
+    still be able to start, and to restart, beside it: the embedded log has one writer."""
+    world = StreamWorld(tmp_path, "embedded")
+    workload(world, 0, 2)
+    world.log.close()  # no daemon yet
+    to = tmp_path / "second"
+    proc = subprocess.Popen([sys.executable, "-m", "datatether.tools.cli", "apply", "web", "--to", str(to),
+                             "--consumer", "dr", "--follow", "--state", str(world.state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (to / "d").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        world.log = runtime.open_log(world.state, Settings.load(world.state))  # the daemon starts
+        expected = workload(world, 2, 3)
+        while files(to) != expected:
+            assert time.monotonic() < deadline and proc.poll() is None, "the follower stopped following"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        world.close()
+
+
 def test_task_commands_run_only_when_asked_and_add_nothing_to_the_stream(tmp_path):
     world = StreamWorld(tmp_path, "embedded")
     try:

@@ -4,7 +4,9 @@ snapshot, apply), whether or not a daemon is running.
 The embedded log (RocksDB) admits one writing process. A command that only reads opens it
 as a read-only secondary (engine/log_embedded.py), which works beside a running daemon and
 sees its appends. A command that would like to write (``dt apply`` records its consumer
-offset) opens it for writing when no other process holds it, and read-only otherwise. The
+offset) opens it for writing when no other process holds it, and read-only otherwise; a
+command that runs for long (``dt apply --follow``) never asks to write, so that the
+connection's daemon can always start beside it. The
 Kafka backend needs no such care: any number of clients read and commit.
 
 Everything else comes from tools/runtime.py (``State``, ``Job``, ``open_log``), so the

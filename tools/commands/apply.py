@@ -7,10 +7,11 @@ in effect, like the connection's own target, while the source captures and sends
 change once. NAME identifies this target: its applied offset is kept in
 <state>/consumers/<partition>/<NAME>/ (apply/progress.py), and its consumer offset is
 committed to the log under NAME (Kafka: a consumer group of its own), so retention keeps
-the events it has not applied yet. On the embedded log while a daemon holds it the
-consumer offset cannot be recorded (the log is read-only to other processes; a warning
-says so); the applied offset still is, and events retention removed before this target
-applied them make it Mirror Required.
+the events it has not applied yet. On the embedded log the consumer offset cannot be
+recorded while a daemon holds the log, nor ever with --follow (the log has one writer,
+and a follower holding it would keep dt protect from starting): the log is read-only to
+such a dt apply and a warning says so; the applied offset still is recorded, and events
+retention removed before this target applied them make it Mirror Required.
 
 Without --follow it applies what the log holds now and exits; with --follow it keeps
 applying until interrupted (Ctrl-C or SIGTERM: it stops after the current batch, exit 0).
@@ -60,7 +61,9 @@ def run(args) -> int:
     if args.consumer in RESERVED:
         raise UsageError(detail=f"consumer name {args.consumer!r} is reserved; choose another")
     to = Path(args.to).absolute()
-    with stream.open_state(args.state, write=True) as state:
+    # A follower runs for days: holding the embedded log's one writer would keep the
+    # connection's daemon from starting; catching up is short, and records its offset.
+    with stream.open_state(args.state, write=not args.follow) as state:
         job = stream.job(state, args.connection)
         stream.check_apart(to, job)
         folder = consumer_dir(state.dir, job.partition, args.consumer)
