@@ -273,7 +273,8 @@ class Progress:
         path = self.state_dir / STATUS_FILE
         tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self.snapshot(), ensure_ascii=False, default=str))
+            # ASCII: a file name that is not UTF-8 (last_file) travels as \udcNN escapes
+            tmp.write_text(json.dumps(self.snapshot(), default=str))
             os.replace(tmp, path)
         except OSError as exc:  # advisory: a full state disk must not stop the applier
             log.warning("status snapshot not written", msgid="DT-A019", path=str(path), error=str(exc))

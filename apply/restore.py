@@ -10,12 +10,17 @@ decides what is reachable and says how far back one can go when a point is not.
 Contract:
 - The destination must be empty (or absent). Nothing is written to it unless the restore
   succeeds: the tree is built in a staging folder inside it and moved into place at the
-  end; any failure removes the staging folder.
+  end; any failure removes the staging folder. A restore holds its staging folder (flock)
+  until it ends, so one that nobody holds was left by a restore killed mid-way (kill -9, a
+  crash): the next restore into that destination removes it (DT-H022).
 - Exact: the Applier replays through a ``LogView`` that ends at N, drops the applier's
   appends and consumer commits (a restore leaves no trace in the log), and runs no task
   command. Any event the Applier refuses or cannot apply (a corrupt record, an object
   missing) makes the restore fail (RestoreFailed naming the event's offset): nothing from
   that event or after it is applied.
+- The snapshot it starts from is held while it is copied (apply/snapshot.reading): dt
+  snapshot delete refuses it meanwhile and prune keeps it, so a restore never copies a
+  tree that is being removed.
 - ``glob`` (engine/history.path_matches) keeps only matching paths and what is beneath
   them, with the directories leading to them. The whole tree is materialised first and
   filtered after, which stays right across renames into and out of the selection.
@@ -24,7 +29,9 @@ Contract:
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -43,12 +50,13 @@ from datatether.engine.states import TargetDataState, TargetStatus
 from .applier import Applier
 from .paths import remap_link
 from .progress import Progress
-from .snapshot import Snapshot, copy_tree, list_snapshots, nearest
+from .snapshot import Snapshot, copy_tree, list_snapshots, nearest, reading
 
 log = logs.get(__name__)
 
 CONSUMER = "restore"
 STAGING_PREFIX = ".dt-restore-"
+_STAGING = re.compile(re.escape(STAGING_PREFIX) + r"\d+")
 
 
 @dataclass(frozen=True)
@@ -62,14 +70,17 @@ class Restored:
 
 
 def restore(log_: Log, partition: str, point: Point, into: str | os.PathLike, *, snapshots_dir: str | os.PathLike,
-            source_root: str, target_root: str, settings: Settings, glob: str | None = None) -> Restored:
+            source_root: str, target_root: str, settings: Settings, glob: str | None = None,
+            stream: str | None = None) -> Restored:
     """Materialise the state at ``point`` into the empty folder ``into`` (see the module doc).
 
     ``source_root`` and ``target_root`` are the connection's: symlinks come out as the
-    target had them (RemapLink points them into ``target_root``, as in snapshots)."""
+    target had them (RemapLink points them into ``target_root``, as in snapshots). Only
+    snapshots of ``stream`` (apply/snapshot.stream_of) serve, when it is given."""
     into = Path(into)
+    _clear_unfinished(into)
     _check_destination(into)
-    snaps = list_snapshots(snapshots_dir)
+    snaps = list_snapshots(snapshots_dir, stream)
     offset, reach = offset_at(log_, partition, point, [s.anchor for s in snaps])
     base = _base(snaps, offset, reach.start)
     first = base.offset + 1 if base else 0
@@ -77,12 +88,12 @@ def restore(log_: Log, partition: str, point: Point, into: str | os.PathLike, *,
              snapshot=base.id if base else None, replay=max(0, offset - first + 1), into=str(into))
     into.mkdir(parents=True, exist_ok=True)
     staging = into / f"{STAGING_PREFIX}{os.getpid()}"
+    staging.mkdir(mode=0o777 if base is not None else 0o755)  # a snapshot's copy brings the root's mode
+    held = _hold(staging)
     try:
         if base is not None:
-            staging.mkdir()
-            copy_tree(base.tree, staging)
-        else:
-            staging.mkdir(mode=0o755)
+            with reading(base):
+                copy_tree(base.tree, staging, keep_open=(held,))
         state = _replay(log_, partition, point, staging, base, offset, source_root, settings)
         if settings.remap_link and offset > (base.offset if base else NO_OFFSET):
             _relink(staging, target_root)
@@ -92,9 +103,39 @@ def restore(log_: Log, partition: str, point: Point, into: str | os.PathLike, *,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(held)
     time_ns = _time_of(log_, partition, offset, base)
     log.info("restore done", msgid="DT-H021", partition=partition, offset=offset, into=str(into))
     return Restored(offset, time_ns, base.id if base else None, max(0, offset - first + 1), state, str(into))
+
+
+def _hold(staging: Path) -> int:
+    """Lock ``staging`` for the life of this restore; returns the descriptor to close."""
+    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _clear_unfinished(into: Path) -> None:
+    """Remove the staging folders nobody holds when ``into`` holds nothing else (see the
+    module doc); anything else in it is the user's and is left to _check_destination."""
+    if into.is_symlink() or not into.is_dir():
+        return
+    entries = list(into.iterdir())
+    if not all(_STAGING.fullmatch(e.name) and e.is_dir() and not e.is_symlink() for e in entries):
+        return
+    for entry in entries:
+        fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a restore into the same folder is running
+            log.warning("unfinished restore removed", msgid="DT-H022", folder=str(entry))
+            shutil.rmtree(entry)
+        finally:
+            os.close(fd)
 
 
 def _check_destination(into: Path) -> None:

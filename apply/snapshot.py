@@ -32,6 +32,18 @@ Layout of a snapshots folder (one per connection)::
 A folder without ``snapshot.json`` is incomplete (a crash while taking or deleting): it is
 never listed and the next take or prune removes it. Deleting removes ``snapshot.json``
 first for the same reason.
+
+A snapshots folder belongs to a target root, not to a connection: a connection removed and
+made again to the same target starts a stream of its own, whose offsets say nothing of the
+old one's snapshots. So each snapshot records the stream it holds (``stream_of``: the
+connection's partition and creation time) and every listing for a connection keeps only
+its own; a snapshot from before streams were recorded (None) is taken as anyone's.
+
+A snapshot being read (``reading``: restore copies its tree) is never deleted under its
+reader: the reader holds a shared flock on the snapshot's folder, deleting takes it
+exclusively without waiting. ``delete_snapshot`` then refuses (BackendUnavailable) and
+``prune`` keeps the snapshot until its next run (DT-H004), so neither a take waiting for
+the folder lock nor the daemon's applier paused for it waits for a long restore.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ import shutil
 import stat
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -59,6 +72,7 @@ from datatether.engine.log import Log
 from datatether.engine.offsets import NO_OFFSET, fmt
 from datatether.engine.settings import Settings
 from datatether.engine.states import TargetStatus
+from datatether.engine.tree import data_extents
 
 from . import fsops
 
@@ -72,6 +86,7 @@ TREE = "tree"
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _BTRFS_SUBVOLUME_INO = 256
 _NS = 1_000_000_000
+_COPY_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,7 @@ class Snapshot:
     copied_files: int | None = None   # linktree: files copied / hard-linked from the previous
     linked_files: int | None = None
     data_state: str = "OK"   # the target data state at ``offset`` (a replay continues from it)
+    stream: str | None = None  # the stream it holds (stream_of); None: taken before streams were recorded
     folder: Path | None = None
 
     @property
@@ -109,6 +125,12 @@ class Snapshot:
         return cls(**{**values, "folder": Path(values["folder"])})
 
 
+def stream_of(conn: Connection) -> str:
+    """The stream a connection's snapshots hold: a partition name is used again by a
+    connection made again (another state directory), its creation time is not."""
+    return f"{conn.partition}@{conn.created_ns}"
+
+
 def snapshots_dir_for(conn: Connection, settings: Settings) -> Path:
     """Beside the target root (same filesystem, so copy-on-write works) unless configured."""
     if settings.snapshot_dir:
@@ -118,8 +140,8 @@ def snapshots_dir_for(conn: Connection, settings: Settings) -> Path:
 
 # -- listing ---------------------------------------------------------------------------
 
-def list_snapshots(snapshots_dir: str | Path) -> list[Snapshot]:
-    """Complete snapshots, oldest offset first."""
+def list_snapshots(snapshots_dir: str | Path, stream: str | None = None) -> list[Snapshot]:
+    """Complete snapshots, oldest offset first (of ``stream`` only, when given)."""
     folder = Path(snapshots_dir)
     if not folder.is_dir():
         return []
@@ -128,11 +150,12 @@ def list_snapshots(snapshots_dir: str | Path) -> list[Snapshot]:
         meta = entry / META
         if entry.is_dir() and meta.is_file():
             found.append(_read_meta(entry))
+    found = [s for s in found if stream is None or s.stream in (stream, None)]
     return sorted(found, key=lambda s: (s.offset, s.taken_ns))
 
 
-def get_snapshot(snapshots_dir: str | Path, snapshot_id: str) -> Snapshot:
-    for snap in list_snapshots(snapshots_dir):
+def get_snapshot(snapshots_dir: str | Path, snapshot_id: str, stream: str | None = None) -> Snapshot:
+    for snap in list_snapshots(snapshots_dir, stream):
         if snap.id == snapshot_id:
             return snap
     raise NotFound(what="snapshot", name=snapshot_id)
@@ -144,6 +167,24 @@ def nearest(snapshots: list[Snapshot], offset: int) -> Snapshot | None:
     return before[-1] if before else None
 
 
+@contextmanager
+def reading(snap: Snapshot) -> Iterator[Snapshot]:
+    """Keep ``snap`` from being deleted while its tree is read (see the module doc).
+    Raises NotFound when it was deleted since it was listed."""
+    gone = NotFound(what="snapshot (deleted since it was listed; try again)", name=snap.id)
+    try:
+        fd = os.open(snap.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise gone from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not (snap.folder / META).exists():  # deleted between the open and the lock
+            raise gone
+        yield snap
+    finally:
+        os.close(fd)
+
+
 def _read_meta(folder: Path) -> Snapshot:
     values = json.loads((folder / META).read_text())
     return Snapshot(folder=folder, **values)
@@ -153,8 +194,8 @@ def _read_meta(folder: Path) -> Snapshot:
 
 def take_snapshot(target_root: str | Path, snapshots_dir: str | Path, applied_offset: int,
                   applied_time_ns: int | None, *, reason: str = "manual", kind: str | None = None,
-                  data_state: str = "OK", now_ns: int | None = None) -> Snapshot:
-    """Snapshot ``target_root`` as the state at ``applied_offset``.
+                  data_state: str = "OK", stream: str | None = None, now_ns: int | None = None) -> Snapshot:
+    """Snapshot ``target_root`` as the state at ``applied_offset`` of ``stream``.
 
     The caller guarantees no event is applied meanwhile. ``kind`` None picks the best the
     filesystem offers; naming one forces it (and fails if the filesystem cannot).
@@ -171,6 +212,8 @@ def take_snapshot(target_root: str | Path, snapshots_dir: str | Path, applied_of
     with folder_lock(snapshots_dir):
         _remove_incomplete(snapshots_dir)
         previous = list_snapshots(snapshots_dir)
+        if kind is not None:
+            _check_kind(kind, target_root, snapshots_dir)
         chosen = kind or _best_kind(target_root, snapshots_dir)
         folder = snapshots_dir / f"{fmt(applied_offset) if applied_offset >= 0 else 'empty'}-{taken}"
         folder.mkdir()
@@ -188,7 +231,7 @@ def take_snapshot(target_root: str | Path, snapshots_dir: str | Path, applied_of
             _syncfs(folder)
             snap = Snapshot(id=folder.name, offset=applied_offset, time_ns=applied_time_ns, taken_ns=taken,
                             kind=chosen, reason=reason, copied_files=counts[0], linked_files=counts[1],
-                            data_state=data_state)
+                            data_state=data_state, stream=stream)
             meta = {k: v for k, v in asdict(snap).items() if k != "folder"}
             write_atomic(folder / META, json.dumps(meta, indent=1).encode(), mode=0o644)
         except BaseException:
@@ -212,7 +255,7 @@ def applied_time(log_: Log, partition: str, offset: int) -> int | None:
 
 def take_while_paused(applier, log_: Log, partition: str, target_root: str | Path, snapshots_dir: str | Path,
                       *, reason: str = "manual", kind: str | None = None, resume: bool = True,
-                      timeout_s: float = 60.0) -> Snapshot:
+                      stream: str | None = None, timeout_s: float = 60.0) -> Snapshot:
     """Snapshot the target of a running applier (apply/applier.py, applying in its own thread).
 
     The applier is paused; once it reports Paused (the batch in hand is applied and
@@ -229,7 +272,7 @@ def take_while_paused(applier, log_: Log, partition: str, target_root: str | Pat
             time.sleep(0.01)
         offset = applier.applied_offset
         return take_snapshot(target_root, snapshots_dir, offset, applied_time(log_, partition, offset),
-                             reason=reason, kind=kind, data_state=progress.data_state.value)
+                             reason=reason, kind=kind, data_state=progress.data_state.value, stream=stream)
     finally:
         if resume:
             applier.resume()
@@ -243,17 +286,18 @@ class TargetSnapshots:
 
     def __init__(self, log_: Log, conn: Connection, settings: Settings):
         self._log, self._partition, self._target_root = log_, conn.partition, conn.target_root
+        self._stream = stream_of(conn)
         self._settings = settings
         self.folder = snapshots_dir_for(conn, settings)
 
     def take(self, applier, reason: str, *, kind: str | None = None, resume: bool = True) -> Snapshot:
         snap = take_while_paused(applier, self._log, self._partition, self._target_root, self.folder,
-                                 reason=reason, kind=kind, resume=resume)
-        prune(self.folder, self._settings.snapshot_max_count, self._settings.snapshot_max_age_s)
+                                 reason=reason, kind=kind, resume=resume, stream=self._stream)
+        prune(self.folder, self._settings.snapshot_max_count, self._settings.snapshot_max_age_s, stream=self._stream)
         return snap
 
     def due(self, now_ns: int) -> str | None:
-        return due(list_snapshots(self.folder), now_ns, self._settings.snapshot_interval_s)
+        return due(list_snapshots(self.folder, self._stream), now_ns, self._settings.snapshot_interval_s)
 
 
 def _best_kind(target_root: Path, snapshots_dir: Path) -> str:
@@ -262,6 +306,17 @@ def _best_kind(target_root: Path, snapshots_dir: Path) -> str:
     if _can_reflink(target_root, snapshots_dir):
         return "reflink"
     return "linktree"
+
+
+def _check_kind(kind: str, target_root: Path, snapshots_dir: Path) -> None:
+    """A forced kind the filesystem cannot give is bad input, refused before any copy (a
+    failing ``btrfs`` or ``cp`` would be an OSError, an internal error to the daemon's API)."""
+    if kind == "btrfs" and not (_is_btrfs_subvolume(target_root) and shutil.which("btrfs")):
+        raise UsageError(detail=f"snapshot kind btrfs needs the target root to be a btrfs subvolume "
+                                f"(and the btrfs command): {target_root} is not one")
+    if kind == "reflink" and _first_file(target_root) is not None and not _can_reflink(target_root, snapshots_dir):
+        raise UsageError(detail=f"snapshot kind reflink needs a filesystem that clones extents (xfs, btrfs) "
+                                f"holding both {target_root} and {snapshots_dir}")
 
 
 def _is_btrfs_subvolume(path: Path) -> bool:
@@ -297,8 +352,8 @@ def _first_file(root: Path) -> Path | None:
     return None
 
 
-def _run(argv: list[str]) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True)
+def _run(argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, pass_fds=pass_fds)
     if done.returncode != 0:
         raise OSError(errno.EIO, f"{' '.join(argv[:3])} failed: {done.stderr.strip() or done.returncode}")
 
@@ -390,9 +445,42 @@ def _hard_link(existing: Path, new: Path) -> bool:
 
 
 def _copy_file(src: Path, dst: Path, st: os.stat_result) -> None:
-    shutil.copyfile(src, dst, follow_symlinks=False)
+    """Copy a regular file with its attributes; holes stay holes (a sparse disk image
+    costs the snapshot its data, not its size)."""
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fout, st.st_size)
+            for start, end in data_extents(fin, st.st_size, st.st_blocks * 512):
+                _copy_range(fin, fout, start, end)
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
     os.chown(dst, st.st_uid, st.st_gid)  # before the mode: chown clears set-id bits
     shutil.copystat(src, dst, follow_symlinks=False)  # mode, times, extended attributes
+
+
+def _copy_range(fin: int, fout: int, start: int, end: int) -> None:
+    """Bytes ``start..end`` of ``fin`` to the same place in ``fout``: in the kernel where it
+    can (copy_file_range), else through a buffer (snapshot_dir on another filesystem)."""
+    in_kernel = True
+    while start < end:
+        size = min(end - start, _COPY_CHUNK)
+        if in_kernel:
+            try:
+                copied = os.copy_file_range(fin, fout, size, start, start)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                in_kernel = False
+                continue
+        else:
+            copied = os.pwrite(fout, os.pread(fin, size, start), start)
+        if copied == 0:
+            return  # end of file (never while the caller holds the target still)
+        start += copied
 
 
 def _read_manifest(folder: Path) -> dict[str, list[int]]:
@@ -410,26 +498,38 @@ def _write_manifest(folder: Path, manifest: dict[str, list[int]]) -> None:
 
 # -- deleting, retention, schedule ---------------------------------------------------
 
-def delete_snapshot(snapshots_dir: str | Path, snapshot_id: str) -> Snapshot:
+def delete_snapshot(snapshots_dir: str | Path, snapshot_id: str, stream: str | None = None) -> Snapshot:
     with folder_lock(Path(snapshots_dir)):
-        snap = get_snapshot(snapshots_dir, snapshot_id)
+        snap = get_snapshot(snapshots_dir, snapshot_id, stream)
         _delete(snap)
     return snap
 
 
 def _delete(snap: Snapshot) -> None:
-    (snap.folder / META).unlink()
-    fsync_dir(snap.folder)
-    _remove(snap.folder)
+    """Delete ``snap``; BackendUnavailable if a reader holds it (``reading``)."""
+    fd = os.open(snap.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackendUnavailable(backend=f"snapshot {snap.id}",
+                                     detail="a restore is reading it; try again when it is done") from None
+        (snap.folder / META).unlink()
+        fsync_dir(snap.folder)
+        _remove(snap.folder)
+    finally:
+        os.close(fd)
     log.info("snapshot deleted", msgid="DT-H002", snapshot=snap.id, offset=snap.offset)
 
 
 def prune(snapshots_dir: str | Path, max_count: int, max_age_s: int | None,
-          now_ns: int | None = None) -> list[Snapshot]:
-    """Delete the oldest snapshots beyond ``max_count`` and those older than ``max_age_s``.
+          now_ns: int | None = None, stream: str | None = None) -> list[Snapshot]:
+    """Delete the oldest snapshots (of ``stream``, when given) beyond ``max_count`` and those
+    older than ``max_age_s``.
 
     The newest snapshot is always kept: it may be the only way back past the log's own
-    retention. Returns what was deleted.
+    retention; so is one a restore is reading, until the next prune. Returns what was
+    deleted.
     """
     now = time.time_ns() if now_ns is None else now_ns
     snapshots_dir = Path(snapshots_dir)
@@ -437,13 +537,18 @@ def prune(snapshots_dir: str | Path, max_count: int, max_age_s: int | None,
         return []
     with folder_lock(snapshots_dir):
         _remove_incomplete(snapshots_dir)
-        snaps = list_snapshots(snapshots_dir)
+        snaps = list_snapshots(snapshots_dir, stream)
         keep = snaps[-max(1, max_count):]
         if max_age_s is not None:
             keep = [s for s in keep if now - s.taken_ns <= max_age_s * _NS] or snaps[-1:]
-        gone = [s for s in snaps if s not in keep]
-        for snap in gone:
-            _delete(snap)
+        gone = []
+        for snap in (s for s in snaps if s not in keep):
+            try:
+                _delete(snap)
+            except BackendUnavailable:
+                log.warning("snapshot in use, not pruned", msgid="DT-H004", snapshot=snap.id, offset=snap.offset)
+                continue
+            gone.append(snap)
     return gone
 
 
@@ -481,8 +586,10 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def copy_tree(src: str | Path, into: str | Path) -> None:
+def copy_tree(src: str | Path, into: str | Path, keep_open: tuple[int, ...] = ()) -> None:
     """Copy the contents of ``src`` into the existing folder ``into``, preserving links,
     owners, modes, times and extended attributes; clones extents where the filesystem can
-    (used by restore: the copy never shares an inode with the snapshot)."""
-    _run(["cp", "-a", "--reflink=auto", f"{src}/.", f"{into}/"])
+    (used by restore: the copy never shares an inode with the snapshot). ``cp`` inherits
+    the descriptors ``keep_open`` (restore's lock on ``into``: a cp that outlives a killed
+    restore still holds it while it writes)."""
+    _run(["cp", "-a", "--reflink=auto", f"{src}/.", f"{into}/"], pass_fds=keep_open)

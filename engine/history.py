@@ -7,8 +7,9 @@ not the capture time inside the event: it is what ``Log.offset_for_time`` search
 time printed by ``dt tail`` or ``dt history`` and given back to ``--since``/``--at``
 finds the same event on every backend. Times are shown as ISO 8601 in UTC with
 nanoseconds (``2026-01-02T03:04:05.123456789Z``). Parsed times accept a ``Z`` or
-``+HH:MM`` offset and any number of fraction digits (kept to the nanosecond); a time
-without an offset is taken as UTC, because the log itself only knows UTC.
+``+HH:MM`` offset and any number of fraction digits of the seconds (kept to the
+nanosecond; a fraction anywhere else is refused, not dropped); a time without an offset
+is taken as UTC, because the log itself only knows UTC.
 
 Points
 ------
@@ -50,7 +51,7 @@ from datetime import datetime, timezone
 from typing import Iterable, Iterator, Sequence
 
 from . import codec, logs
-from .errors import CorruptRecord, OutsideHistory, UsageError
+from .errors import CorruptRecord, OffsetOutOfRange, OutsideHistory, UsageError
 from .events import Event, FileKind, TaskResult
 from .log import Log, LogRecord
 from .offsets import NO_OFFSET
@@ -59,7 +60,7 @@ log = logs.get(__name__)
 
 READ_BATCH = 1000
 _NS = 1_000_000_000
-_FRACTION = re.compile(r"[.,](\d+)")
+_FRACTION = re.compile(r"(?<=\d\d:\d\d:\d\d)[.,](\d+)")  # of the seconds only
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -68,12 +69,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 def format_time(time_ns: int) -> str:
     """ISO 8601, UTC, nanoseconds, ``Z`` suffix (parse_time reads it back exactly)."""
     seconds, ns = divmod(time_ns, _NS)
-    stamp = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None).isoformat()  # strftime %Y writes year 1 as "1"
     return f"{stamp}.{ns:09d}Z"
 
 
 def parse_time(text: str) -> int:
-    """Nanoseconds since the epoch of an ISO 8601 time; naive times are UTC."""
+    """Nanoseconds since the epoch of an ISO 8601 time; naive times are UTC. The time in UTC
+    must fall in the years 1 to 9999, as ``format_time`` writes them."""
     match = _FRACTION.search(text)
     fraction_ns = 0
     plain = text
@@ -82,11 +84,14 @@ def parse_time(text: str) -> int:
         fraction_ns = int(digits[:9].ljust(9, "0"))
         plain = text[:match.start()] + text[match.end():]
     try:
+        if "." in plain or "," in plain:  # a second fraction, or one not after the seconds
+            raise ValueError(text)
         moment = datetime.fromisoformat(plain)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.astimezone(timezone.utc)  # OverflowError past the years 1-9999
+    except (ValueError, OverflowError):
         raise UsageError(detail=f"not a time: {text!r} (use ISO 8601, e.g. 2026-01-02T03:04:05.5Z)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
     whole = moment - _EPOCH
     return (whole.days * 86400 + whole.seconds) * _NS + fraction_ns
 
@@ -102,10 +107,15 @@ class Point:
         return f"offset {self.offset}" if self.offset is not None else f"time {format_time(self.time_ns)}"
 
 
+def is_offset(text: str) -> bool:
+    """Decimal digits 0-9 only (``str.isdigit`` also takes "²" and other scripts' digits)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_point(text: str) -> Point:
     """``"42"`` is offset 42; anything else must be an ISO 8601 time."""
     text = text.strip()
-    if text.isdigit():
+    if is_offset(text):
         return Point(offset=int(text))
     return Point(time_ns=parse_time(text))
 
@@ -346,15 +356,26 @@ def find_task_result(log_: Log, partition: str, task_id: str, after: int) -> Tas
 def follow(log_: Log, partition: str, first: int, *, glob: str | None = None,
            poll_s: float = 1.0, stop: threading.Event | None = None) -> Iterator[HistoryEvent]:
     """Events from ``first`` on, until ``stop`` is set (forever without one): waits
-    (``Log.wait``, ``poll_s`` at a time) for each new record."""
+    (``Log.wait``, ``poll_s`` at a time) for each new record.
+
+    A follower keeps following: records that retention drops before they are read (a
+    slow reader, the byte bound) are passed over with a warning naming them (DT-H030)."""
     offset = first
     while stop is None or not stop.is_set():
         if not log_.wait(partition, offset, poll_s):
             continue
-        for hev in read(log_, partition, offset, glob=None):
-            offset = hev.offset + 1
-            if selected(hev, glob):
-                yield hev
+        try:
+            for hev in read(log_, partition, offset, glob=None):
+                offset = hev.offset + 1
+                if selected(hev, glob):
+                    yield hev
+        except OffsetOutOfRange:
+            start = log_.start_offset(partition)
+            if start <= offset:
+                raise
+            log.warning("events dropped by retention before being shown", msgid="DT-H030", partition=partition,
+                        first=offset, last=start - 1)
+            offset = start
 
 
 # -- presentation shared by tail and history --------------------------------------------

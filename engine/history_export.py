@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .durable import fsync_dir
+from .errors import NotFound, UsageError
 from .history import HistoryEvent, display_path
 
 BATCH_ROWS = 50_000
@@ -54,8 +55,15 @@ def _parent(path: str) -> str:
 
 def export_parquet(events: Iterable[HistoryEvent], file: str | Path, connection: str,
                    batch_rows: int = BATCH_ROWS) -> int:
-    """Write ``events`` to ``file`` (replaced atomically when complete); return the row count."""
+    """Write ``events`` to ``file`` (replaced atomically when complete); return the row count.
+
+    A directory, or a file in a folder that does not exist, is refused before anything is
+    written: the temporary file beside it would otherwise be the one the error names."""
     file = Path(file)
+    if file.is_dir():
+        raise UsageError(detail=f"{file} is a directory: name the Parquet file to write")
+    if not file.parent.is_dir():
+        raise NotFound(what="folder for the Parquet file", name=str(file.parent))
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     columns: dict[str, list] = {name: [] for name in SCHEMA.names}
     rows = 0

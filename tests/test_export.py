@@ -15,6 +15,7 @@ from history_helpers import SECOND, T0, append, create
 
 from datatether.engine import events as ev
 from datatether.engine import history
+from datatether.engine.errors import DtError
 from datatether.engine.history_export import SCHEMA, export_parquet
 from datatether.engine.log_embedded import EmbeddedLog
 
@@ -114,6 +115,16 @@ def test_a_failed_export_leaves_no_file(log, tmp_path):
     with pytest.raises(RuntimeError):
         export_parquet(broken(), out, "c", batch_rows=2)
     assert list(tmp_path.glob("*.parquet*")) == [] and list(tmp_path.glob(".h.parquet*")) == []
+
+
+def test_a_directory_or_a_missing_folder_is_named_as_given(log, tmp_path):
+    workload(log)
+    for out, message in [(tmp_path, f"{tmp_path} is a directory"),
+                         (tmp_path / "no" / "h.parquet", f"folder for the Parquet file not found: {tmp_path / 'no'}")]:
+        with pytest.raises(DtError) as info:
+            export_parquet(history.read(log, P, 0, 5), out, "c")
+        assert info.value.exit_code == 2 and message in info.value.message
+    assert list(tmp_path.parent.glob(f".{tmp_path.name}*")) == []
 
 
 # -- dt history export, on both backends -----------------------------------------------

@@ -41,7 +41,8 @@ def story(log):
 # -- times and points --------------------------------------------------------------------
 
 def test_time_text_round_trips_to_the_nanosecond():
-    for t in (T0, T0 + 1, T0 + 123_456_789, 0):
+    for t in (T0, T0 + 1, T0 + 123_456_789, 0, history.parse_time("0001-01-01T00:00:00Z"),
+              history.parse_time("9999-12-31T23:59:59.999999999Z")):
         assert history.parse_time(history.format_time(t)) == t
 
 
@@ -57,7 +58,9 @@ def test_parse_time_accepts_iso_8601_with_offsets_and_fractions(text, expected):
     assert history.parse_time(text) == expected
 
 
-@pytest.mark.parametrize("text", ["yesterday", "2026-13-01T00:00:00Z", "", "12:00"])
+@pytest.mark.parametrize("text", ["yesterday", "2026-13-01T00:00:00Z", "", "12:00",
+                                  "2026-03-01T10:00:00Z.5", "2026-03-01T10:00.5Z", "2026-03-01T10:00:00.5.25Z",
+                                  "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])  # no year 0 or 10000 UTC
 def test_parse_time_refuses_what_is_not_a_time(text):
     with pytest.raises(UsageError, match="not a time"):
         history.parse_time(text)
@@ -66,6 +69,9 @@ def test_parse_time_refuses_what_is_not_a_time(text):
 def test_points_are_offsets_or_times():
     assert history.parse_point("42") == Point(offset=42)
     assert history.parse_point("2026-03-01T10:00:00Z") == Point(time_ns=T0)
+    for digits in ("\u00b2", "\u0663"):  # superscript two, Arabic-Indic three: not offsets
+        with pytest.raises(UsageError, match="not a time"):
+            history.parse_point(digits)
     assert str(Point(offset=3)) == "offset 3"
     assert str(Point(time_ns=T0)) == "time 2026-03-01T10:00:00.000000000Z"
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 
 import pytest
 from history_helpers import SECOND, T0, append, corrupt_embedded, create, loop_filesystem, tree_state
@@ -14,9 +15,9 @@ from history_helpers import SECOND, T0, append, corrupt_embedded, create, loop_f
 from datatether.apply import snapshot as snapshots
 from datatether.apply.applier import Applier
 from datatether.apply.progress import Progress
-from datatether.apply.restore import restore
+from datatether.apply.restore import STAGING_PREFIX, restore
 from datatether.engine import events as ev
-from datatether.engine.errors import NotFound, OutsideHistory, RestoreFailed, UsageError
+from datatether.engine.errors import BackendUnavailable, NotFound, OutsideHistory, RestoreFailed, UsageError
 from datatether.engine.history import Point
 from datatether.engine.log_embedded import EmbeddedLog
 from datatether.engine.log_view import LogView
@@ -202,6 +203,30 @@ def test_snapshots_reach_past_retention(tmp_path):
         w.log.close()
 
 
+def test_a_snapshot_is_neither_deleted_nor_pruned_while_a_restore_copies_it(world, tmp_path):
+    big = tmp_path / "big"  # a tree that takes a while to copy
+    for d in range(40):
+        (big / f"d{d:02}").mkdir(parents=True)
+        for f in range(500):
+            (big / f"d{d:02}" / f"f{f}").write_bytes(b"x")
+    copied = snapshots.take_snapshot(big, world.snaps, 9, T0 + 9 * SECOND)
+    snapshots.take_snapshot(world.target, world.snaps, LAST, T0 + LAST * SECOND)
+    into = tmp_path / "into"
+    restoring = threading.Thread(target=world.restore, args=(Point(offset=9),), kwargs={"into": into})
+    restoring.start()
+    try:
+        while restoring.is_alive() and not any(into.glob(f"{STAGING_PREFIX}*/d*")):
+            time.sleep(0.001)
+        assert restoring.is_alive(), "the copy ended before the test could delete it"
+        with pytest.raises(BackendUnavailable, match="a restore is reading it"):
+            snapshots.delete_snapshot(world.snaps, copied.id)
+        assert snapshots.prune(world.snaps, max_count=1, max_age_s=None) == []
+    finally:
+        restoring.join()
+    assert tree_state(into) == tree_state(big)
+    assert [s.id for s in snapshots.prune(world.snaps, max_count=1, max_age_s=None)] == [copied.id]
+
+
 def test_a_time_before_retention_says_how_far_back_one_can_go(world):
     world.log.truncate_before(P, 5)
     with pytest.raises(OutsideHistory) as info:
@@ -274,6 +299,24 @@ def test_an_undecodable_event_or_a_gap_fails_the_restore(tmp_path):
         assert done.snapshot is not None and (tmp_path / "at-2" / "f").read_bytes() == b"later"
         with pytest.raises(RestoreFailed, match="gap at event 3"):
             restore(log, P, Point(offset=3), tmp_path / "at-3", **kw)
+
+
+def test_a_name_that_is_not_utf8_is_restored(tmp_path):
+    """The progress of the replay names the last file applied; its status snapshot must
+    still be written when that name is not UTF-8 (the daemon's applier keeps one too)."""
+    name = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    with EmbeddedLog(tmp_path / "log") as log:
+        log.ensure_partition(P)
+        append(log, P, create(name), T0)
+        append(log, P, ev.Write(name, 0, b"latin-1"), T0 + SECOND)
+        restore(log, P, Point(offset=1), tmp_path / "into", snapshots_dir=tmp_path / "snaps", source_root=SOURCE,
+                target_root=str(tmp_path / "t"), settings=SETTINGS)
+    assert os.listdir(tmp_path / "into") == [name]
+    assert (tmp_path / "into" / name).read_bytes() == b"latin-1"
+    progress = Progress(tmp_path / "progress")
+    progress.sample(T0, name, 0)
+    progress.close()
+    assert Progress.read_snapshot(tmp_path / "progress")["last_file"] == name
 
 
 def test_a_snapshot_of_a_target_already_mirror_required_is_replayed_on(tmp_path):
@@ -417,13 +460,92 @@ def test_dt_snapshot_and_restore(stream_world, tmp_path):
 
 
 @backends()
+def test_a_new_connection_to_the_same_target_does_not_inherit_its_snapshots(stream_world, tmp_path):
+    """Snapshots live beside the target root; their offsets are those of the stream they
+    were taken of. A connection made again to that target starts a stream of its own."""
+    from history_helpers import make_connection
+
+    from datatether.engine.connection import ConnectionStore
+    from datatether.engine.replset import SetStore
+
+    w = stream_world
+    apply_up_to(w, 6)
+    old = json.loads(dt("snapshot", "take", "web", "--json", state=w.state).stdout)[0]
+    state = runtime.State(w.state, Settings.load(w.state), w.log, ConnectionStore(w.state), SetStore(w.state))
+    runtime.remove_connection(state, w.conn)
+    again = make_connection(w.state, tmp_path / "source2", w.target, name="again")
+    w.log.ensure_partition(again.partition)
+    append(w.log, again.partition, create("fresh", ev.FileKind.DIR), T0 + 100 * SECOND)
+    for n in range(1, 8):
+        append(w.log, again.partition, create(f"fresh/{n}"), T0 + (100 + n) * SECOND)
+    try:
+        assert json.loads(dt("snapshot", "list", "again", "--json", state=w.state).stdout) == []
+        for at in ("6", "7"):
+            done = json.loads(dt("restore", "again", "--at", at, "--into", tmp_path / at, "--json",
+                                 state=w.state).stdout)
+            assert done["snapshot"] is None
+            assert contents(tmp_path / at) == {"fresh": None, **{f"fresh/{n}": b"" for n in range(1, int(at) + 1)}}
+        assert json.loads(dt("snapshot", "prune", "again", "--json", state=w.state).stdout) == {"deleted": []}
+        assert snapshots.list_snapshots(w.target.parent / "target.dt-snapshots")[0].id == old["id"]  # kept
+    finally:
+        if w.backend == "kafka":  # the world drops its own partition when it closes
+            w.log.drop_partition(again.partition)
+            w.log.ensure_partition(w.partition)
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_a_restore_killed_midway_is_cleared_by_the_next_one(stream_world, tmp_path):
+    """A restore's staging folder in DIR outlives a kill -9 or a crash; the next restore into
+    DIR removes it. One that is still running is left alone: DIR is not empty then."""
+    import fcntl
+    import signal
+    import sys
+
+    w = stream_world
+    apply_up_to(w, 6)
+    for d in range(40):  # a snapshot that takes a while to copy
+        (w.target / f"bulk{d:02}").mkdir()
+        for f in range(500):
+            (w.target / f"bulk{d:02}" / f"f{f}").write_bytes(b"x")
+    dt("snapshot", "take", "web", state=w.state)
+    into = tmp_path / "r"
+    argv = [sys.executable, "-m", "datatether.tools.cli", "restore", "web", "--at", "6", "--into", str(into),
+            "--state", str(w.state)]
+    def start_and_wait_for_the_copy():
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not any(into.glob(f"{STAGING_PREFIX}*/bulk*")):
+            time.sleep(0.001)
+        return proc
+
+    running = start_and_wait_for_the_copy()
+    running.send_signal(signal.SIGSTOP)
+    beside = dt("restore", "web", "--at", "6", "--into", into, state=w.state, check=False)
+    assert beside.returncode == 2 and "is not empty" in beside.stderr
+    running.send_signal(signal.SIGCONT)
+    assert running.wait(timeout=120) == 0
+    assert sorted(os.listdir(into)) == sorted(os.listdir(w.target))
+    subprocess.run(["rm", "-rf", str(into)], check=True)
+
+    killed = start_and_wait_for_the_copy()
+    killed.kill()
+    killed.wait()
+    (left,) = into.iterdir()
+    fd = os.open(left, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # the cp that the killed restore ran writes on until it ends
+    os.close(fd)
+    dt("restore", "web", "--at", "6", "--into", into, state=w.state)
+    assert sorted(os.listdir(into)) == sorted(os.listdir(w.target))
+
+
+@backends()
 def test_dt_restore_refusals(stream_world, tmp_path):
     w = stream_world
     cases = [
         (("restore", "nope", "--at", "1", "--into", tmp_path / "a"), "connection not found: nope"),
         (("restore", "web", "--at", "99", "--into", tmp_path / "a"), f"the last offset is {LAST}"),
         (("restore", "web", "--at", "someday", "--into", tmp_path / "a"), "not a time"),
-        (("restore", "web", "--at", "1", "--into", w.target / "x"), "inside the target"),
+        (("restore", "web", "--at", "1", "--into", w.target / "x"), "overlaps the target"),
+        (("restore", "web", "--at", "1", "--into", w.state / "r"), "overlaps the state directory"),
     ]
     full = tmp_path / "full"
     full.mkdir()

@@ -136,6 +136,35 @@ def test_dt_apply_follow_until_interrupted(world, tmp_path):
     assert json.loads(out)["applied_offset"] == world.log.end_offset(world.partition) - 1
 
 
+def test_a_follower_started_first_leaves_the_embedded_log_to_the_daemon(tmp_path):
+    """dt apply --follow runs for days; the connection's daemon (dt protect, dt mirror) must
+    still be able to start, and to restart, beside it: the embedded log has one writer."""
+    world = StreamWorld(tmp_path, "embedded")
+    workload(world, 0, 2)
+    world.log.close()  # no daemon yet
+    to = tmp_path / "second"
+    proc = subprocess.Popen([sys.executable, "-m", "datatether.tools.cli", "apply", "web", "--to", str(to),
+                             "--consumer", "dr", "--follow", "--state", str(world.state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (to / "d").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        world.log = runtime.open_log(world.state, Settings.load(world.state))  # the daemon starts
+        expected = workload(world, 2, 3)
+        while files(to) != expected:
+            assert time.monotonic() < deadline and proc.poll() is None, "the follower stopped following"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        world.close()
+
+
 def test_task_commands_run_only_when_asked_and_add_nothing_to_the_stream(tmp_path):
     world = StreamWorld(tmp_path, "embedded")
     try:
@@ -159,15 +188,23 @@ def test_bad_inputs(tmp_path):
         dt("apply", "web", "--to", tmp_path / "a", "--consumer", "a", state=world.state)
         cases = [
             (("apply", "web", "--to", tmp_path / "b", "--consumer", "a"), "feeds"),
-            (("apply", "web", "--to", world.target, "--consumer", "x"), "own target"),
+            (("apply", "web", "--to", world.target, "--consumer", "x"), "overlaps the target"),
             (("apply", "web", "--to", world.source / "sub", "--consumer", "x"), "the source"),
+            (("apply", "web", "--to", world.state, "--consumer", "x"), "the state directory"),
+            (("apply", "web", "--to", world.state / "replica", "--consumer", "x"), "the state directory"),
+            (("apply", "web", "--to", tmp_path / "target.dt-snapshots" / "r", "--consumer", "x"), "the snapshots"),
             (("apply", "web", "--to", tmp_path / "c", "--consumer", "applier"), "reserved"),
             (("apply", "web", "--to", tmp_path / "c", "--consumer", "no/slash"), "invalid name"),
+            (("apply", "web", "--to", tmp_path / "c", "--consumer", "."), "invalid name"),  # not a folder of its own
+            (("apply", "web", "--to", tmp_path / "c", "--consumer", ".."), "invalid name"),
             (("apply", "ghost", "--to", tmp_path / "c", "--consumer", "x"), "connection not found"),
         ]
         for argv, message in cases:
             done = dt(*argv, state=world.state, check=False)
             assert done.returncode == 2 and message in done.stderr, (argv, done.stderr)
+        assert not (world.state / "d").exists() and not (world.state / "replica").exists()
+        assert not (tmp_path / "c").exists()
+        assert not (tmp_path / "target.dt-snapshots").exists()
     finally:
         world.close()
 

@@ -61,6 +61,23 @@ def test_linktree_is_an_exact_frozen_copy(tmp_path):
     check_frozen_copy(target, snap)
 
 
+def test_linktree_copies_keep_holes(tmp_path):
+    """A sparse file (a disk image) costs the snapshot its data, not its size, whether the
+    snapshots are on the target's filesystem or (snapshot_dir) on another one."""
+    target = tmp_path / "target"
+    target.mkdir()
+    with open(target / "disk.img", "wb") as f:
+        f.truncate(16 << 20)
+        f.seek(8 << 20)
+        f.write(b"data in the middle")
+    with loop_filesystem(tmp_path, "ext4", 64) as elsewhere:
+        for folder in (tmp_path / "snaps", elsewhere / "snaps"):
+            snap = snapshots.take_snapshot(target, folder, 1, T0, kind="linktree")
+            st = os.stat(snap.tree / "disk.img")
+            assert st.st_size == 16 << 20 and st.st_blocks * 512 <= 1 << 20
+            assert tree_state(snap.tree) == tree_state(target)
+
+
 def test_linktree_links_unchanged_files_from_the_previous_snapshot_only(tmp_path):
     target, snaps = tmp_path / "target", tmp_path / "snaps"
     make_tree(target)
@@ -109,11 +126,15 @@ def test_btrfs_subvolume_snapshot(tmp_path):
         assert snapshots.take_snapshot(plain, mnt / "snaps2", 1, T0).kind == "reflink"
 
 
-def test_forcing_a_kind_the_filesystem_lacks_fails_and_leaves_nothing(tmp_path):
+def test_forcing_a_kind_the_filesystem_lacks_is_refused_and_leaves_nothing(tmp_path):
+    """Bad input (DT-E001), whether dt snapshot take runs it or a daemon's API: the
+    daemon answers an OSError as an internal error."""
     target = tmp_path / "target"
     make_tree(target)
-    with pytest.raises(OSError, match="failed"):
+    with pytest.raises(UsageError, match="reflink needs a filesystem that clones"):
         snapshots.take_snapshot(target, tmp_path / "snaps", 1, T0, kind="reflink")
+    with pytest.raises(UsageError, match="btrfs needs the target root to be a btrfs subvolume"):
+        snapshots.take_snapshot(target, tmp_path / "snaps", 1, T0, kind="btrfs")
     assert snapshots.list_snapshots(tmp_path / "snaps") == []
     assert [p.name for p in (tmp_path / "snaps").iterdir()] == [".lock"]
 

@@ -86,11 +86,39 @@ def test_follow_prints_appends_until_interrupted(world):
 
 
 @backends()
+def test_follow_passes_over_what_retention_dropped_before_it_was_shown(world):
+    proc = subprocess.Popen([sys.executable, "-m", "datatether.tools.cli", "tail", "web", "--follow", "--json",
+                             "--from", "0", "--state", str(world.state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert [json.loads(proc.stdout.readline())["offset"] for _ in range(5)] == [0, 1, 2, 3, 4]
+        proc.send_signal(signal.SIGSTOP)  # a slow reader: retention goes past it meanwhile
+        for n in range(5, 9):
+            world.append(create(f"f{n}"), T0 + n * SECOND)
+        world.log.truncate_before(world.partition, 8)
+        proc.send_signal(signal.SIGCONT)
+        assert json.loads(proc.stdout.readline())["offset"] == 8
+        world.append(create("f9"), T0 + 9 * SECOND)
+        assert json.loads(proc.stdout.readline())["offset"] == 9
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    warning = json.loads(proc.stderr.read())
+    assert (warning["msgid"], warning["first"], warning["last"]) == ("DT-H030", 5, 7)
+
+
+@backends()
 def test_bad_inputs(world):
     unknown = dt("tail", "nope", state=world.state, check=False)
     assert unknown.returncode == 2 and "connection not found: nope" in unknown.stderr
     beyond = dt("tail", "web", "--from", "99", state=world.state, check=False)
     assert beyond.returncode == 2 and "the last offset is 4" in beyond.stderr
+    for digits in ("\u00b2", "\u0663"):  # Unicode digits other than 0-9 are no offset
+        bad_offset = dt("tail", "web", "--from", digits, state=world.state, check=False)
+        assert bad_offset.returncode == 2 and "not an offset" in bad_offset.stderr
     bad_time = dt("tail", "web", "--since", "last tuesday", state=world.state, check=False)
     assert bad_time.returncode == 2 and "not a time" in bad_time.stderr
     both = dt("tail", "web", "--from", "1", "--since", "2026-03-01T10:00:00Z", state=world.state, check=False)

@@ -7,16 +7,18 @@ in effect, like the connection's own target, while the source captures and sends
 change once. NAME identifies this target: its applied offset is kept in
 <state>/consumers/<partition>/<NAME>/ (apply/progress.py), and its consumer offset is
 committed to the log under NAME (Kafka: a consumer group of its own), so retention keeps
-the events it has not applied yet. On the embedded log while a daemon holds it the
-consumer offset cannot be recorded (the log is read-only to other processes; a warning
-says so); the applied offset still is, and events retention removed before this target
-applied them make it Mirror Required.
+the events it has not applied yet. On the embedded log the consumer offset cannot be
+recorded while a daemon holds the log, nor ever with --follow (the log has one writer,
+and a follower holding it would keep dt protect from starting): the log is read-only to
+such a dt apply and a warning says so; the applied offset still is recorded, and events
+retention removed before this target applied them make it Mirror Required.
 
 Without --follow it applies what the log holds now and exits; with --follow it keeps
 applying until interrupted (Ctrl-C or SIGTERM: it stops after the current batch, exit 0).
 Task commands in the stream run only with --run-tasks; their results are not added to
 the stream (they belong to the connection's own target). A NAME always feeds the DIR it
-was first used with.
+was first used with. DIR must be apart from the source, the connection's own target, its
+snapshots and the state directory.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from ...apply.applier import Applier
 from ...apply.progress import Progress
 from ...engine.durable import write_atomic
-from ...engine.errors import ApplyFailed, UsageError
+from ...engine.errors import ApplyFailed, InvalidName, UsageError
 from ...engine.log import check_partition_name
 from ...engine.log_view import LogView
 from ...engine.states import TargetStatus
@@ -54,12 +56,16 @@ def consumer_dir(state_dir: Path, partition: str, consumer: str) -> Path:
 
 def run(args) -> int:
     check_partition_name(args.consumer)
+    if args.consumer in (".", ".."):  # the name is a folder under consumers/<partition>/
+        raise InvalidName(name=args.consumer, reason="'.' and '..' are folders, not a consumer's own")
     if args.consumer in RESERVED:
         raise UsageError(detail=f"consumer name {args.consumer!r} is reserved; choose another")
     to = Path(args.to).absolute()
-    with stream.open_state(args.state, write=True) as state:
+    # A follower runs for days: holding the embedded log's one writer would keep the
+    # connection's daemon from starting; catching up is short, and records its offset.
+    with stream.open_state(args.state, write=not args.follow) as state:
         job = stream.job(state, args.connection)
-        _check_target(to, job)
+        stream.check_apart(to, job)
         folder = consumer_dir(state.dir, job.partition, args.consumer)
         _bind(folder, to)
         progress = Progress(folder)
@@ -83,13 +89,6 @@ def run(args) -> int:
     else:
         output.pairs(result)
     return 0
-
-
-def _check_target(to: Path, job: runtime.Job) -> None:
-    for where, what in ((job.conn.target_root, "the connection's own target"), (job.rset.root, "the source")):
-        where = Path(where).resolve()
-        if to.resolve() == where or where in to.resolve().parents or to.resolve() in where.parents:
-            raise UsageError(detail=f"{to} overlaps {what} ({where})")
 
 
 def _bind(folder: Path, to: Path) -> None:

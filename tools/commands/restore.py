@@ -10,9 +10,11 @@ snapshot, from the beginning of the log if the log still holds it. How far back 
 go is bounded by the oldest snapshot and the log's retention (history window and size);
 a point outside says so, with what is reachable.
 
-DIR must be empty or absent, and outside the target and its snapshots. Nothing is
-written to DIR unless the restore succeeds. --path GLOB restores only matching paths
-(and what is beneath them, with the directories leading to them).
+DIR must be empty or absent, and apart from the source, the target, its snapshots and
+the state directory. Nothing is written to DIR unless the restore succeeds (what a restore
+killed mid-way leaves, a hidden .dt-restore-PID folder, the next restore into DIR removes).
+--path GLOB restores only matching paths (and what is beneath them, with the directories
+leading to them).
 Errors (exit 2): unknown connection, a point after the end or before what is reachable,
 a corrupt record on the way (its offset is named; nothing from it is applied), DIR not
 empty.
@@ -21,14 +23,11 @@ empty.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ...apply.restore import restore
-from ...apply.snapshot import snapshots_dir_for
+from ...apply.snapshot import snapshots_dir_for, stream_of
 from ...engine import history
-from ...engine.errors import UsageError
-from ...engine.rules import is_within
 from .. import output, stream
 
 
@@ -48,12 +47,10 @@ def run(args) -> int:
     with stream.open_state(args.state) as state:
         job = stream.job(state, args.connection)
         conn = job.conn
-        snaps = snapshots_dir_for(conn, state.settings)
-        for where, what in ((conn.target_root, "the target"), (snaps, "the snapshots"), (job.rset.root, "the source")):
-            if is_within(os.path.realpath(into), os.path.realpath(where)):
-                raise UsageError(detail=f"{into} is inside {what} of connection {conn.name} ({where})")
-        done = restore(state.log, job.partition, point, into, snapshots_dir=snaps, source_root=job.rset.root,
-                       target_root=conn.target_root, settings=state.settings, glob=args.path)
+        stream.check_apart(into, job)
+        done = restore(state.log, job.partition, point, into, snapshots_dir=snapshots_dir_for(conn, state.settings),
+                       source_root=job.rset.root, target_root=conn.target_root, settings=state.settings,
+                       glob=args.path, stream=stream_of(conn))
     result = {"connection": conn.name, "offset": done.offset,
               "time": history.format_time(done.time_ns) if done.time_ns is not None else None,
               "snapshot": done.snapshot, "replayed": done.replayed, "target_data_state": done.data_state,

@@ -11,13 +11,16 @@ filesystem offers: a btrfs subvolume snapshot (target root is a subvolume), a re
 copy (xfs, btrfs), else a link tree (files unchanged since the previous snapshot are
 hard-linked to it, others copied; never sharing an inode with the live target).
 Snapshots live beside the target root (<target>.dt-snapshots) unless snapshot_dir is set.
+Each belongs to the connection that took it: a connection removed and made again to the
+same target neither lists, restores from nor prunes the old one's (delete them by hand).
 
 take asks the running daemon of the connection (dt protect) when there is one: it pauses
 its applier for the copy and resumes it (root or group dtadmin). Without a daemon, take
 holds the target's progress lock while copying, so no event is applied meanwhile. After
 taking, snapshots beyond snapshot_max_count or older than snapshot_max_age_s are pruned
-(the newest is always kept); prune does only that. Scheduled snapshots are the daemon's
-(snapshot_interval_s).
+(the newest is always kept); prune does only that. A snapshot that a dt restore is
+copying is not deleted: delete refuses it, prune keeps it until its next run. Scheduled
+snapshots are the daemon's (snapshot_interval_s).
 """
 
 from __future__ import annotations
@@ -76,14 +79,15 @@ def _take_standalone(state, job, kind: str | None) -> snapshots.Snapshot:
                                  detail="another applier (dt apply, or a daemon starting or stopping) "
                                         "is applying it; try again when it is done") from None
     folder = snapshots.snapshots_dir_for(job.conn, state.settings)
+    stream = snapshots.stream_of(job.conn)
     try:
         applied = progress.applied_offset
         snap = snapshots.take_snapshot(job.conn.target_root, folder, applied,
                                        snapshots.applied_time(state.log, job.partition, applied), kind=kind,
-                                       data_state=progress.data_state.value)
+                                       data_state=progress.data_state.value, stream=stream)
     finally:
         progress.close()
-    snapshots.prune(folder, state.settings.snapshot_max_count, state.settings.snapshot_max_age_s)
+    snapshots.prune(folder, state.settings.snapshot_max_count, state.settings.snapshot_max_age_s, stream=stream)
     return snap
 
 
@@ -91,7 +95,8 @@ def cmd_list(args) -> int:
     """List the snapshots of a connection, oldest offset first."""
     with stream.open_state(args.state) as state:
         job = stream.job(state, args.connection)
-        found = snapshots.list_snapshots(snapshots.snapshots_dir_for(job.conn, state.settings))
+        found = snapshots.list_snapshots(snapshots.snapshots_dir_for(job.conn, state.settings),
+                                         snapshots.stream_of(job.conn))
     _show(found, args)
     return 0
 
@@ -100,7 +105,8 @@ def cmd_delete(args) -> int:
     """Delete one snapshot."""
     with stream.open_state(args.state) as state:
         job = stream.job(state, args.connection)
-        snap = snapshots.delete_snapshot(snapshots.snapshots_dir_for(job.conn, state.settings), args.id)
+        snap = snapshots.delete_snapshot(snapshots.snapshots_dir_for(job.conn, state.settings), args.id,
+                                         snapshots.stream_of(job.conn))
     if args.json:
         output.emit_json({"deleted": snap.id})
     else:
@@ -114,7 +120,7 @@ def cmd_prune(args) -> int:
         job = stream.job(state, args.connection)
         settings = state.settings
         gone = snapshots.prune(snapshots.snapshots_dir_for(job.conn, settings), settings.snapshot_max_count,
-                               settings.snapshot_max_age_s)
+                               settings.snapshot_max_age_s, stream=snapshots.stream_of(job.conn))
     if args.json:
         output.emit_json({"deleted": [s.id for s in gone]})
     else:

@@ -10,7 +10,8 @@ Where to start: the last --lines events (default 10), or --from OFFSET, or --sin
 (the first event at or after TIME; ISO 8601 with Z or an offset such as +02:00; a time
 without an offset is UTC). A point older than what the log retains is refused and the
 message says how far back one can go. --follow keeps printing new events until
-interrupted (Ctrl-C ends it normally, exit 0). CONNECTION is a connection id or name.
+interrupted (Ctrl-C ends it normally, exit 0); events that retention drops before they
+are printed are passed over with a warning naming their offsets (DT-H030). CONNECTION is a connection id or name.
 Works beside a running daemon, on the embedded and the Kafka backend alike.
 """
 
@@ -43,7 +44,7 @@ def register(subparsers, common) -> None:
 
 
 def _offset(text: str) -> history.Point:
-    if not text.isdigit():
+    if not history.is_offset(text):
         raise argparse.ArgumentTypeError(f"not an offset: {text!r}")
     return history.Point(offset=int(text))
 
@@ -64,14 +65,13 @@ def run(args) -> int:
             first = max(log.start_offset(partition), log.end_offset(partition) - max(args.lines, 0))
         else:
             first = history.start_for(log, partition, point)
-        end = max(first, log.end_offset(partition))
         interrupted = threading.Event()
         with runtime.stop_signals(interrupted.set):
-            print_events(history.read(log, partition, first, end, glob=args.path), args.json,
-                         flush=args.follow, stop=interrupted)
             if args.follow:
-                print_events(history.follow(log, partition, end, glob=args.path, stop=interrupted), args.json,
-                             flush=True, stop=interrupted)
+                events = history.follow(log, partition, first, glob=args.path, stop=interrupted)
+            else:
+                events = history.read(log, partition, first, max(first, log.end_offset(partition)), glob=args.path)
+            print_events(events, args.json, flush=args.follow, stop=interrupted)
     return 0
 
 
