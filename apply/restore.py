@@ -15,9 +15,11 @@ Contract:
   crash): the next restore into that destination removes it (DT-H022).
 - Exact: the Applier replays through a ``LogView`` that ends at N, drops the applier's
   appends and consumer commits (a restore leaves no trace in the log), and runs no task
-  command. Any event the Applier refuses or cannot apply (a corrupt record, an object
-  missing) makes the restore fail (RestoreFailed naming the event's offset): nothing from
-  that event or after it is applied.
+  command. An event the Applier cannot apply (it would retry it) makes the restore fail
+  at once. An event it refuses (a corrupt record) and a gap make the target Mirror
+  Required, as they made the real one: a restore at a point where no mirror has repaired
+  that since fails (RestoreFailed naming the reason); from the remirror on, the replay
+  holds what the target held again (``_check``).
 - The snapshot it starts from is held while it is copied (apply/snapshot.reading): dt
   snapshot delete refuses it meanwhile and prune keeps it, so a restore never copies a
   tree that is being removed.
@@ -167,16 +169,18 @@ def _replay(log_: Log, partition: str, point: Point, root: Path, base: Snapshot 
         view = LogView(log_, last=offset, commits=False)
         applier = Applier(view, partition, root, source_root, progress,
                           settings.replace(task_commands=False), consumer=CONSUMER)
+        known = (progress.data_state, progress.data_state_reason)
         try:
             while applier.applied_offset < offset:
                 before = applier.applied_offset
-                known = (progress.data_state, progress.data_state_reason)
                 applier.run_once()
-                _check(progress, point, known)
+                if progress.status is TargetStatus.RETRYING:
+                    raise RestoreFailed(point=str(point), reason=progress.status_detail)
                 if applier.applied_offset == before:
                     raise RestoreFailed(point=str(point), reason=f"no progress after offset {before}")
         finally:
             applier.close()
+        _check(progress, point, known)
         return progress.data_state.value
     finally:
         progress.close()
@@ -184,14 +188,17 @@ def _replay(log_: Log, partition: str, point: Point, root: Path, base: Snapshot 
 
 
 def _check(progress: Progress, point: Point, known: tuple) -> None:
-    """Fail on anything the replay itself ran into. A snapshot taken while the target was
-    already Mirror Required is replayed on as the target did; a new reason is a new failure."""
+    """Fail when the target was Mirror Required at the point itself: after a gap or a
+    refused event that no mirror repaired before it, the tree is not what the target held.
+    Only the state at the point counts (not where the applier's batches happened to end):
+    a remirror after a gap was computed against the target as the events before the gap
+    left it, which is the tree replayed, so from the remirror on the replay holds what the
+    target held again. A snapshot taken while the target was already Mirror Required is
+    replayed on as the target did; a new reason is a new failure."""
     now = (progress.data_state, progress.data_state_reason)
     if progress.data_state is TargetDataState.MIRROR_REQUIRED and now != known:
         raise RestoreFailed(point=str(point), reason=f"{progress.data_state_reason} "
                             "(nothing was written to the destination)")
-    if progress.status is TargetStatus.RETRYING:
-        raise RestoreFailed(point=str(point), reason=progress.status_detail)
 
 
 def _time_of(log_: Log, partition: str, offset: int, base: Snapshot | None) -> int | None:

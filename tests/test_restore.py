@@ -301,6 +301,28 @@ def test_an_undecodable_event_or_a_gap_fails_the_restore(tmp_path):
             restore(log, P, Point(offset=3), tmp_path / "at-3", **kw)
 
 
+@pytest.mark.parametrize("gap_at", [500, 999])  # inside the applier's first batch, and its last event
+def test_a_gap_fails_a_restore_until_a_remirror_repairs_it_wherever_a_batch_ends(tmp_path, gap_at):
+    """What counts is the target data state at the point, not where the replay's batches
+    of events happened to end."""
+    with EmbeddedLog(tmp_path / "log") as log:
+        log.ensure_partition(P)
+        append(log, P, create("f"), T0)
+        for n in range(1, gap_at):
+            append(log, P, ev.Write("f", 0, b"%06d" % n), T0 + n)
+        gap = append(log, P, ev.Gap("capture restarted"), T0 + gap_at)
+        append(log, P, ev.MirrorStart("m1", "diff"), T0 + gap_at + 1)
+        append(log, P, ev.MirrorEnd("m1", sent_bytes=0, skipped_bytes=6, files=1), T0 + gap_at + 2)
+        last = append(log, P, ev.Write("f", 6, b"+after"), T0 + gap_at + 3)
+        kw = dict(snapshots_dir=tmp_path / "snaps", source_root=SOURCE, target_root=str(tmp_path / "t"),
+                  settings=SETTINGS)
+        with pytest.raises(RestoreFailed, match=f"gap at event {gap}"):
+            restore(log, P, Point(offset=gap), tmp_path / "at-gap", **kw)
+        done = restore(log, P, Point(offset=last), tmp_path / "after", **kw)
+    assert done.data_state == "OK"
+    assert (tmp_path / "after" / "f").read_bytes() == b"%06d+after" % (gap_at - 1)
+
+
 def test_a_name_that_is_not_utf8_is_restored(tmp_path):
     """The progress of the replay names the last file applied; its status snapshot must
     still be written when that name is not UTF-8 (the daemon's applier keeps one too)."""
