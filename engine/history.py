@@ -46,6 +46,7 @@ import fnmatch
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, Sequence
@@ -243,7 +244,9 @@ def start_for(log_: Log, partition: str, point: Point | None) -> int:
         first = point.offset
     else:
         first = log_.offset_for_time(partition, point.time_ns)
-        if first == r.start and r.start > 0 and (r.start_time_ns is None or point.time_ns < r.start_time_ns):
+        # With nothing retained, only a time still to come is surely after every dropped event.
+        dropped_after = point.time_ns < time.time_ns() if r.start_time_ns is None else point.time_ns < r.start_time_ns
+        if first == r.start and r.start > 0 and dropped_after:
             raise OutsideHistory(point=str(point), reason="events that old were dropped by retention",
                                  reachable=r.describe())
     if first > r.end:

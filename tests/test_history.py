@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from history_helpers import SECOND, T0, append, corrupt_embedded, create
@@ -140,6 +141,13 @@ def test_start_for_from_and_since(story):
     with pytest.raises(OutsideHistory, match="dropped by retention"):
         history.start_for(story, P, Point(time_ns=T0))
     assert history.start_for(story, P, Point(time_ns=T0 + 5 * SECOND)) == 5
+
+
+def test_since_a_time_still_to_come_starts_at_the_end_when_nothing_is_retained(story):
+    story.truncate_before(P, 10)  # the history window emptied an idle connection's log
+    assert history.start_for(story, P, Point(time_ns=time.time_ns() + 60 * SECOND)) == 10
+    with pytest.raises(OutsideHistory, match="dropped by retention"):  # may be before a dropped event
+        history.start_for(story, P, Point(time_ns=T0 + 9 * SECOND))
 
 
 def test_between_takes_offsets_or_times_and_includes_both_ends(story):
