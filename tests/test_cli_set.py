@@ -144,6 +144,15 @@ def test_console_script_malformed_import_exits_2_without_traceback(tmp_path):
     assert res.returncode == 2 and "invalid choice" in res.stderr
 
 
+def test_a_command_line_argparse_refuses_is_a_usage_error_with_its_id(tmp_path):
+    res = _dt("mirror", "--state", str(tmp_path / "state"))
+    assert res.returncode == 2 and "usage: dt mirror" in res.stderr
+    assert res.stderr.rstrip().endswith("the following arguments are required: SOURCE, TARGET [DT-E001]")
+    res = _dt("tail", "web", "--since", "garbage", "--json", "--state", str(tmp_path / "state"))
+    assert res.returncode == 2 and json.loads(res.stderr)["error"] == "DT-E001"
+    assert "not a time: 'garbage'" in json.loads(res.stderr)["message"]
+
+
 def test_a_set_a_connection_uses_is_not_deleted(tmp_path, capsys):
     src, state = tmp_path / "src", str(tmp_path / "state")
     src.mkdir()
