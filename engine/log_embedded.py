@@ -28,6 +28,12 @@ consumers      ``<name> 0x00 <consumer>``  committed offset
 - One ``append`` is one WriteBatch (records, index entries and the partition's end), so a
   batch is all there or absent after a crash. ``truncate_before`` and ``drop_partition``
   are DeleteRange tombstones in one batch with the new metadata.
+- RocksDB checksums its blocks too. A block failing its check is CorruptRecord wherever
+  it is met (a lookup, a scan), never an absent key: a scan that stops short at a damaged
+  block (rocksdict's ``items`` ends quietly there) must not pass for a complete one. The
+  partition table read short would make partitions look dropped, their segments deleted
+  and their offsets given out again; consumers read short would free records for retention.
+  ``read`` needs no such check: a record missing below the partition's end is corruption.
 
 Concurrency and durability
 --------------------------
@@ -52,6 +58,7 @@ import struct
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -72,6 +79,18 @@ _META = struct.Struct(">qqqq")  # start, end, appended bytes, last timestamp
 _INDEX = struct.Struct(">qq")  # timestamp, payload bytes appended before this record
 _SEP = b"\x00"
 _FRAMING = frame.HEADER_LEN + _I64.size  # stored frame bytes that are not payload
+
+
+@contextmanager
+def _damage_is_corruption(what: str):
+    """RocksDB reports a block that fails its checksum as a plain Exception whose message
+    starts with "Corruption": raise it as CorruptRecord naming ``what``."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc) is Exception and str(exc).startswith("Corruption"):
+            raise CorruptRecord(reason=f"{what}: {exc}") from None
+        raise
 
 
 class _Partition:
@@ -115,10 +134,21 @@ class EmbeddedLog(Log):
         self._segments = log_segments.Segments(self.path / "segments", sync=sync)
         self._open_db()
         if not self.readonly:
-            for name, meta in self._cf["partitions"].items():
-                self._parts[name.decode("ascii")] = _Partition(name.decode("ascii"), meta)
-            self._tidy_segments()
+            try:
+                self._load()
+            except CorruptRecord:
+                self.close()  # release the directory (its lock) for whoever repairs it
+                raise
         log.info("log opened", msgid="DT-L001", path=str(self.path), sync=sync, readonly=self.readonly)
+
+    def _load(self) -> None:
+        """The writer's start: the layout version, the partition table, tidy segments."""
+        with _damage_is_corruption("layout version"):
+            if self._db.get(b"format") is None:
+                self._db.put(b"format", LAYOUT_VERSION, self._write_opt)
+        for name, meta in self._scan("partitions", b"", None, "partition table"):
+            self._parts[name.decode("ascii")] = _Partition(name.decode("ascii"), meta)
+        self._tidy_segments()
 
     @classmethod
     def open_readonly(cls, path: str | Path) -> EmbeddedLog:
@@ -152,8 +182,6 @@ class EmbeddedLog(Log):
             raise BackendUnavailable(backend=f"embedded log {self.path}", detail=str(exc)) from exc
         self._cf = {name: self._db.get_column_family(name) for name in _FAMILIES}
         self._handle = {name: self._db.get_column_family_handle(name) for name in _FAMILIES}
-        if not self.readonly and self._db.get(b"format") is None:
-            self._db.put(b"format", LAYOUT_VERSION, self._write_opt)
 
     # -- context manager ---------------------------------------------------------------
 
@@ -214,7 +242,7 @@ class EmbeddedLog(Log):
     def partitions(self) -> list[str]:
         self._refresh()
         if self.readonly:
-            return sorted(key.decode("ascii") for key in self._cf["partitions"].keys())
+            return sorted(key.decode("ascii") for key, _ in self._scan("partitions", b"", None, "partition table"))
         with self._lock:
             return sorted(self._parts)
 
@@ -368,16 +396,14 @@ class EmbeddedLog(Log):
     def committed(self, partition: str, consumer: str) -> int:
         check_partition_name(consumer)
         part = self._part(partition)
-        stored = self._cf["consumers"].get(part.prefix + consumer.encode("ascii"))
+        stored = self._get("consumers", part.prefix + consumer.encode("ascii"), f"partition {partition} consumers")
         return NO_OFFSET if stored is None else _I64.unpack(stored)[0]
 
     def consumers(self, partition: str) -> dict[str, int]:
         part = self._part(partition)
         lower, upper = part.bounds()
-        bound = rocksdict.ReadOptions()
-        bound.set_iterate_upper_bound(upper)
         return {key[len(lower):].decode("ascii"): _I64.unpack(value)[0]
-                for key, value in self._cf["consumers"].items(from_key=lower, read_opt=bound)}
+                for key, value in self._scan("consumers", lower, upper, f"partition {partition} consumers")}
 
     # -- internals ---------------------------------------------------------------------
 
@@ -406,7 +432,7 @@ class EmbeddedLog(Log):
         self._refresh()
         part = self._parts.get(partition)
         if self.readonly:
-            meta = self._cf["partitions"].get(check_partition_name(partition).encode("ascii"))
+            meta = self._get("partitions", check_partition_name(partition).encode("ascii"), "partition table")
             if meta is None:
                 raise NotFound(what="partition", name=partition)
             if part is None:
@@ -448,6 +474,28 @@ class EmbeddedLog(Log):
         for name, part in self._parts.items():
             self._segments.trim(name, part.start)
 
+    def _get(self, family: str, key: bytes, what: str) -> bytes | None:
+        """The value of ``key`` in ``family`` (None when absent); a damaged block holding
+        it is CorruptRecord naming ``what``."""
+        with _damage_is_corruption(what):
+            return self._cf[family].get(key)
+
+    def _scan(self, family: str, lower: bytes, upper: bytes | None, what: str) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of ``family`` in ``[lower, upper)`` (no upper bound: None), in
+        key order; a damaged block on the way is CorruptRecord naming ``what``."""
+        bound = rocksdict.ReadOptions()
+        if upper is not None:
+            bound.set_iterate_upper_bound(upper)
+        found = []
+        with _damage_is_corruption(what):
+            cursor = self._cf[family].iter(bound)
+            cursor.seek(lower)
+            while cursor.valid():
+                found.append((cursor.key(), cursor.value()))
+                cursor.next()
+            cursor.status()  # raises when the scan ended at an error, not at the end
+        return found
+
     @staticmethod
     def _alive(part: _Partition) -> None:
         """Under ``part.lock``: the partition was not dropped since it was looked up."""
@@ -455,7 +503,7 @@ class EmbeddedLog(Log):
             raise NotFound(what="partition", name=part.name)
 
     def _index_at(self, part: _Partition, offset: int) -> tuple[int, int]:
-        stored = self._cf["index"].get(part.key(offset))
+        stored = self._get("index", part.key(offset), f"partition {part.name} index")
         if stored is None or len(stored) != _INDEX.size:
             raise CorruptRecord(reason=f"partition {part.name}: index entry of offset {offset} is missing or damaged")
         return _INDEX.unpack(stored)

@@ -310,6 +310,55 @@ def test_what_a_crash_leaves_in_segments_is_ignored_or_removed(tmp_path):
         assert opened.read("gone", 0) == []
 
 
+def damage_table(path, first_key: bytes, skip: bytes | None = None) -> None:
+    """Flip a bit in the first data block of the RocksDB table whose first key is
+    ``first_key`` (and that does not contain ``skip``), as a bad disk would."""
+    with EmbeddedLog(path) as opened:  # an open flushes what the last run left in the WAL
+        tables = [path / f["name"].lstrip("/") for f in opened._db.live_files() if f["start_key"] == first_key]
+    (table,) = [t for t in tables if skip is None or skip not in t.read_bytes()]
+    damaged = bytearray(table.read_bytes())
+    damaged[3] ^= 0x10
+    table.write_bytes(bytes(damaged))
+
+
+def test_a_damaged_partition_table_fails_the_open_and_loses_nothing(log):
+    """A scan of the partition table that stops at a damaged block must not pass for the
+    whole table: the partitions it did not see would be taken for dropped ones, their
+    segments deleted and their offsets given out again."""
+    log.append("p", values(2, size=LARGE))
+    segment, _, _ = segment_entry(log, "p", 0)
+    log.close()
+    damage_table(log.path, b"p")
+    with pytest.raises(CorruptRecord, match="partition table"):
+        EmbeddedLog(log.path)
+    assert os.path.exists(segment)
+
+
+def test_damaged_consumer_offsets_are_corruption_not_absent(log):
+    log.append("p", values(3))
+    log.commit("p", "applier", 2)
+    log.close()
+    damage_table(log.path, b"p\x00applier")
+    with EmbeddedLog(log.path) as reopened:
+        with pytest.raises(CorruptRecord):
+            reopened.consumers("p")  # {} would let retention think nobody needs the records
+        with pytest.raises(CorruptRecord):
+            reopened.committed("p", "applier")
+
+
+def test_a_damaged_index_is_corruption(log):
+    log.append("p", values(3, "payload"))
+    first = stored_key(log, "p", 0)
+    log.close()
+    damage_table(log.path, first, skip=b"payload")
+    with EmbeddedLog(log.path) as reopened:
+        with pytest.raises(CorruptRecord):
+            reopened.size("p")
+        with pytest.raises(CorruptRecord):
+            reopened.offset_for_time("p", 0)
+        assert [r.value for r in reopened.read("p", 0)] == values(3, "payload")
+
+
 # -- real processes ----------------------------------------------------------------------
 
 WRITER = textwrap.dedent("""
