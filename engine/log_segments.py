@@ -25,8 +25,8 @@ Invariants:
   leaves bytes no pointer names (the tail of a segment no later append uses, or a segment
   the next append at the same offset truncates: its name is the offset the log had not
   yet assigned).
-- ``read`` returns a frame only when the entry at the pointer carries the record's own
-  offset and the pointed length; the caller then checks the seal. A pointer naming the
+- ``read`` returns a frame only when the entry at the pointer lies within its segment and
+  carries the record's own offset and the pointed length; the caller then checks the seal. A pointer naming the
   wrong place can therefore never pass another record off as this one.
 - Retention deletes a segment once every record in it is below the partition's start,
   i.e. when the next segment's name is at or below the start. A reader in another
@@ -62,7 +62,9 @@ _OPEN_READERS = 32       # segment descriptors kept open for reading
 
 
 def is_pointer(stored: bytes) -> bool:
-    return stored[:2] == MAGIC
+    """Whether a stored value is a pointer rather than a sealed frame. A damaged pointer of
+    another length is taken for a frame, whose check then refuses it."""
+    return len(stored) == POINTER.size and stored[:2] == MAGIC
 
 
 def frame_length(pointer: bytes) -> int:
@@ -178,9 +180,12 @@ class Segments:
         FileNotFoundError when its segment is gone, ValueError when the pointer or the
         entry does not belong to this record."""
         magic, version, segment, position, length = POINTER.unpack(pointer)
-        if version != VERSION or length < _OFFSET.size + head:
+        if version != VERSION or length < _OFFSET.size + head or position < 0:
             raise ValueError("bad segment pointer")
         reader = self._reader(partition, segment)
+        # Before reading: a damaged length would have pread allocate that much first.
+        if position + length > os.fstat(reader.fd).st_size:
+            raise ValueError(f"segment {segment} ends before the entry the pointer names at {position}")
         first = os.pread(reader.fd, _OFFSET.size + head, position)
         rest = os.pread(reader.fd, length - len(first), position + len(first))
         if len(first) + len(rest) != length or first[:_OFFSET.size] != _OFFSET.pack(offset):

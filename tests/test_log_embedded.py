@@ -265,6 +265,27 @@ def test_a_pointer_to_another_records_entry_is_corruption(log):
             log.read("p", offset)
 
 
+DAMAGED_POINTERS = {
+    "cut short": lambda pointer: pointer[:20],
+    "negative position": lambda pointer: pointer[:11] + (-8).to_bytes(8, "big", signed=True) + pointer[19:],
+    # read as asked, this would allocate a TiB before finding the file shorter
+    "length past the segment": lambda pointer: pointer[:19] + (1 << 40).to_bytes(8, "big"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_POINTERS))
+def test_a_damaged_pointer_is_corruption(log, damage):
+    big = values(3, size=LARGE)
+    log.append("p", big)
+    records = log._cf["records"]
+    key = stored_key(log, "p", 1)
+    records[key] = DAMAGED_POINTERS[damage](records[key])
+    with pytest.raises(CorruptRecord, match="offset 1"):
+        log.read("p", 1)
+    assert [r.value for r in log.read("p", 0, max_records=1)] == big[:1]
+    assert [r.value for r in log.read("p", 2)] == big[2:]
+
+
 def test_a_lost_segment_is_corruption(log):
     log.append("p", values(2, size=LARGE))
     path, _, _ = segment_entry(log, "p", 0)
