@@ -370,7 +370,7 @@ class EmbeddedLog(Log):
                       self._handle["partitions"])
             self._db.write(batch, self._write_opt)
             part.start = new_start
-            self._segments.trim(partition, new_start)
+            self._segments.trim(partition, new_start, part.end)
         log.info("log truncated", msgid="DT-L005", partition=partition, start=new_start)
 
     def size(self, partition: str) -> tuple[int, int]:
@@ -472,7 +472,7 @@ class EmbeddedLog(Log):
             if name not in self._parts:
                 self._segments.drop(name)
         for name, part in self._parts.items():
-            self._segments.trim(name, part.start)
+            self._segments.trim(name, part.start, part.end)
 
     def _get(self, family: str, key: bytes, what: str) -> bytes | None:
         """The value of ``key`` in ``family`` (None when absent); a damaged block holding

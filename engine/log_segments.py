@@ -29,7 +29,9 @@ Invariants:
   carries the record's own offset and the pointed length; the caller then checks the seal. A pointer naming the
   wrong place can therefore never pass another record off as this one.
 - Retention deletes a segment once every record in it is below the partition's start,
-  i.e. when the next segment's name is at or below the start. A reader in another
+  i.e. when the next segment's name is at or below the start; the newest segment when the
+  offset after its last entry (known to the process writing it; otherwise the partition's
+  end) is. A reader in another
   process that still has it open keeps reading it (unlinked files stay readable); one that
   opens it too late gets FileNotFoundError, which the log reports as OffsetOutOfRange
   when the record is now below the start.
@@ -75,10 +77,11 @@ def frame_length(pointer: bytes) -> int:
 class _Tail:
     """The segment a partition appends to in this process."""
 
-    __slots__ = ("segment", "fd", "size", "cache")
+    __slots__ = ("segment", "fd", "size", "next", "cache")
 
     def __init__(self, segment: int, fd: int):
         self.segment, self.fd, self.size = segment, fd, 0
+        self.next = segment  # the offset after the last entry written to it
         self.cache = page_cache.Window()
 
 
@@ -131,6 +134,7 @@ class Segments:
             iov.append(_OFFSET.pack(offset))
             iov.extend(parts)
             tail.size += length
+            tail.next = offset + 1
             if len(iov) >= _IOV_MAX:
                 self._pwritev(tail, iov, start)
                 iov, start = [], tail.size
@@ -208,12 +212,18 @@ class Segments:
 
     # -- removal -------------------------------------------------------------------------
 
-    def trim(self, partition: str, start: int) -> None:
-        """Delete the segments holding only records below ``start``."""
+    def trim(self, partition: str, start: int, end: int) -> None:
+        """Delete the segments holding only records below ``start``, the partition's start
+        (``end`` is its end): each one whose successor is named at or below ``start``, and
+        the newest once its last record is below ``start`` too."""
         names = self.segments(partition)
-        for segment, following in zip(names, names[1:]):
+        tail = self._tails.get(partition)
+        newest = min(end, tail.next) if tail is not None and names[-1:] == [tail.segment] else end
+        for segment, following in zip(names, names[1:] + [newest]):
             if following > start:
                 break
+            if tail is not None and tail.segment == segment:  # the next append starts another
+                os.close(self._tails.pop(partition).fd)
             self._forget(partition, segment)
             self.path(partition, segment).unlink(missing_ok=True)
 

@@ -245,6 +245,25 @@ def test_truncation_deletes_only_segments_wholly_below_start(log, monkeypatch):
     assert [r.value for r in log.read("p", 5)] == big[5:]
 
 
+def test_truncating_everything_deletes_every_segment(log):
+    """The newest segment too, once its last record is below the start: a queue that filled
+    the disk while the target was paused must give its space back once applied, not when
+    256 MiB more have been written."""
+    log.append("p", values(3, size=LARGE))
+    log.append("p", [b"small"])  # not in a segment, and not yet applied (a Gap, say)
+    log.truncate_before("p", 2)
+    assert len(log._segments.segments("p")) == 1
+    log.truncate_before("p", 3)
+    assert log._segments.segments("p") == []
+    log.append("p", values(1, "next", size=LARGE))
+    assert [r.value for r in log.read("p", 3)] == [b"small"] + values(1, "next", size=LARGE)
+    log.close()
+    with EmbeddedLog(log.path) as reopened:
+        assert [r.value for r in reopened.read("p", 3)] == [b"small"] + values(1, "next", size=LARGE)
+        reopened.truncate_before("p", 4)
+        assert len(reopened._segments.segments("p")) == 1  # it holds record 4
+
+
 def test_damage_in_a_segment_stays_local_to_its_record(log):
     big = values(3, size=LARGE)
     log.append("p", big)
