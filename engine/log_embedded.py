@@ -438,7 +438,10 @@ class EmbeddedLog(Log):
             if part is None:
                 part = self._parts.setdefault(partition, _Partition(partition, meta))
             with part.lock:
+                start = part.start
                 part.load(meta)
+            if part.start != start:  # the writer's retention may have removed segments we hold
+                self._segments.release_removed(partition)
             return part
         if part is None:
             raise NotFound(what="partition", name=check_partition_name(partition))

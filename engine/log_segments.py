@@ -31,10 +31,11 @@ Invariants:
 - Retention deletes a segment once every record in it is below the partition's start,
   i.e. when the next segment's name is at or below the start; the newest segment when the
   offset after its last entry (known to the process writing it; otherwise the partition's
-  end) is. A reader in another
-  process that still has it open keeps reading it (unlinked files stay readable); one that
-  opens it too late gets FileNotFoundError, which the log reports as OffsetOutOfRange
-  when the record is now below the start.
+  end) is. A reader in another process that still has it open keeps reading it (unlinked
+  files stay readable) until it learns that the start moved, and then closes it
+  (``release_removed``: an open file keeps its disk space); one that opens it too late
+  gets FileNotFoundError, which the log reports as OffsetOutOfRange when the record is
+  now below the start.
 - Durability is the log's: entries are in the operating system's hands once written
   (a killed process loses nothing); with ``sync`` they are fdatasynced (and a new
   segment's directory entry fsynced) before the pointer is written.
@@ -250,6 +251,16 @@ class Segments:
             return [n[:-2] for n in os.listdir(self.root) if n.endswith(".p")]
         except FileNotFoundError:
             return []
+
+    def release_removed(self, partition: str) -> None:
+        """Close the descriptors of the partition's segments that were deleted (by the
+        writer's retention, in another process): an open descriptor keeps a deleted file's
+        disk space taken."""
+        with self._readers_lock:
+            removed = [key for key, reader in self._readers.items()
+                       if key[0] == partition and os.fstat(reader.fd).st_nlink == 0]
+        for key in removed:
+            self._forget(*key)
 
     def _forget(self, partition: str, segment: int) -> None:
         with self._readers_lock:

@@ -326,6 +326,28 @@ def test_a_reader_behind_retention_sees_out_of_range_never_corruption(log, tmp_p
         assert [r.value for r in reader.read("p", 1)] == values(1, "second", size=LARGE)
 
 
+def removed_segments_held_open() -> list[str]:
+    """Segment files this process still has open although they were deleted."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the descriptor listdir itself used
+            continue
+    return [link for link in held if ".seg" in link and link.endswith("(deleted)")]
+
+
+def test_a_reader_lets_go_of_segments_retention_removed(log, tmp_path):
+    """Else the disk space of every removed segment a reader process (the applier) had
+    read stays taken for as long as it runs, however much retention drops."""
+    log.append("p", values(2, size=LARGE))
+    with EmbeddedLog.open_readonly(tmp_path / "log") as reader:
+        assert len(reader.read("p", 0)) == 2  # the reader has the segment open now
+        log.truncate_before("p", 2)
+        assert reader.start_offset("p") == 2
+        assert removed_segments_held_open() == []
+
+
 def test_what_a_crash_leaves_in_segments_is_ignored_or_removed(tmp_path):
     path = tmp_path / "log"
     with EmbeddedLog(path) as opened:
