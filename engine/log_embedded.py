@@ -28,11 +28,15 @@ consumers      ``<name> 0x00 <consumer>``  committed offset
 - One ``append`` is one WriteBatch (records, index entries and the partition's end), so a
   batch is all there or absent after a crash. ``truncate_before`` and ``drop_partition``
   are DeleteRange tombstones in one batch with the new metadata.
-- RocksDB checksums its blocks too. A block failing its check is CorruptRecord wherever
-  it is met (a lookup, a scan), never an absent key: a scan that stops short at a damaged
-  block (rocksdict's ``items`` ends quietly there) must not pass for a complete one. The
-  partition table read short would make partitions look dropped, their segments deleted
-  and their offsets given out again; consumers read short would free records for retention.
+- RocksDB reports every failure as a plain Exception; callers get the log's errors
+  (``_failure``). A full disk or an I/O error is BackendUnavailable (after a failed write
+  RocksDB refuses every write until the log is opened again; ``close`` releases the
+  directory even then). RocksDB checksums its blocks too: a block failing its check is
+  CorruptRecord wherever it is met (a lookup, a scan), never an absent key. A scan that
+  stops short at a damaged block (rocksdict's ``items`` ends quietly there) must not pass
+  for a complete one: the partition table read short would make partitions look dropped,
+  their segments deleted and their offsets given out again; consumers read short would
+  free records for retention.
   ``read`` needs no such check: a record missing below the partition's end is corruption.
 
 Concurrency and durability
@@ -58,7 +62,6 @@ import struct
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -79,18 +82,6 @@ _META = struct.Struct(">qqqq")  # start, end, appended bytes, last timestamp
 _INDEX = struct.Struct(">qq")  # timestamp, payload bytes appended before this record
 _SEP = b"\x00"
 _FRAMING = frame.HEADER_LEN + _I64.size  # stored frame bytes that are not payload
-
-
-@contextmanager
-def _damage_is_corruption(what: str):
-    """RocksDB reports a block that fails its checksum as a plain Exception whose message
-    starts with "Corruption": raise it as CorruptRecord naming ``what``."""
-    try:
-        yield
-    except Exception as exc:
-        if type(exc) is Exception and str(exc).startswith("Corruption"):
-            raise CorruptRecord(reason=f"{what}: {exc}") from None
-        raise
 
 
 class _Partition:
@@ -136,16 +127,21 @@ class EmbeddedLog(Log):
         if not self.readonly:
             try:
                 self._load()
-            except CorruptRecord:
+            except Exception:
                 self.close()  # release the directory (its lock) for whoever repairs it
                 raise
         log.info("log opened", msgid="DT-L001", path=str(self.path), sync=sync, readonly=self.readonly)
 
     def _load(self) -> None:
         """The writer's start: the layout version, the partition table, tidy segments."""
-        with _damage_is_corruption("layout version"):
-            if self._db.get(b"format") is None:
-                self._db.put(b"format", LAYOUT_VERSION, self._write_opt)
+        try:
+            fresh = self._db.get(b"format") is None
+        except Exception as exc:
+            raise self._failure(exc, "layout version") from None
+        if fresh:
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(b"format", LAYOUT_VERSION)
+            self._write(batch, "layout version")
         for name, meta in self._scan("partitions", b"", None, "partition table"):
             self._parts[name.decode("ascii")] = _Partition(name.decode("ascii"), meta)
         self._tidy_segments()
@@ -201,11 +197,16 @@ class EmbeddedLog(Log):
                     part.cond.notify_all()
             # Column family objects keep RocksDB open; drop them before closing the DB.
             self._cf = self._handle = None
-            self._db.close()
-            self._db = None
-            self._segments.close()
-            if self._secondary:
-                shutil.rmtree(self._secondary, ignore_errors=True)
+            db, self._db = self._db, None
+            try:
+                db.close()
+            except Exception as exc:  # a failed flush: what it held is in the write-ahead log
+                raise self._failure(exc, "closing") from None
+            finally:
+                del db  # the last reference: RocksDB is released (its lock too) even after an error
+                self._segments.close()
+                if self._secondary:
+                    shutil.rmtree(self._secondary, ignore_errors=True)
         log.info("log closed", msgid="DT-L002", path=str(self.path))
 
     # -- partitions --------------------------------------------------------------------
@@ -218,7 +219,9 @@ class EmbeddedLog(Log):
                 return
             part = _Partition(partition)
             self._segments.drop(partition)  # what a crashed drop_partition left behind
-            self._cf["partitions"].put(partition.encode("ascii"), part.meta(), self._write_opt)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(partition.encode("ascii"), part.meta(), self._handle["partitions"])
+            self._write(batch, f"creating partition {partition}")
             self._parts[partition] = part
         log.info("partition created", msgid="DT-L003", partition=partition)
 
@@ -232,7 +235,7 @@ class EmbeddedLog(Log):
             for family in ("records", "index", "consumers"):
                 batch.delete_range(lower, upper, self._handle[family])
             batch.delete(partition.encode("ascii"), self._handle["partitions"])
-            self._db.write(batch, self._write_opt)
+            self._write(batch, f"dropping partition {partition}")
             part.dropped = True
             del self._parts[partition]
             self._segments.drop(partition)
@@ -271,7 +274,7 @@ class EmbeddedLog(Log):
                 appended += len(value)
             batch.put(part.prefix[:-1], _META.pack(part.start, first + count, appended, stamp),
                       self._handle["partitions"])
-            self._db.write(batch, self._write_opt)
+            self._write(batch, f"appending to partition {partition}")
             part.end, part.appended, part.last_ts = first + count, appended, stamp
             part.cond.notify_all()
         return first
@@ -368,7 +371,7 @@ class EmbeddedLog(Log):
             batch.delete_range(lower, part.key(new_start), self._handle["index"])
             batch.put(part.prefix[:-1], _META.pack(new_start, part.end, part.appended, part.last_ts),
                       self._handle["partitions"])
-            self._db.write(batch, self._write_opt)
+            self._write(batch, f"truncating partition {partition}")
             part.start = new_start
             self._segments.trim(partition, new_start, part.end)
         log.info("log truncated", msgid="DT-L005", partition=partition, start=new_start)
@@ -391,7 +394,9 @@ class EmbeddedLog(Log):
             self._alive(part)
             if not NO_OFFSET <= offset < part.end:
                 raise OffsetOutOfRange(offset=offset, start=NO_OFFSET, end=part.end)
-            self._cf["consumers"].put(part.prefix + consumer.encode("ascii"), _I64.pack(offset), self._write_opt)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(part.prefix + consumer.encode("ascii"), _I64.pack(offset), self._handle["consumers"])
+            self._write(batch, f"committing consumer {consumer}")
 
     def committed(self, partition: str, consumer: str) -> int:
         check_partition_name(consumer)
@@ -477,11 +482,29 @@ class EmbeddedLog(Log):
         for name, part in self._parts.items():
             self._segments.trim(name, part.start, part.end)
 
+    def _failure(self, exc: Exception, what: str) -> Exception:
+        """The log's error for RocksDB's plain Exception ``exc`` (module docstring), naming
+        ``what``; any other exception as it is. (A try statement, not a context manager:
+        that would add a tenth to every append.)"""
+        if type(exc) is not Exception:
+            return exc
+        if str(exc).startswith("Corruption"):
+            return CorruptRecord(reason=f"{what}: {exc}")
+        return BackendUnavailable(backend=f"embedded log {self.path}", detail=f"{what}: {exc}")
+
+    def _write(self, batch: rocksdict.WriteBatch, what: str) -> None:
+        try:
+            self._db.write(batch, self._write_opt)
+        except Exception as exc:
+            raise self._failure(exc, what) from None
+
     def _get(self, family: str, key: bytes, what: str) -> bytes | None:
         """The value of ``key`` in ``family`` (None when absent); a damaged block holding
         it is CorruptRecord naming ``what``."""
-        with _damage_is_corruption(what):
+        try:
             return self._cf[family].get(key)
+        except Exception as exc:
+            raise self._failure(exc, what) from None
 
     def _scan(self, family: str, lower: bytes, upper: bytes | None, what: str) -> list[tuple[bytes, bytes]]:
         """Every (key, value) of ``family`` in ``[lower, upper)`` (no upper bound: None), in
@@ -490,13 +513,15 @@ class EmbeddedLog(Log):
         if upper is not None:
             bound.set_iterate_upper_bound(upper)
         found = []
-        with _damage_is_corruption(what):
+        try:
             cursor = self._cf[family].iter(bound)
             cursor.seek(lower)
             while cursor.valid():
                 found.append((cursor.key(), cursor.value()))
                 cursor.next()
             cursor.status()  # raises when the scan ended at an error, not at the end
+        except Exception as exc:
+            raise self._failure(exc, what) from None
         return found
 
     @staticmethod

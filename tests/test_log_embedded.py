@@ -13,6 +13,7 @@ import threading
 
 import pytest
 from contract.log_contract import LogContract, values
+from conftest import need
 
 from datatether.engine import log_segments
 from datatether.engine.errors import BackendUnavailable, CorruptRecord, NotFound, OffsetOutOfRange, UsageError
@@ -419,6 +420,41 @@ def test_a_damaged_index_is_corruption(log):
         with pytest.raises(CorruptRecord):
             reopened.offset_for_time("p", 0)
         assert [r.value for r in reopened.read("p", 0)] == values(3, "payload")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """An 8 MiB tmpfs, unmounted afterwards."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    need(mounted.returncode == 0, f"tmpfs mounts ({mounted.stderr.decode().strip()})", "run the tests as root")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_disk_is_backend_unavailable_and_the_log_reopens(small_fs):
+    """RocksDB fails every write once its disk is full, closing included: the caller gets
+    an error it knows (the command line's message and exit code, not an internal error),
+    and the directory is released to be opened again once there is room."""
+    ballast = small_fs / "ballast"
+    ballast.write_bytes(bytes(5 << 20))  # room enough, once removed, to flush what the log holds
+    opened = EmbeddedLog(small_fs / "log")
+    opened.ensure_partition("p")
+    appended = 0
+    with pytest.raises(BackendUnavailable, match="No space left"):
+        while True:
+            opened.append("p", [b"%06d" % appended + b"." * 100])
+            appended += 1
+    try:
+        opened.close()
+    except BackendUnavailable:
+        pass  # the write-ahead log could not be flushed: what was appended is in it anyway
+    ballast.unlink()
+    with EmbeddedLog(small_fs / "log") as reopened:
+        assert reopened.end_offset("p") == appended
+        assert reopened.read("p", appended - 1)[0].value.startswith(b"%06d" % (appended - 1))
+        assert reopened.append("p", [b"room again"]) == appended
 
 
 # -- real processes ----------------------------------------------------------------------
