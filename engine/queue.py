@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence, TypeVar
 
 from . import logs
-from .errors import BackendUnavailable, QueueFull
+from .errors import BackendUnavailable, CorruptRecord, QueueFull
 from .log import Log
 from .offsets import NO_OFFSET
 from .settings import MiB, Settings
@@ -327,9 +327,21 @@ class SourceQueue:
         offset = max(self._base, self._log.start_offset(self.partition))
         with self._lock:
             while offset < end:
-                batch = self._log.read(self.partition, offset)
-                self._record_locked(offset, [len(r.value) for r in batch])
-                offset += len(batch)
+                sizes = self._backlog_sizes(offset)
+                self._record_locked(offset, sizes)
+                offset += len(sizes)
+
+    def _backlog_sizes(self, offset: int) -> list[int]:
+        """Payload sizes of the records from ``offset`` on. A damaged record counts as 0
+        bytes (its size is unknown): the applier refuses it and the target becomes Mirror
+        Required, so counting it must not fail and keep the daemon from starting."""
+        try:
+            return [len(r.value) for r in self._log.read(self.partition, offset)]
+        except CorruptRecord:
+            try:  # the damaged record may be further on: count those before it
+                return [len(r.value) for r in self._log.read(self.partition, offset, max_records=1)]
+            except CorruptRecord:
+                return [0]
 
 
 @dataclass(frozen=True)
