@@ -18,7 +18,6 @@ from conftest import need
 from datatether.engine import log_segments
 from datatether.engine.errors import BackendUnavailable, CorruptRecord, NotFound, OffsetOutOfRange, UsageError
 from datatether.engine.log_embedded import EmbeddedLog
-from datatether.engine.offsets import NO_OFFSET
 
 CHILD_TIMEOUT_S = 60
 
@@ -124,16 +123,6 @@ def test_reads_racing_truncation_see_out_of_range_never_corruption(log):
     assert [r.offset for r in log.read("p", 999)] == [999]
 
 
-def test_a_partition_created_again_after_drop_starts_empty(log):
-    log.append("p", values(3))
-    log.commit("p", "applier", 2)
-    log.drop_partition("p")
-    log.ensure_partition("p")
-    assert (log.start_offset("p"), log.end_offset("p")) == (0, 0)
-    assert log.consumers("p") == {}
-    assert log.append("p", [b"x"]) == 0
-
-
 def test_partition_names_sharing_a_prefix_stay_apart(log):
     for name in ("p.1", "p-", "p0"):
         log.ensure_partition(name)
@@ -145,44 +134,6 @@ def test_partition_names_sharing_a_prefix_stay_apart(log):
     assert log.consumers("p-") == {}
     assert [r.value for r in log.read("p-", 0)] == [b"p-"]
     assert log.size("p0") == (2, 1)
-
-
-def test_timestamps_never_decrease(log):
-    log.append("p", [b"a"], timestamp_ns=5_000)
-    log.append("p", [b"b"], timestamp_ns=3_000)
-    assert [r.timestamp_ns for r in log.read("p", 0)] == [5_000, 5_000]
-    assert log.offset_for_time("p", 4_000) == 0
-
-
-@pytest.mark.parametrize("offset", [NO_OFFSET - 1, 3, 10])
-def test_commit_refuses_offsets_that_were_never_appended(log, offset):
-    log.append("p", values(3))
-    with pytest.raises(OffsetOutOfRange):
-        log.commit("p", "applier", offset)
-    assert log.committed("p", "applier") == NO_OFFSET
-
-
-def test_append_refuses_a_bare_bytes_value(log):
-    with pytest.raises(UsageError):
-        log.append("p", b"abc")
-    assert log.end_offset("p") == 0
-
-
-def test_empty_append_adds_nothing(log):
-    log.append("p", values(2))
-    assert log.append("p", []) == 2
-    assert log.end_offset("p") == 2
-
-
-def test_closed_log_refuses_calls_and_closes_twice(tmp_path):
-    opened = EmbeddedLog(tmp_path / "log")
-    opened.ensure_partition("p")
-    opened.close()
-    opened.close()
-    with pytest.raises(UsageError):
-        opened.end_offset("p")
-    with pytest.raises(UsageError):
-        opened.partitions()
 
 
 def test_a_second_writer_is_refused(log, tmp_path):
