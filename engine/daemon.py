@@ -742,19 +742,34 @@ class Daemon:
     def _maybe_retain(self) -> None:
         """Enforce the history window (engine/retention.py) every RETENTION_CHECK_S: applied
         events older than ``history_window_s`` go, the byte bound ``history_max_mb`` may cut
-        into the window, and nothing a consumer has not processed is ever dropped."""
+        into the window, and nothing a consumer has not processed is ever dropped.
+
+        History gives way to the queue: when the queue found too little free space since
+        the last check, retention runs at once and drops every processed event, inside the
+        window too (window 0, and no byte bound, whose scan would read what it drops).
+        Otherwise history the applier no longer needs would hold the disk the queue needs,
+        and the remirror repairing the overflow would fail for lack of space as often as it
+        is tried. (A mirror waiting for room finds the queue short at every poll: only a run
+        that dropped something is logged.)"""
         now = time.monotonic()
-        if now < self._retain_at:
+        short = self.queue.take_space_short()
+        if now < self._retain_at and not short:
             return
         self._retain_at = now + RETENTION_CHECK_S
+        window_s, max_bytes = (0, None) if short else (self.settings.history_window_s,
+                                                       self.settings.history_max_mb << 20)
         try:
-            start = apply_retention(self._log, self.conn.partition, window_s=self.settings.history_window_s,
-                                    max_bytes=self.settings.history_max_mb << 20)
+            before = self._log.start_offset(self.conn.partition)
+            start = apply_retention(self._log, self.conn.partition, window_s=window_s, max_bytes=max_bytes)
         except (DtError, OSError) as exc:  # the log is away or busy: the next check tries again
             log.warning("history retention skipped", msgid="DT-D051", connection=self.conn.name,
                         error=getattr(exc, "message", str(exc)))
             return
-        log.debug("history retention applied", msgid="DT-D050", connection=self.conn.name, start_offset=start)
+        if short and start > before:
+            log.warning("history dropped to make room for the queue", msgid="DT-D052", connection=self.conn.name,
+                        start_offset=start, dropped_events=start - before)
+        else:
+            log.debug("history retention applied", msgid="DT-D050", connection=self.conn.name, start_offset=start)
 
     def _scheduled_snapshot(self, reason: str) -> None:
         try:

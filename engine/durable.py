@@ -28,6 +28,9 @@ def write_atomic(path: str | Path, data: bytes, mode: int = 0o600) -> None:
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # on a full disk it holds the space the next try needs
+        raise
     finally:
         os.close(fd)
     os.replace(tmp, path)

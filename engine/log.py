@@ -10,6 +10,8 @@ Contract, for every backend:
 - ``append`` assigns consecutive offsets starting at ``end_offset``; the first record of a
   partition gets 0. Records are durable against a crash of the appending process when
   ``append`` returns. Offsets are never reused, even after retention removed records.
+  Timestamps never decrease within a partition: an append older than the previous record
+  takes its time. ``append`` takes a sequence of values (one bytes object: UsageError).
 - Every stored record is sealed with a checksum (engine/frame.py). ``read`` verifies it and
   raises CorruptRecord rather than ever returning a damaged value.
 - ``read(start)`` returns records with offsets ``start, start+1, ...`` (no gaps, in order),
@@ -17,11 +19,13 @@ Contract, for every backend:
   is returned if any exists). ``start == end_offset`` returns ``[]``; a start below
   ``start_offset`` or above ``end_offset`` raises OffsetOutOfRange.
 - Consumer offsets name the *last processed* offset (NO_OFFSET = -1 when none). ``commit``
-  is durable on return and may move backwards (replay).
+  is durable on return and may move backwards (replay); an offset outside
+  ``NO_OFFSET .. end_offset-1`` raises OffsetOutOfRange.
 - ``truncate_before(n)`` removes records with offsets < n (retention); ``start_offset``
   becomes n. It never removes a record at or beyond ``end_offset``.
 - Missing partitions raise NotFound for every call except ``ensure_partition`` and
-  ``partitions``.
+  ``partitions``. A partition created again after ``drop_partition`` starts empty, at 0.
+- After ``close`` every call raises UsageError; closing again is harmless.
 """
 
 from __future__ import annotations

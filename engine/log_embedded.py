@@ -28,6 +28,16 @@ consumers      ``<name> 0x00 <consumer>``  committed offset
 - One ``append`` is one WriteBatch (records, index entries and the partition's end), so a
   batch is all there or absent after a crash. ``truncate_before`` and ``drop_partition``
   are DeleteRange tombstones in one batch with the new metadata.
+- RocksDB reports every failure as a plain Exception; callers get the log's errors
+  (``_failure``). A full disk or an I/O error is BackendUnavailable (after a failed write
+  RocksDB refuses every write until the log is opened again; ``close`` releases the
+  directory even then). RocksDB checksums its blocks too: a block failing its check is
+  CorruptRecord wherever it is met (a lookup, a scan), never an absent key. A scan that
+  stops short at a damaged block (rocksdict's ``items`` ends quietly there) must not pass
+  for a complete one: the partition table read short would make partitions look dropped,
+  their segments deleted and their offsets given out again; consumers read short would
+  free records for retention.
+  ``read`` needs no such check: a record missing below the partition's end is corruption.
 
 Concurrency and durability
 --------------------------
@@ -115,10 +125,26 @@ class EmbeddedLog(Log):
         self._segments = log_segments.Segments(self.path / "segments", sync=sync)
         self._open_db()
         if not self.readonly:
-            for name, meta in self._cf["partitions"].items():
-                self._parts[name.decode("ascii")] = _Partition(name.decode("ascii"), meta)
-            self._tidy_segments()
+            try:
+                self._load()
+            except Exception:
+                self.close()  # release the directory (its lock) for whoever repairs it
+                raise
         log.info("log opened", msgid="DT-L001", path=str(self.path), sync=sync, readonly=self.readonly)
+
+    def _load(self) -> None:
+        """The writer's start: the layout version, the partition table, tidy segments."""
+        try:
+            fresh = self._db.get(b"format") is None
+        except Exception as exc:
+            raise self._failure(exc, "layout version") from None
+        if fresh:
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(b"format", LAYOUT_VERSION)
+            self._write(batch, "layout version")
+        for name, meta in self._scan("partitions", b"", None, "partition table"):
+            self._parts[name.decode("ascii")] = _Partition(name.decode("ascii"), meta)
+        self._tidy_segments()
 
     @classmethod
     def open_readonly(cls, path: str | Path) -> EmbeddedLog:
@@ -152,8 +178,6 @@ class EmbeddedLog(Log):
             raise BackendUnavailable(backend=f"embedded log {self.path}", detail=str(exc)) from exc
         self._cf = {name: self._db.get_column_family(name) for name in _FAMILIES}
         self._handle = {name: self._db.get_column_family_handle(name) for name in _FAMILIES}
-        if not self.readonly and self._db.get(b"format") is None:
-            self._db.put(b"format", LAYOUT_VERSION, self._write_opt)
 
     # -- context manager ---------------------------------------------------------------
 
@@ -173,11 +197,16 @@ class EmbeddedLog(Log):
                     part.cond.notify_all()
             # Column family objects keep RocksDB open; drop them before closing the DB.
             self._cf = self._handle = None
-            self._db.close()
-            self._db = None
-            self._segments.close()
-            if self._secondary:
-                shutil.rmtree(self._secondary, ignore_errors=True)
+            db, self._db = self._db, None
+            try:
+                db.close()
+            except Exception as exc:  # a failed flush: what it held is in the write-ahead log
+                raise self._failure(exc, "closing") from None
+            finally:
+                del db  # the last reference: RocksDB is released (its lock too) even after an error
+                self._segments.close()
+                if self._secondary:
+                    shutil.rmtree(self._secondary, ignore_errors=True)
         log.info("log closed", msgid="DT-L002", path=str(self.path))
 
     # -- partitions --------------------------------------------------------------------
@@ -190,7 +219,9 @@ class EmbeddedLog(Log):
                 return
             part = _Partition(partition)
             self._segments.drop(partition)  # what a crashed drop_partition left behind
-            self._cf["partitions"].put(partition.encode("ascii"), part.meta(), self._write_opt)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(partition.encode("ascii"), part.meta(), self._handle["partitions"])
+            self._write(batch, f"creating partition {partition}")
             self._parts[partition] = part
         log.info("partition created", msgid="DT-L003", partition=partition)
 
@@ -204,7 +235,7 @@ class EmbeddedLog(Log):
             for family in ("records", "index", "consumers"):
                 batch.delete_range(lower, upper, self._handle[family])
             batch.delete(partition.encode("ascii"), self._handle["partitions"])
-            self._db.write(batch, self._write_opt)
+            self._write(batch, f"dropping partition {partition}")
             part.dropped = True
             del self._parts[partition]
             self._segments.drop(partition)
@@ -214,7 +245,7 @@ class EmbeddedLog(Log):
     def partitions(self) -> list[str]:
         self._refresh()
         if self.readonly:
-            return sorted(key.decode("ascii") for key in self._cf["partitions"].keys())
+            return sorted(key.decode("ascii") for key, _ in self._scan("partitions", b"", None, "partition table"))
         with self._lock:
             return sorted(self._parts)
 
@@ -243,7 +274,7 @@ class EmbeddedLog(Log):
                 appended += len(value)
             batch.put(part.prefix[:-1], _META.pack(part.start, first + count, appended, stamp),
                       self._handle["partitions"])
-            self._db.write(batch, self._write_opt)
+            self._write(batch, f"appending to partition {partition}")
             part.end, part.appended, part.last_ts = first + count, appended, stamp
             part.cond.notify_all()
         return first
@@ -340,9 +371,9 @@ class EmbeddedLog(Log):
             batch.delete_range(lower, part.key(new_start), self._handle["index"])
             batch.put(part.prefix[:-1], _META.pack(new_start, part.end, part.appended, part.last_ts),
                       self._handle["partitions"])
-            self._db.write(batch, self._write_opt)
+            self._write(batch, f"truncating partition {partition}")
             part.start = new_start
-            self._segments.trim(partition, new_start)
+            self._segments.trim(partition, new_start, part.end)
         log.info("log truncated", msgid="DT-L005", partition=partition, start=new_start)
 
     def size(self, partition: str) -> tuple[int, int]:
@@ -363,21 +394,21 @@ class EmbeddedLog(Log):
             self._alive(part)
             if not NO_OFFSET <= offset < part.end:
                 raise OffsetOutOfRange(offset=offset, start=NO_OFFSET, end=part.end)
-            self._cf["consumers"].put(part.prefix + consumer.encode("ascii"), _I64.pack(offset), self._write_opt)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(part.prefix + consumer.encode("ascii"), _I64.pack(offset), self._handle["consumers"])
+            self._write(batch, f"committing consumer {consumer}")
 
     def committed(self, partition: str, consumer: str) -> int:
         check_partition_name(consumer)
         part = self._part(partition)
-        stored = self._cf["consumers"].get(part.prefix + consumer.encode("ascii"))
+        stored = self._get("consumers", part.prefix + consumer.encode("ascii"), f"partition {partition} consumers")
         return NO_OFFSET if stored is None else _I64.unpack(stored)[0]
 
     def consumers(self, partition: str) -> dict[str, int]:
         part = self._part(partition)
         lower, upper = part.bounds()
-        bound = rocksdict.ReadOptions()
-        bound.set_iterate_upper_bound(upper)
         return {key[len(lower):].decode("ascii"): _I64.unpack(value)[0]
-                for key, value in self._cf["consumers"].items(from_key=lower, read_opt=bound)}
+                for key, value in self._scan("consumers", lower, upper, f"partition {partition} consumers")}
 
     # -- internals ---------------------------------------------------------------------
 
@@ -406,13 +437,16 @@ class EmbeddedLog(Log):
         self._refresh()
         part = self._parts.get(partition)
         if self.readonly:
-            meta = self._cf["partitions"].get(check_partition_name(partition).encode("ascii"))
+            meta = self._get("partitions", check_partition_name(partition).encode("ascii"), "partition table")
             if meta is None:
                 raise NotFound(what="partition", name=partition)
             if part is None:
                 part = self._parts.setdefault(partition, _Partition(partition, meta))
             with part.lock:
+                start = part.start
                 part.load(meta)
+            if part.start != start:  # the writer's retention may have removed segments we hold
+                self._segments.release_removed(partition)
             return part
         if part is None:
             raise NotFound(what="partition", name=check_partition_name(partition))
@@ -446,7 +480,49 @@ class EmbeddedLog(Log):
             if name not in self._parts:
                 self._segments.drop(name)
         for name, part in self._parts.items():
-            self._segments.trim(name, part.start)
+            self._segments.trim(name, part.start, part.end)
+
+    def _failure(self, exc: Exception, what: str) -> Exception:
+        """The log's error for RocksDB's plain Exception ``exc`` (module docstring), naming
+        ``what``; any other exception as it is. (A try statement, not a context manager:
+        that would add a tenth to every append.)"""
+        if type(exc) is not Exception:
+            return exc
+        if str(exc).startswith("Corruption"):
+            return CorruptRecord(reason=f"{what}: {exc}")
+        return BackendUnavailable(backend=f"embedded log {self.path}", detail=f"{what}: {exc}")
+
+    def _write(self, batch: rocksdict.WriteBatch, what: str) -> None:
+        try:
+            self._db.write(batch, self._write_opt)
+        except Exception as exc:
+            raise self._failure(exc, what) from None
+
+    def _get(self, family: str, key: bytes, what: str) -> bytes | None:
+        """The value of ``key`` in ``family`` (None when absent); a damaged block holding
+        it is CorruptRecord naming ``what``."""
+        try:
+            return self._cf[family].get(key)
+        except Exception as exc:
+            raise self._failure(exc, what) from None
+
+    def _scan(self, family: str, lower: bytes, upper: bytes | None, what: str) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of ``family`` in ``[lower, upper)`` (no upper bound: None), in
+        key order; a damaged block on the way is CorruptRecord naming ``what``."""
+        bound = rocksdict.ReadOptions()
+        if upper is not None:
+            bound.set_iterate_upper_bound(upper)
+        found = []
+        try:
+            cursor = self._cf[family].iter(bound)
+            cursor.seek(lower)
+            while cursor.valid():
+                found.append((cursor.key(), cursor.value()))
+                cursor.next()
+            cursor.status()  # raises when the scan ended at an error, not at the end
+        except Exception as exc:
+            raise self._failure(exc, what) from None
+        return found
 
     @staticmethod
     def _alive(part: _Partition) -> None:
@@ -455,7 +531,7 @@ class EmbeddedLog(Log):
             raise NotFound(what="partition", name=part.name)
 
     def _index_at(self, part: _Partition, offset: int) -> tuple[int, int]:
-        stored = self._cf["index"].get(part.key(offset))
+        stored = self._get("index", part.key(offset), f"partition {part.name} index")
         if stored is None or len(stored) != _INDEX.size:
             raise CorruptRecord(reason=f"partition {part.name}: index entry of offset {offset} is missing or damaged")
         return _INDEX.unpack(stored)

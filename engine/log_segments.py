@@ -25,14 +25,17 @@ Invariants:
   leaves bytes no pointer names (the tail of a segment no later append uses, or a segment
   the next append at the same offset truncates: its name is the offset the log had not
   yet assigned).
-- ``read`` returns a frame only when the entry at the pointer carries the record's own
-  offset and the pointed length; the caller then checks the seal. A pointer naming the
+- ``read`` returns a frame only when the entry at the pointer lies within its segment and
+  carries the record's own offset and the pointed length; the caller then checks the seal. A pointer naming the
   wrong place can therefore never pass another record off as this one.
 - Retention deletes a segment once every record in it is below the partition's start,
-  i.e. when the next segment's name is at or below the start. A reader in another
-  process that still has it open keeps reading it (unlinked files stay readable); one that
-  opens it too late gets FileNotFoundError, which the log reports as OffsetOutOfRange
-  when the record is now below the start.
+  i.e. when the next segment's name is at or below the start; the newest segment when the
+  offset after its last entry (known to the process writing it; otherwise the partition's
+  end) is. A reader in another process that still has it open keeps reading it (unlinked
+  files stay readable) until it learns that the start moved, and then closes it
+  (``release_removed``: an open file keeps its disk space); one that opens it too late
+  gets FileNotFoundError, which the log reports as OffsetOutOfRange when the record is
+  now below the start.
 - Durability is the log's: entries are in the operating system's hands once written
   (a killed process loses nothing); with ``sync`` they are fdatasynced (and a new
   segment's directory entry fsynced) before the pointer is written.
@@ -62,7 +65,9 @@ _OPEN_READERS = 32       # segment descriptors kept open for reading
 
 
 def is_pointer(stored: bytes) -> bool:
-    return stored[:2] == MAGIC
+    """Whether a stored value is a pointer rather than a sealed frame. A damaged pointer of
+    another length is taken for a frame, whose check then refuses it."""
+    return len(stored) == POINTER.size and stored[:2] == MAGIC
 
 
 def frame_length(pointer: bytes) -> int:
@@ -73,10 +78,11 @@ def frame_length(pointer: bytes) -> int:
 class _Tail:
     """The segment a partition appends to in this process."""
 
-    __slots__ = ("segment", "fd", "size", "cache")
+    __slots__ = ("segment", "fd", "size", "next", "cache")
 
     def __init__(self, segment: int, fd: int):
         self.segment, self.fd, self.size = segment, fd, 0
+        self.next = segment  # the offset after the last entry written to it
         self.cache = page_cache.Window()
 
 
@@ -129,6 +135,7 @@ class Segments:
             iov.append(_OFFSET.pack(offset))
             iov.extend(parts)
             tail.size += length
+            tail.next = offset + 1
             if len(iov) >= _IOV_MAX:
                 self._pwritev(tail, iov, start)
                 iov, start = [], tail.size
@@ -178,9 +185,12 @@ class Segments:
         FileNotFoundError when its segment is gone, ValueError when the pointer or the
         entry does not belong to this record."""
         magic, version, segment, position, length = POINTER.unpack(pointer)
-        if version != VERSION or length < _OFFSET.size + head:
+        if version != VERSION or length < _OFFSET.size + head or position < 0:
             raise ValueError("bad segment pointer")
         reader = self._reader(partition, segment)
+        # Before reading: a damaged length would have pread allocate that much first.
+        if position + length > os.fstat(reader.fd).st_size:
+            raise ValueError(f"segment {segment} ends before the entry the pointer names at {position}")
         first = os.pread(reader.fd, _OFFSET.size + head, position)
         rest = os.pread(reader.fd, length - len(first), position + len(first))
         if len(first) + len(rest) != length or first[:_OFFSET.size] != _OFFSET.pack(offset):
@@ -203,12 +213,18 @@ class Segments:
 
     # -- removal -------------------------------------------------------------------------
 
-    def trim(self, partition: str, start: int) -> None:
-        """Delete the segments holding only records below ``start``."""
+    def trim(self, partition: str, start: int, end: int) -> None:
+        """Delete the segments holding only records below ``start``, the partition's start
+        (``end`` is its end): each one whose successor is named at or below ``start``, and
+        the newest once its last record is below ``start`` too."""
         names = self.segments(partition)
-        for segment, following in zip(names, names[1:]):
+        tail = self._tails.get(partition)
+        newest = min(end, tail.next) if tail is not None and names[-1:] == [tail.segment] else end
+        for segment, following in zip(names, names[1:] + [newest]):
             if following > start:
                 break
+            if tail is not None and tail.segment == segment:  # the next append starts another
+                os.close(self._tails.pop(partition).fd)
             self._forget(partition, segment)
             self.path(partition, segment).unlink(missing_ok=True)
 
@@ -235,6 +251,16 @@ class Segments:
             return [n[:-2] for n in os.listdir(self.root) if n.endswith(".p")]
         except FileNotFoundError:
             return []
+
+    def release_removed(self, partition: str) -> None:
+        """Close the descriptors of the partition's segments that were deleted (by the
+        writer's retention, in another process): an open descriptor keeps a deleted file's
+        disk space taken."""
+        with self._readers_lock:
+            removed = [key for key, reader in self._readers.items()
+                       if key[0] == partition and os.fstat(reader.fd).st_nlink == 0]
+        for key in removed:
+            self._forget(*key)
 
     def _forget(self, partition: str, segment: int) -> None:
         with self._readers_lock:

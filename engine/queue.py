@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence, TypeVar
 
 from . import logs
-from .errors import BackendUnavailable, QueueFull
+from .errors import BackendUnavailable, CorruptRecord, QueueFull
 from .log import Log
 from .offsets import NO_OFFSET
 from .settings import MiB, Settings
@@ -136,6 +136,7 @@ class SourceQueue:
         self._closed = threading.Event()
         self._overflow: str | None = None
         self._dropped = 0
+        self._space_short = False  # an append lacked free space since ``take_space_short``
         # _cum[i] = payload bytes appended up to and including offset _base + i, counted
         # from an arbitrary origin; _floor is the same count just before _base.
         self._free = 0              # free bytes measured at _free_at, minus appends since
@@ -237,6 +238,13 @@ class SourceQueue:
     def overflow(self) -> str | None:
         return self._overflow
 
+    def take_space_short(self) -> bool:
+        """Whether an offer or a throttled append found too little free space since the
+        last call (the daemon's retention then makes room, engine/daemon.py)."""
+        with self._lock:
+            short, self._space_short = self._space_short, False
+        return short
+
     def stats(self) -> QueueStats:
         with self._lock:
             applied = self._applied()
@@ -296,6 +304,7 @@ class SourceQueue:
         if total is not None and self._queued_bytes_locked() + size > total * share:
             return f"queue limit of {total} bytes (memory {self.limits.memory_bytes} + disk {self.limits.disk_bytes})"
         if self._free_bytes_locked(size) - size < self.limits.min_free_bytes:
+            self._space_short = True
             return f"{_FREE_SPACE} of {self.limits.min_free_bytes} bytes on {os.fspath(self._space_path)}"
         return None
 
@@ -318,9 +327,21 @@ class SourceQueue:
         offset = max(self._base, self._log.start_offset(self.partition))
         with self._lock:
             while offset < end:
-                batch = self._log.read(self.partition, offset)
-                self._record_locked(offset, [len(r.value) for r in batch])
-                offset += len(batch)
+                sizes = self._backlog_sizes(offset)
+                self._record_locked(offset, sizes)
+                offset += len(sizes)
+
+    def _backlog_sizes(self, offset: int) -> list[int]:
+        """Payload sizes of the records from ``offset`` on. A damaged record counts as 0
+        bytes (its size is unknown): the applier refuses it and the target becomes Mirror
+        Required, so counting it must not fail and keep the daemon from starting."""
+        try:
+            return [len(r.value) for r in self._log.read(self.partition, offset)]
+        except CorruptRecord:
+            try:  # the damaged record may be further on: count those before it
+                return [len(r.value) for r in self._log.read(self.partition, offset, max_records=1)]
+            except CorruptRecord:
+                return [0]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ operations and the one-daemon-per-source lock.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 
@@ -27,10 +28,11 @@ from datatether.engine.events import Create, FileKind, Write
 from datatether.engine.log_embedded import EmbeddedLog
 from datatether.engine.mirror import Mirror
 from datatether.engine.pathlocks import PathLocks
-from datatether.engine.queue import QueueLimits
+from datatether.engine.queue import QueueLimits, free_bytes
 from datatether.engine.settings import Settings
 from datatether.engine.states import MirrorMode
 from datatether.engine.tree import Tree
+from tests.conftest import need
 from tests.daemon_helpers import wait_for
 from tests.trees import diff_trees
 
@@ -59,20 +61,25 @@ class ScriptedCapture:
 
 
 @pytest.fixture
-def world(tmp_path):
-    src, dst, state = tmp_path / "src", tmp_path / "dst", tmp_path / "state"
+def state_dir(tmp_path):
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def world(tmp_path, state_dir):
+    src, dst, state = tmp_path / "src", tmp_path / "dst", state_dir
     src.mkdir()
     conn = ConnectionStore(state).create(name="c", set_name="c", source_root=str(src), target=str(dst))
     log_ = EmbeddedLog(state / "log")
     log_.ensure_partition(conn.partition)
     made: list[Daemon] = []
 
-    def make(limit: int = 1 << 30, **settings) -> Daemon:
+    def make(limit: int = 1 << 30, min_free: int = 0, **settings) -> Daemon:
         cfg = Settings(**settings)
         locks = PathLocks()
         progress = Progress(state / "targets" / conn.partition)
         daemon = Daemon(Parts(
-            conn=conn, log=log_, settings=cfg, limits=QueueLimits(limit, 0, 0), space_path=state,
+            conn=conn, log=log_, settings=cfg, limits=QueueLimits(limit, 0, min_free), space_path=state,
             progress=progress,
             make_applier=lambda lg: Applier(lg, conn.partition, conn.target_root, str(src), progress, cfg),
             make_capture=ScriptedCapture,
@@ -150,6 +157,41 @@ def test_lost_events_are_a_gap_and_the_remirror_waits_for_the_queue(world):
     status = converged(daemon)
     assert status["mirror_reason"].startswith("remirror after a gap")
     assert diff_trees(src, dst) == []
+
+
+class TestSmallDisk:
+    """The log on a file system of its own, small enough to fill."""
+
+    @pytest.fixture
+    def state_dir(self, tmp_path):
+        need(os.geteuid() == 0, "root (to mount a loop device)", "run the tests as root")
+        image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+        mnt.mkdir()
+        subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+        mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True)
+        need(mounted.returncode == 0, f"loop mounts ({mounted.stderr.decode().strip()})",
+             "tools/install.sh (e2fsprogs) and a kernel with loop devices")
+        yield mnt / "state"
+        subprocess.run(["umount", str(mnt)], check=True)
+
+    def test_history_gives_way_to_a_queue_short_of_free_space(self, world, state_dir):
+        """The paused target's queue fills the disk down to the minimum free space; once it
+        is applied, the history window (a day) must not keep that space from the remirror
+        that repairs the overflow, or the remirror fails for lack of space every time."""
+        make, src, dst = world
+        daemon = make(min_free=free_bytes(state_dir) - (8 << 20))
+        running(daemon)
+        converged(daemon)
+        daemon.operations()["pause"].handler({})
+        count = 0
+        while daemon.capture.emit(*create(src, f"f{count}", os.urandom(256 << 10))):
+            count += 1
+        assert 0 < count < 40 and daemon.status()["queue_overflow"].startswith("minimum free space")
+        daemon.operations()["resume"].handler({})
+        status = converged(daemon)
+        assert status["mirror_reason"].startswith("remirror after a gap")
+        assert diff_trees(src, dst) == []
 
 
 def test_a_lost_change_that_keeps_size_and_mtime_is_repaired_by_the_gap_remirror(world):

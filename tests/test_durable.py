@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import subprocess
 import threading
 
 import pytest
+from conftest import need
 
 from datatether.engine import durable
 
@@ -14,6 +17,24 @@ def test_write_atomic_replaces_the_whole_content(tmp_path):
     durable.write_atomic(tmp_path / "f", b"second")
     assert (tmp_path / "f").read_bytes() == b"second"
     assert [p.name for p in tmp_path.iterdir()] == ["f"]  # no temporary file left
+
+
+def test_a_failed_write_atomic_leaves_the_old_content_and_no_temporary_file(tmp_path):
+    """A full disk (the state directory's, say): the temporary file must not stay behind
+    holding the space the next write needs."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    need(mounted.returncode == 0, f"tmpfs mounts ({mounted.stderr.decode().strip()})", "run the tests as root")
+    try:
+        durable.write_atomic(small / "f", b"old")
+        with pytest.raises(OSError) as failed:
+            durable.write_atomic(small / "f", bytes(2 << 20))
+        assert failed.value.errno == errno.ENOSPC
+        assert sorted(p.name for p in small.iterdir()) == ["f"]
+        assert (small / "f").read_bytes() == b"old"
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 @pytest.fixture

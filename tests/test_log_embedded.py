@@ -13,11 +13,11 @@ import threading
 
 import pytest
 from contract.log_contract import LogContract, values
+from conftest import need
 
 from datatether.engine import log_segments
 from datatether.engine.errors import BackendUnavailable, CorruptRecord, NotFound, OffsetOutOfRange, UsageError
 from datatether.engine.log_embedded import EmbeddedLog
-from datatether.engine.offsets import NO_OFFSET
 
 CHILD_TIMEOUT_S = 60
 
@@ -123,16 +123,6 @@ def test_reads_racing_truncation_see_out_of_range_never_corruption(log):
     assert [r.offset for r in log.read("p", 999)] == [999]
 
 
-def test_a_partition_created_again_after_drop_starts_empty(log):
-    log.append("p", values(3))
-    log.commit("p", "applier", 2)
-    log.drop_partition("p")
-    log.ensure_partition("p")
-    assert (log.start_offset("p"), log.end_offset("p")) == (0, 0)
-    assert log.consumers("p") == {}
-    assert log.append("p", [b"x"]) == 0
-
-
 def test_partition_names_sharing_a_prefix_stay_apart(log):
     for name in ("p.1", "p-", "p0"):
         log.ensure_partition(name)
@@ -144,44 +134,6 @@ def test_partition_names_sharing_a_prefix_stay_apart(log):
     assert log.consumers("p-") == {}
     assert [r.value for r in log.read("p-", 0)] == [b"p-"]
     assert log.size("p0") == (2, 1)
-
-
-def test_timestamps_never_decrease(log):
-    log.append("p", [b"a"], timestamp_ns=5_000)
-    log.append("p", [b"b"], timestamp_ns=3_000)
-    assert [r.timestamp_ns for r in log.read("p", 0)] == [5_000, 5_000]
-    assert log.offset_for_time("p", 4_000) == 0
-
-
-@pytest.mark.parametrize("offset", [NO_OFFSET - 1, 3, 10])
-def test_commit_refuses_offsets_that_were_never_appended(log, offset):
-    log.append("p", values(3))
-    with pytest.raises(OffsetOutOfRange):
-        log.commit("p", "applier", offset)
-    assert log.committed("p", "applier") == NO_OFFSET
-
-
-def test_append_refuses_a_bare_bytes_value(log):
-    with pytest.raises(UsageError):
-        log.append("p", b"abc")
-    assert log.end_offset("p") == 0
-
-
-def test_empty_append_adds_nothing(log):
-    log.append("p", values(2))
-    assert log.append("p", []) == 2
-    assert log.end_offset("p") == 2
-
-
-def test_closed_log_refuses_calls_and_closes_twice(tmp_path):
-    opened = EmbeddedLog(tmp_path / "log")
-    opened.ensure_partition("p")
-    opened.close()
-    opened.close()
-    with pytest.raises(UsageError):
-        opened.end_offset("p")
-    with pytest.raises(UsageError):
-        opened.partitions()
 
 
 def test_a_second_writer_is_refused(log, tmp_path):
@@ -245,6 +197,25 @@ def test_truncation_deletes_only_segments_wholly_below_start(log, monkeypatch):
     assert [r.value for r in log.read("p", 5)] == big[5:]
 
 
+def test_truncating_everything_deletes_every_segment(log):
+    """The newest segment too, once its last record is below the start: a queue that filled
+    the disk while the target was paused must give its space back once applied, not when
+    256 MiB more have been written."""
+    log.append("p", values(3, size=LARGE))
+    log.append("p", [b"small"])  # not in a segment, and not yet applied (a Gap, say)
+    log.truncate_before("p", 2)
+    assert len(log._segments.segments("p")) == 1
+    log.truncate_before("p", 3)
+    assert log._segments.segments("p") == []
+    log.append("p", values(1, "next", size=LARGE))
+    assert [r.value for r in log.read("p", 3)] == [b"small"] + values(1, "next", size=LARGE)
+    log.close()
+    with EmbeddedLog(log.path) as reopened:
+        assert [r.value for r in reopened.read("p", 3)] == [b"small"] + values(1, "next", size=LARGE)
+        reopened.truncate_before("p", 4)
+        assert len(reopened._segments.segments("p")) == 1  # it holds record 4
+
+
 def test_damage_in_a_segment_stays_local_to_its_record(log):
     big = values(3, size=LARGE)
     log.append("p", big)
@@ -263,6 +234,27 @@ def test_a_pointer_to_another_records_entry_is_corruption(log):
     for offset in (0, 1):
         with pytest.raises(CorruptRecord, match="no entry of this record"):
             log.read("p", offset)
+
+
+DAMAGED_POINTERS = {
+    "cut short": lambda pointer: pointer[:20],
+    "negative position": lambda pointer: pointer[:11] + (-8).to_bytes(8, "big", signed=True) + pointer[19:],
+    # read as asked, this would allocate a TiB before finding the file shorter
+    "length past the segment": lambda pointer: pointer[:19] + (1 << 40).to_bytes(8, "big"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_POINTERS))
+def test_a_damaged_pointer_is_corruption(log, damage):
+    big = values(3, size=LARGE)
+    log.append("p", big)
+    records = log._cf["records"]
+    key = stored_key(log, "p", 1)
+    records[key] = DAMAGED_POINTERS[damage](records[key])
+    with pytest.raises(CorruptRecord, match="offset 1"):
+        log.read("p", 1)
+    assert [r.value for r in log.read("p", 0, max_records=1)] == big[:1]
+    assert [r.value for r in log.read("p", 2)] == big[2:]
 
 
 def test_a_lost_segment_is_corruption(log):
@@ -284,6 +276,28 @@ def test_a_reader_behind_retention_sees_out_of_range_never_corruption(log, tmp_p
         with pytest.raises(OffsetOutOfRange):
             reader.read("p", 0)
         assert [r.value for r in reader.read("p", 1)] == values(1, "second", size=LARGE)
+
+
+def removed_segments_held_open() -> list[str]:
+    """Segment files this process still has open although they were deleted."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the descriptor listdir itself used
+            continue
+    return [link for link in held if ".seg" in link and link.endswith("(deleted)")]
+
+
+def test_a_reader_lets_go_of_segments_retention_removed(log, tmp_path):
+    """Else the disk space of every removed segment a reader process (the applier) had
+    read stays taken for as long as it runs, however much retention drops."""
+    log.append("p", values(2, size=LARGE))
+    with EmbeddedLog.open_readonly(tmp_path / "log") as reader:
+        assert len(reader.read("p", 0)) == 2  # the reader has the segment open now
+        log.truncate_before("p", 2)
+        assert reader.start_offset("p") == 2
+        assert removed_segments_held_open() == []
 
 
 def test_what_a_crash_leaves_in_segments_is_ignored_or_removed(tmp_path):
@@ -308,6 +322,90 @@ def test_what_a_crash_leaves_in_segments_is_ignored_or_removed(tmp_path):
         opened.ensure_partition("gone")
         assert [r.value for r in opened.read("p", 0)] == values(2, size=LARGE) + values(2, "again", size=LARGE)
         assert opened.read("gone", 0) == []
+
+
+def damage_table(path, first_key: bytes, skip: bytes | None = None) -> None:
+    """Flip a bit in the first data block of the RocksDB table whose first key is
+    ``first_key`` (and that does not contain ``skip``), as a bad disk would."""
+    with EmbeddedLog(path) as opened:  # an open flushes what the last run left in the WAL
+        tables = [path / f["name"].lstrip("/") for f in opened._db.live_files() if f["start_key"] == first_key]
+    (table,) = [t for t in tables if skip is None or skip not in t.read_bytes()]
+    damaged = bytearray(table.read_bytes())
+    damaged[3] ^= 0x10
+    table.write_bytes(bytes(damaged))
+
+
+def test_a_damaged_partition_table_fails_the_open_and_loses_nothing(log):
+    """A scan of the partition table that stops at a damaged block must not pass for the
+    whole table: the partitions it did not see would be taken for dropped ones, their
+    segments deleted and their offsets given out again."""
+    log.append("p", values(2, size=LARGE))
+    segment, _, _ = segment_entry(log, "p", 0)
+    log.close()
+    damage_table(log.path, b"p")
+    with pytest.raises(CorruptRecord, match="partition table"):
+        EmbeddedLog(log.path)
+    assert os.path.exists(segment)
+
+
+def test_damaged_consumer_offsets_are_corruption_not_absent(log):
+    log.append("p", values(3))
+    log.commit("p", "applier", 2)
+    log.close()
+    damage_table(log.path, b"p\x00applier")
+    with EmbeddedLog(log.path) as reopened:
+        with pytest.raises(CorruptRecord):
+            reopened.consumers("p")  # {} would let retention think nobody needs the records
+        with pytest.raises(CorruptRecord):
+            reopened.committed("p", "applier")
+
+
+def test_a_damaged_index_is_corruption(log):
+    log.append("p", values(3, "payload"))
+    first = stored_key(log, "p", 0)
+    log.close()
+    damage_table(log.path, first, skip=b"payload")
+    with EmbeddedLog(log.path) as reopened:
+        with pytest.raises(CorruptRecord):
+            reopened.size("p")
+        with pytest.raises(CorruptRecord):
+            reopened.offset_for_time("p", 0)
+        assert [r.value for r in reopened.read("p", 0)] == values(3, "payload")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """An 8 MiB tmpfs, unmounted afterwards."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    need(mounted.returncode == 0, f"tmpfs mounts ({mounted.stderr.decode().strip()})", "run the tests as root")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_disk_is_backend_unavailable_and_the_log_reopens(small_fs):
+    """RocksDB fails every write once its disk is full, closing included: the caller gets
+    an error it knows (the command line's message and exit code, not an internal error),
+    and the directory is released to be opened again once there is room."""
+    ballast = small_fs / "ballast"
+    ballast.write_bytes(bytes(5 << 20))  # room enough, once removed, to flush what the log holds
+    opened = EmbeddedLog(small_fs / "log")
+    opened.ensure_partition("p")
+    appended = 0
+    with pytest.raises(BackendUnavailable, match="No space left"):
+        while True:
+            opened.append("p", [b"%06d" % appended + b"." * 100])
+            appended += 1
+    try:
+        opened.close()
+    except BackendUnavailable:
+        pass  # the write-ahead log could not be flushed: what was appended is in it anyway
+    ballast.unlink()
+    with EmbeddedLog(small_fs / "log") as reopened:
+        assert reopened.end_offset("p") == appended
+        assert reopened.read("p", appended - 1)[0].value.startswith(b"%06d" % (appended - 1))
+        assert reopened.append("p", [b"room again"]) == appended
 
 
 # -- real processes ----------------------------------------------------------------------

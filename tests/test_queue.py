@@ -175,6 +175,21 @@ def test_restart_counts_the_backlog(tmp_path):
         assert (queue.stats().ops, queue.stats().bytes) == (3, 8)
 
 
+def test_a_damaged_record_in_the_backlog_does_not_keep_a_restart_from_counting(tmp_path):
+    """The applier refuses a damaged record (the target becomes Mirror Required); counting
+    the backlog must not fail first, which kept the daemon (and dt status) from starting."""
+    with EmbeddedLog(tmp_path / "log") as log_:
+        log_.ensure_partition(PART)
+        log_.append(PART, [b"a", b"bb", b"ccc", b"dddd", b"eeeee"])
+        key = log_._part(PART).key(2)
+        damaged = bytearray(log_._cf["records"][key])
+        damaged[-1] ^= 0x01
+        log_._cf["records"][key] = bytes(damaged)
+    with EmbeddedLog(tmp_path / "log") as log_:
+        queue = SourceQueue(log_, PART, QueueLimits(1000, 0, 0), Applied(0), tmp_path)
+        assert (queue.stats().ops, queue.stats().bytes) == (4, 2 + 4 + 5)  # the damaged one's size is unknown
+
+
 def test_limits_from_settings():
     limits = QueueLimits.from_settings(Settings(memory_queue_limit_mb=64, disk_queue_limit_mb=10,
                                                 minimum_free_space_mb=5))

@@ -25,7 +25,7 @@ import uuid
 
 import pytest
 
-from datatether.engine.errors import CorruptRecord, InvalidName, NotFound, OffsetOutOfRange
+from datatether.engine.errors import CorruptRecord, InvalidName, NotFound, OffsetOutOfRange, UsageError
 from datatether.engine.log import Log, LogRecord
 from datatether.engine.offsets import NO_OFFSET
 
@@ -158,6 +158,15 @@ class LogContract:
                 call(log, dropped)
         assert [r.value for r in log.read(kept, 0)] == values(2)
 
+    def test_a_partition_created_again_after_drop_starts_empty(self, log):
+        name = self.partition(log, 3)
+        log.commit(name, "applier", 2)
+        log.drop_partition(name)
+        log.ensure_partition(name)
+        assert (log.start_offset(name), log.end_offset(name)) == (0, 0)
+        assert log.consumers(name) == {}
+        assert log.append(name, [b"x"]) == 0
+
     # -- append ------------------------------------------------------------------------
 
     def test_offsets_are_consecutive_from_zero(self, log):
@@ -191,6 +200,26 @@ class LogContract:
         after = time.time_ns()
         # Brokers may keep millisecond timestamps: allow the rounding, not more.
         assert before - 1_000_000 <= log.read(name, 0)[0].timestamp_ns <= after + 1_000_000
+
+    def test_timestamps_never_decrease(self, log):
+        """An append older than the previous record takes its time (a clock stepping back
+        must not break lookups by time)."""
+        name = self.partition(log)
+        log.append(name, [b"a"], timestamp_ns=5_000_000_000)
+        log.append(name, [b"b"], timestamp_ns=3_000_000_000)
+        assert [r.timestamp_ns for r in log.read(name, 0)] == [5_000_000_000] * 2
+        assert log.offset_for_time(name, 4_000_000_000) == 0
+
+    def test_append_refuses_a_bare_bytes_value(self, log):
+        name = self.partition(log)
+        with pytest.raises(UsageError):
+            log.append(name, b"abc")
+        assert log.end_offset(name) == 0
+
+    def test_empty_append_adds_nothing(self, log):
+        name = self.partition(log, 2)
+        assert log.append(name, []) == 2
+        assert log.end_offset(name) == 2
 
     def test_concurrent_appends_form_one_total_order(self, log):
         name = self.partition(log)
@@ -402,6 +431,13 @@ class LogContract:
         log.commit(name, "applier", 4)
         assert log.consumers(name) == {"applier": 4, "transmitter": 9}
 
+    @pytest.mark.parametrize("offset", [NO_OFFSET - 1, 3, 10])
+    def test_commit_refuses_offsets_that_were_never_appended(self, log, offset):
+        name = self.partition(log, 3)
+        with pytest.raises(OffsetOutOfRange):
+            log.commit(name, "applier", offset)
+        assert log.committed(name, "applier") == NO_OFFSET
+
     def test_consumers_are_per_partition(self, log):
         first, second = self.partition(log, 3), self.partition(log, 3)
         log.commit(first, "applier", 2)
@@ -424,6 +460,15 @@ class LogContract:
         assert log.size(name)[1] == 4
         assert log.offset_for_time(name, 2_000_000_000) == 3
         assert log.append(name, [b"after"]) == 5
+
+    def test_a_closed_log_refuses_calls_and_closes_twice(self, log):
+        name = self.partition(log)
+        log.close()
+        log.close()
+        for call in (lambda: log.end_offset(name), lambda: log.partitions(), lambda: log.append(name, [b"x"]),
+                     lambda: log.read(name, 0), lambda: log.commit(name, "applier", NO_OFFSET)):
+            with pytest.raises(UsageError):
+                call()
 
     def test_dropped_partition_stays_dropped_after_reopen(self, log):
         name = self.partition(log, 2)
