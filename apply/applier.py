@@ -62,6 +62,12 @@ machine stop while it is dirty makes the target Mirror Required whatever was syn
 A Barrier fsyncs its file and its directory and makes the record durable, so what the
 source application made durable is durable on the target too.
 
+The record also keeps the log timestamp of the event applied last. Before its first batch
+a restarted applier checks that the log still holds that event at that offset: a log that
+went back (its tail lost and the offsets given to new records) makes the target Mirror
+Required and the applier goes on from the first record newer than the one applied
+(DT-A021, ``_rewind_if_log_went_back``), instead of skipping new records as applied.
+
 Failures
 --------
 - OSError while applying (ENOSPC, EACCES, EIO ...): nothing is committed for that event;
@@ -221,6 +227,7 @@ class Applier:
             ev.TaskResult: self._noop, ev.Marker: self._noop, ev.ReplicationSetDefinition: self._noop,
         }
         self._last = progress.applied_offset
+        self._stamp = progress.applied_stamp  # the log timestamp of the record at _last (0: unknown)
         self._load()
 
     # -- life cycle ----------------------------------------------------------------------
@@ -237,17 +244,50 @@ class Applier:
                           msgid="DT-A015", partition=self.partition, consumer_offset=committed)
                 p.set_data_state(TargetDataState.MIRROR_REQUIRED,
                                  f"applied offset lost; resumed after consumer offset {committed}")
-                self._last = committed
+                self._last, self._stamp = committed, 0
+        # Checked by the first batch, where a log that cannot be read yet holds the queue.
+        self._check_log_kept = not p.fresh
         if p.data_state is TargetDataState.NOT_READY:
             missing = p.fresh and self._lacks_history()
             if missing:
                 p.set_data_state(TargetDataState.MIRROR_REQUIRED, missing)
             else:
                 p.set_data_state(TargetDataState.OK, "applier loaded")
-        p.commit(self._last, durable=True, synced=p.synced and not p.fresh)
+        p.commit(self._last, stamp=self._stamp, durable=True, synced=p.synced and not p.fresh)
         log.info("applier loaded", msgid="DT-A001", partition=self.partition, target=self.tree.root,
                  applied=self._last, target_data_state=p.data_state.value)
         p.publish(force=True)
+
+    def _rewind_if_log_went_back(self) -> None:
+        """Make the target Mirror Required (DT-A021) when the log no longer holds the record
+        it applied last, and go on from the first record it has not seen. The log went back
+        when it lost records from its tail and gave their offsets to new ones (RocksDB
+        dropping a damaged write-ahead log's tail, a machine stop without sync, the log
+        directory made anew): the applier would otherwise skip the new records at offsets
+        it believes applied, the remirror's among them, and report a replica that is not
+        one. Records keep non-decreasing timestamps and the new ones come after the one
+        applied, so the first record stamped later than it is the first one not seen. A
+        record that cannot be read intact here tells nothing: applying it will say so."""
+        start, end = self.log.start_offset(self.partition), self.log.end_offset(self.partition)
+        if self._last >= end:
+            why = f"the log ends at offset {end - 1}, before the applied offset {self._last}"
+        elif not self._stamp or self._last < start:
+            return
+        else:
+            try:
+                kept = self.log.read(self.partition, self._last, max_records=1)[0].timestamp_ns == self._stamp
+            except CorruptRecord:
+                return
+            if kept:
+                return
+            why = f"the log's record {self._last} is not the one the target applied"
+        unseen = self.log.offset_for_time(self.partition, self._stamp + 1) if self._stamp else end
+        applied, self._last, self._stamp = self._last, max(unseen, start) - 1, 0
+        why += ": events the target applied are gone from the log"
+        log.error("the log no longer holds what the target applied; the target needs a remirror", msgid="DT-A021",
+                  partition=self.partition, applied=applied, resumed_after=self._last, reason=why)
+        self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, why)
+        self.progress.commit(self._last, durable=True)
 
     def _lacks_history(self) -> str:
         """Why a target nothing was applied to yet cannot be a replica by replaying the
@@ -282,7 +322,8 @@ class Applier:
             if sync:
                 self.checkpoint()
             else:  # the record also stores a data state set since the last commit
-                self.progress.commit(self._last, durable=self._durable, synced=self.progress.synced)
+                self.progress.commit(self._last, stamp=self._stamp, durable=self._durable,
+                                     synced=self.progress.synced)
                 self._pending = self._durable = False
                 self._commit_consumer()
         finally:
@@ -330,6 +371,10 @@ class Applier:
         applied = 0
         offset = self._last + 1
         try:
+            if self._check_log_kept:
+                self._rewind_if_log_went_back()
+                self._check_log_kept = False
+                offset = self._last + 1
             for record in self._read(max_events):
                 offset = record.offset
                 self._apply(record)
@@ -374,7 +419,7 @@ class Applier:
                   partition=self.partition, applied=self._last, log_start=first)
         self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED,
                                      f"events {self._last + 1}..{first - 1} were removed before being applied")
-        self._last = first - 1
+        self._last, self._stamp = first - 1, 0
         self.progress.commit(self._last, durable=True)
 
     def _apply(self, record) -> None:
@@ -395,11 +440,11 @@ class Applier:
             except Missing as exc:
                 self._missing(op, exc)
         except _REFUSED as exc:
-            self._refuse(record.offset, exc)
+            self._refuse(record, exc)
             return
         finally:
             self.tree.release()
-        self._last = record.offset
+        self._last, self._stamp = record.offset, record.timestamp_ns
         self._pending = True
         if not isinstance(op, NO_OPS):
             self.progress.sample(event.time_ns, _touched(op), event.data_bytes())
@@ -409,16 +454,17 @@ class Applier:
     def _commit_pending(self) -> None:
         if self._pending or self._durable:
             # Still synced when only no-op events came since the last checkpoint.
-            self.progress.commit(self._last, durable=self._durable, synced=self.progress.synced)
+            self.progress.commit(self._last, stamp=self._stamp, durable=self._durable, synced=self.progress.synced)
             self._pending = self._durable = False
 
-    def _refuse(self, offset: int, exc: Exception) -> None:
+    def _refuse(self, record, exc: Exception) -> None:
+        offset = record.offset
         log.error("event refused; the target needs a remirror", msgid="DT-A002", partition=self.partition,
                   offset=offset, error=getattr(exc, "msgid", type(exc).__name__), reason=str(exc))
         self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, f"event {offset} refused: {exc}")
-        self._last = offset
+        self._last, self._stamp = offset, record.timestamp_ns
         self._pending = False
-        self.progress.commit(offset, durable=True)
+        self.progress.commit(offset, stamp=self._stamp, durable=True)
 
     def _missing(self, op, exc: Missing) -> None:
         if self.progress.data_state is TargetDataState.MIRRORING:
@@ -455,7 +501,7 @@ class Applier:
         fsops.syncfs(self._sync_fd)
         for fd in self._device_fds.values():
             os.fsync(fd)
-        self.progress.commit(self._last, synced=True)
+        self.progress.commit(self._last, stamp=self._stamp, synced=True)
         self._pending = self._durable = False
         self._commit_consumer()
 
@@ -848,6 +894,8 @@ def _touched(op) -> str | None:
 
 class _Corrupt:
     """A record the log could not return intact; applying it means refusing it."""
+
+    timestamp_ns = 0  # unknown: the record could not be read
 
     def __init__(self, offset: int, error: CorruptRecord):
         self.offset = offset

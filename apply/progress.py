@@ -8,7 +8,7 @@ Layout of ``<state_dir>/applied.bin``: two 512-byte slots, written alternately (
 seq % 2) by one ``pwrite`` each. A slot (little-endian)::
 
     0    4  magic b"DTAP"
-    4    2  layout version (1)
+    4    2  layout version (2; version 1 lacks the stamp at 480 and is read as stamp 0)
     6    2  flags: bit 0 = synced (everything up to ``applied`` is on disk, nothing after)
     8    8  seq, +1 per record written
    16    8  applied offset (signed; -1 = nothing applied)
@@ -17,7 +17,12 @@ seq % 2) by one ``pwrite`` each. A slot (little-endian)::
    33   16  boot id of the machine that wrote the record
    49    2  length n of the state reason
    51    n  state reason, UTF-8 (at most 400 bytes)
+  480    8  stamp: the log timestamp (ns) of the record at the applied offset, 0 if unknown
   496   16  blake3 (first 16 bytes) of bytes 0..495
+
+The stamp tells whether the log still holds the record the target applied last: a log
+that went back (records lost from its tail and their offsets given to new ones, or made
+anew) is found by the applier on loading (apply/applier.py, DT-A021).
 
 A reader takes the valid slot with the highest seq, so a write torn by a crash (or
 read half-written by another process) falls back to the previous record.
@@ -64,7 +69,8 @@ RECORD_FILE = "applied.bin"
 STATUS_FILE = "status.json"
 SLOT = 512
 MAGIC = b"DTAP"
-VERSION = 1
+VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 FLAG_SYNCED = 1
 MAX_REASON = 400
 LATENCY_WINDOW_S = 60.0
@@ -72,6 +78,8 @@ PUBLISH_EVERY_S = 1.0
 LATENCY_PRECISION = 0.01  # relative width of a latency histogram bucket
 _LOG_STEP = math.log1p(LATENCY_PRECISION)
 _HEAD = struct.Struct("<4sHHQqqB16sH")
+_STAMP = struct.Struct("<q")
+_STAMP_AT = 480
 _DIGEST = 16
 _STATE_CODES = {
     TargetDataState.OK: 0, TargetDataState.MIRRORING: 1, TargetDataState.MIRROR_REQUIRED: 2,
@@ -86,18 +94,20 @@ def boot_id() -> bytes:
 
 
 class _Record:
-    __slots__ = ("seq", "applied", "task_offset", "state", "reason", "synced", "boot")
+    __slots__ = ("seq", "applied", "task_offset", "state", "reason", "synced", "boot", "stamp")
 
     def __init__(self, seq=0, applied=NO_OFFSET, task_offset=NO_OFFSET, state=TargetDataState.NOT_READY,
-                 reason="", synced=True, boot=b"\0" * 16):
+                 reason="", synced=True, boot=b"\0" * 16, stamp=0):
         self.seq, self.applied, self.task_offset = seq, applied, task_offset
         self.state, self.reason, self.synced, self.boot = state, reason, synced, boot
+        self.stamp = stamp
 
     def pack(self) -> bytes:
         reason = self.reason.encode("utf-8", "replace")[:MAX_REASON]
         head = _HEAD.pack(MAGIC, VERSION, FLAG_SYNCED if self.synced else 0, self.seq, self.applied,
                           self.task_offset, _STATE_CODES[self.state], self.boot, len(reason))
-        body = (head + reason).ljust(SLOT - _DIGEST, b"\0")
+        body = (head + reason).ljust(_STAMP_AT, b"\0") + _STAMP.pack(self.stamp)
+        body = body.ljust(SLOT - _DIGEST, b"\0")
         return body + blake3.blake3(body).digest(_DIGEST)
 
     @classmethod
@@ -105,10 +115,11 @@ class _Record:
         if len(slot) != SLOT or blake3.blake3(slot[:-_DIGEST]).digest(_DIGEST) != slot[-_DIGEST:]:
             return None
         magic, version, flags, seq, applied, task, code, boot, n = _HEAD.unpack_from(slot)
-        if magic != MAGIC or version != VERSION or code not in _CODE_STATES:
+        if magic != MAGIC or version not in _READABLE_VERSIONS or code not in _CODE_STATES:
             return None
         reason = slot[_HEAD.size:_HEAD.size + n].decode("utf-8", "replace")
-        return cls(seq, applied, task, _CODE_STATES[code], reason, bool(flags & FLAG_SYNCED), boot)
+        stamp = _STAMP.unpack_from(slot, _STAMP_AT)[0] if version >= 2 else 0
+        return cls(seq, applied, task, _CODE_STATES[code], reason, bool(flags & FLAG_SYNCED), boot, stamp)
 
 
 def _read_record(data: bytes) -> _Record | None:
@@ -187,10 +198,16 @@ class Progress:
     def synced(self) -> bool:
         return self._rec.synced
 
-    def commit(self, offset: int, *, durable: bool = False, synced: bool = False) -> None:
-        """Record ``offset`` as applied (with the current data state). ``durable`` fsyncs the
+    @property
+    def applied_stamp(self) -> int:
+        """The log timestamp of the record at the applied offset (0: unknown)."""
+        return self._rec.stamp
+
+    def commit(self, offset: int, *, stamp: int = 0, durable: bool = False, synced: bool = False) -> None:
+        """Record ``offset`` as applied (with the current data state); ``stamp`` is the log
+        timestamp of the record at ``offset`` (0 when unknown). ``durable`` fsyncs the
         record; ``synced`` says the caller synced the target's file system just before."""
-        self._rec.applied = offset
+        self._rec.applied, self._rec.stamp = offset, stamp
         if offset >= self._rec.task_offset:
             self._rec.task_offset = NO_OFFSET  # the task's own offset is committed: it is over
         self._write(synced=synced, durable=durable or synced)

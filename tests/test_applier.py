@@ -602,6 +602,46 @@ def test_lost_progress_resumes_after_the_consumer_offset_in_mirror_required(t):
     assert a.applied_offset == 1 and a.progress.data_state is TargetDataState.MIRROR_REQUIRED
 
 
+def _log_goes_back(t, keep: int) -> None:
+    """The log loses every record from ``keep`` on and its offsets go to new records (as
+    RocksDB recovering a damaged write-ahead log does): the kept ones keep their stamps."""
+    kept = t.log.read(PARTITION, 0, max_records=keep) if keep else []
+    t.log.drop_partition(PARTITION)
+    t.log.ensure_partition(PARTITION)
+    for record in kept:
+        t.log.append(PARTITION, [record.value], timestamp_ns=record.timestamp_ns)
+
+
+@pytest.mark.parametrize("new_records", [2, 9])  # the log ends before the applied offset; beyond it
+def test_a_log_that_went_back_makes_the_target_mirror_required_and_nothing_new_is_skipped(t, new_records):
+    t.apply(file_("f"), *(ev.Write("f", n, b"%d" % (n % 10)) for n in range(9)))  # offsets 0..9
+    t.close()
+    _log_goes_back(t, keep=5)  # 0..4 stay: the file and its first four bytes
+    append(t.log, *(ev.Write("f", 4 + n, b"n") for n in range(new_records)))  # offsets 5.. again
+    a = t.applier()
+    assert a.run_once() == new_records
+    assert (t.root / "f").read_bytes() == b"0123" + b"n" * new_records + b"45678"[new_records:]
+    assert a.progress.data_state is TargetDataState.MIRROR_REQUIRED
+    assert "events the target applied are gone from the log" in a.progress.data_state_reason
+
+
+def test_a_log_made_anew_is_applied_from_its_start(t):
+    t.apply(file_("f"), ev.Write("f", 0, b"old"))
+    t.close()
+    _log_goes_back(t, keep=0)
+    t.apply(file_("g"))  # offset 0 of the new log
+    assert (t.root / "g").exists() and t.a.applied_offset == 0
+    assert t.state_now is TargetDataState.MIRROR_REQUIRED
+
+
+def test_a_log_that_kept_what_the_target_applied_leaves_it_ok(t):
+    t.apply(file_("f"), ev.Write("f", 0, b"x"))
+    t.close()
+    t.log.truncate_before(PARTITION, 2)  # retention, not a loss: the target applied all of it
+    t.apply(ev.Write("f", 1, b"y"))
+    assert (t.root / "f").read_bytes() == b"xy" and t.state_now is TargetDataState.OK
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """An 8 MiB ext4 file system on a loop device, unmounted afterwards."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+import blake3
 import pytest
 
 from datatether.apply import progress as progress_mod
@@ -30,6 +31,29 @@ def test_commits_survive_reopening_with_state_and_reason(tmp_path):
     p = Progress(tmp_path)
     assert (p.applied_offset, p.data_state, p.data_state_reason, p.fresh) == \
         (42, TargetDataState.MIRROR_REQUIRED, "gap: overflow", False)
+    p.close()
+
+
+def test_the_stamp_of_the_applied_record_survives_reopening(tmp_path):
+    p = Progress(tmp_path)
+    p.commit(5, stamp=1_700_000_000_123_456_789)
+    p.begin_task(6)  # records written without a commit keep it too
+    p.close()
+    p = Progress(tmp_path)
+    assert (p.applied_offset, p.applied_stamp, p.task_offset) == (5, 1_700_000_000_123_456_789, 6)
+    p.close()
+
+
+def test_a_version_1_record_is_read_with_an_unknown_stamp(tmp_path):
+    """Written before the stamp existed: the same layout without bytes 480..487."""
+    reason = b"from version 1"
+    head = progress_mod._HEAD.pack(b"DTAP", 1, progress_mod.FLAG_SYNCED, 1, 33, NO_OFFSET, 0, b"\0" * 16,
+                                   len(reason))
+    body = (head + reason).ljust(SLOT - 16, b"\0")
+    (tmp_path / RECORD_FILE).write_bytes((body + blake3.blake3(body).digest(16)).ljust(2 * SLOT, b"\0"))
+    p = Progress(tmp_path)
+    assert (p.applied_offset, p.applied_stamp, p.data_state, p.data_state_reason, p.fresh) == \
+        (33, 0, TargetDataState.OK, "from version 1", False)
     p.close()
 
 
