@@ -6,7 +6,9 @@ Wire format (one JSON object per line, UTF-8, at most ``MAX_LINE`` bytes):
 - answer   ``{"ok": true, "result": ...}``, or
            ``{"ok": false, "error": MSGID, "message": TEXT, "exit_code": N}``
 
-A connection carries any number of requests, answered in order. Operations are what the
+A connection carries any number of requests, answered in order; one longer than
+``MAX_LINE`` is answered with an error and the connection closed (the rest of it must not
+be read as a request). Operations are what the
 daemon registers (``Operation``): each names the role it needs and a handler taking the
 ``args`` dict and returning something JSON can encode. DtError raised by a handler becomes
 an error answer with its message id; anything else is answered as an internal error (the
@@ -265,6 +267,8 @@ class ApiServer:
                     with self._idle:
                         self._calls -= 1
                         self._idle.notify_all()
+                if len(line) > MAX_LINE:
+                    return  # refused unread to its end: where the next request starts is unknown
 
     def _answer(self, peer: Peer, line: bytes) -> bytes:
         """The encoded answer line to one request line."""

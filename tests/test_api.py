@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from datatether.engine.api import (ADMIN_GROUP, MONITOR_GROUP, ApiClient, ApiServer, Operation, Peer,
+from datatether.engine.api import (ADMIN_GROUP, MAX_LINE, MONITOR_GROUP, ApiClient, ApiServer, Operation, Peer,
                                    RemoteError, Role, peer_of, role_of)
 from datatether.engine.errors import BackendUnavailable, NotFound
 from datatether.engine.states import ReplicationStatus
@@ -134,6 +134,18 @@ def test_malformed_requests_are_answered_not_fatal(server):
             assert answer["ok"] is False and answer["error"] == "DT-E001"
         raw.sendall(b'{"op": "status"}\n')
         assert json.loads(reader.readline())["ok"] is True
+
+
+def test_an_over_long_request_is_refused_and_its_rest_never_taken_for_another(server):
+    smuggled = b'{"op": "task", "args": {"name": "smuggled"}}\n'
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(str(server.path))
+        raw.sendall(b"x" * (MAX_LINE + 1) + smuggled)
+        reader = raw.makefile("rb")
+        answer = json.loads(reader.readline())
+        assert answer["ok"] is False and answer["error"] == "DT-E001" and "longer than" in answer["message"]
+        assert reader.readline() == b""  # the server hung up: it cannot tell where the next request starts
+    assert server.calls == []
 
 
 def test_socket_file_mode_and_group(groups, server):
