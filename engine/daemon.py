@@ -910,7 +910,12 @@ class Daemon:
         return self._take_snapshot("manual", kind).as_dict()
 
     def _op_mirror_start(self, args: dict) -> dict:
-        mode = MirrorMode(args.get("mode") or self.settings.auto_remirror_mode)
+        value = args.get("mode") or self.settings.auto_remirror_mode
+        try:
+            mode = MirrorMode(value)
+        except ValueError:
+            raise UsageError(detail=f"unknown mirror mode {value!r} "
+                                    f"(use one of {', '.join(m.value for m in MirrorMode)})") from None
         with self._lock:
             if self._mirror_thread is not None or self._mirror_paused:
                 raise UsageError(detail="a mirror is already running or paused: stop it first")

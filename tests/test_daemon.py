@@ -235,6 +235,17 @@ def test_mirror_pause_resume_and_stop(world):
     assert "stopped by an operator" in status["target_data_state_reason"]
 
 
+@pytest.mark.parametrize("mode", ["bogus", 5, ["full"]])
+def test_mirror_start_with_an_unknown_mode_is_a_usage_error(world, mode):
+    make, src, dst = world
+    daemon = make()
+    running(daemon)
+    converged(daemon)
+    with pytest.raises(UsageError, match="mirror mode"):
+        daemon.operations()["mirror_start"].handler({"mode": mode})
+    assert daemon.status()["state"] == "replicating"
+
+
 def test_task_operation(world):
     make, src, dst = world
     daemon = make()
