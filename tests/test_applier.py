@@ -737,6 +737,14 @@ def test_failing_and_timed_out_tasks_do_not_stop_replication(t):
     assert (t.root / "after").exists() and t.state_now is TargetDataState.OK
 
 
+@pytest.mark.parametrize("name, argv", [("n", ["tr\0ue"]), ("n\0", ["true"])])
+def test_a_task_no_program_can_be_started_with_is_a_failed_task_not_a_retry(t, name, argv):
+    t.apply(ev.TaskCommand("nul", name, argv), file_("after"))
+    (result,) = results(t.log)
+    assert result.exit_status == 126 and "null byte" in result.output
+    assert (t.root / "after").exists() and t.a.progress.status is TargetStatus.OK
+
+
 def test_tasks_disabled_on_the_target_are_not_run(t, tmp_path):
     t.applier(task_commands=False)
     t.apply(ev.TaskCommand("t", "n", ["touch", str(tmp_path / "ran")]), file_("after"))
