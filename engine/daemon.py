@@ -32,7 +32,8 @@ Life of a daemon (``start``, ``supervise``, ``shutdown``):
    auto-remirror the connection stays Mirror Required (replication status Pending) until
    an operator starts a mirror through the API.
 4. ``shutdown``: the mirror stops (its position is forgotten: the next start mirrors
-   anyway), the capture unmounts, the applier applies everything captured (unless the target
+   anyway; a Gap says the target holds part of a pass, so it is Mirror Required, not
+   Mirroring, until then), the capture unmounts, the applier applies everything captured (unless the target
    is paused, or ``abort`` is set by a second signal: the events then stay in the log and the
    next start applies them), then the applier, the progress record and the queue close.
 
@@ -98,6 +99,7 @@ DEFAULT_TASK_TIMEOUT_S = 600
 MAX_TASK_TIMEOUT_S = 7 * 86400  # a week; a task that may run longer takes 0 (no limit)
 GAP_CLOCK_MARGIN_NS = 2 * 10**9  # ctimes come from a coarse clock; events are stamped after their operation
 RESTART_GAP = "the capture was not running: changes made meanwhile were not captured"
+SHUTDOWN_MIRROR_GAP = "the daemon stopped before its mirror finished"
 MOVED_GAP = ("objects were renamed or linked while a mirror ran: some may have moved into the part "
              "of the tree it had already passed")
 
@@ -420,11 +422,14 @@ class Daemon:
         self._ending = "stopping"
         with self._lock:
             thread = self._mirror_thread
+            unfinished = (thread is not None and not self._orphans) or self._mirror_paused
             self._halt_mirror("stop")
         self.queue.close()
         if thread is not None:
             thread.join()
         self._reap_mirror()
+        if unfinished:  # the target holds part of a pass: Mirror Required, not Mirroring
+            self._on_gap(SHUTDOWN_MIRROR_GAP, remirror=False)
         self.capture.stop()
         with self._snapshot_lock:
             pass  # a snapshot being taken ends first; none starts once _ending is set

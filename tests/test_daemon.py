@@ -246,6 +246,22 @@ def test_mirror_start_with_an_unknown_mode_is_a_usage_error(world, mode):
     assert daemon.status()["state"] == "replicating"
 
 
+def test_a_mirror_the_shutdown_stops_leaves_the_target_mirror_required_not_mirroring(world):
+    make, src, dst = world
+    for i in range(200):
+        (src / f"f{i:03d}").write_bytes(os.urandom(100_000))
+    daemon = make(limit=64 << 10)
+    ops = daemon.operations()
+    ops["pause"].handler({})  # the mirror fills its share of the queue and waits
+    running(daemon)
+    wait_for(lambda: daemon.status()["mirror_status"] == "Mirroring", what="the mirror")
+    ops["resume"].handler({})
+    final = daemon.shutdown()
+    assert final["queued_ops"] == 0 and final["mirror"]["sent_objects"] < 200
+    assert final["target_data_state"] == "Mirror Required"
+    assert Progress.read_snapshot(daemon.parts.progress.state_dir)["target_data_state"] == "Mirror Required"
+
+
 def test_task_operation(world):
     make, src, dst = world
     daemon = make()
