@@ -42,6 +42,7 @@ import pwd
 import socket
 import struct
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ MAX_LINE = 1 << 20
 ACCEPT_POLL_S = 0.25        # how often the accept loop notices stop()
 STOP_CALLS_S = 10.0         # how long stop() waits for calls being answered
 DEFAULT_TIMEOUT_S = 30.0
+CONNECT_RETRY_S = 0.01      # between connects while the daemon's backlog is full
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python has no name for it yet
 _UNIX_PATH_MAX = 107
 
@@ -335,7 +337,7 @@ class ApiClient:
         self._sock.settimeout(timeout_s)
         try:
             with _reachable(self.path) as where:
-                self._sock.connect(where)
+                self._connect(where, timeout_s)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             self._sock.close()
             raise BackendUnavailable(backend="daemon", detail=f"nothing listens on {self.path}") from exc
@@ -345,6 +347,22 @@ class ApiClient:
                                 reason=f"{self.path} is only open to groups {MONITOR_GROUP} "
                                        f"(read) and {ADMIN_GROUP} (act)") from exc
         self._reader = self._sock.makefile("rb")
+
+    def _connect(self, where: str, timeout_s: float | None) -> None:
+        """connect(2) on a Unix socket with a timeout fails at once (EAGAIN) while the
+        daemon's listen backlog is full, as with many clients at once: try again until
+        ``timeout_s`` has passed."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                self._sock.connect(where)
+                return
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._sock.close()
+                    raise BackendUnavailable(backend="daemon", detail=f"{self.path} is too busy: not accepted "
+                                                                      f"within {timeout_s} s") from None
+                time.sleep(CONNECT_RETRY_S)
 
     def call(self, op: str, args: dict | None = None, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Any:
         """Call ``op`` with ``args``; wait at most ``timeout_s`` for the answer (None: no limit)."""

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import tempfile
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,35 @@ def test_an_over_long_request_is_refused_and_its_rest_never_taken_for_another(se
         assert answer["ok"] is False and answer["error"] == "DT-E001" and "longer than" in answer["message"]
         assert reader.readline() == b""  # the server hung up: it cannot tell where the next request starts
     assert server.calls == []
+
+
+def test_many_clients_at_once_wait_for_their_turn(server):
+    """More clients than the listen backlog: a client waits for the daemon to accept it
+    (connect on a Unix socket with a timeout fails at once while the backlog is full)."""
+    def one(_):
+        with ApiClient(server.path) as client:
+            return client.call("status")["replication_status"]
+
+    with ThreadPoolExecutor(200) as pool:
+        answers = list(pool.map(one, range(400)))
+    assert answers == ["Replicating"] * 400
+
+
+def test_a_full_backlog_past_the_timeout_is_a_clear_error(shared_dir):
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(shared_dir / "busy.sock"))
+        listener.listen(0)  # never accepted
+        queued = [socket.socket(socket.AF_UNIX) for _ in range(2)]
+        for sock in queued:
+            sock.settimeout(0.5)
+            try:
+                sock.connect(str(shared_dir / "busy.sock"))
+            except BlockingIOError:
+                pass
+        with pytest.raises(BackendUnavailable, match="too busy"):
+            ApiClient(shared_dir / "busy.sock", timeout_s=0.5)
+        for sock in queued:
+            sock.close()
 
 
 def test_socket_file_mode_and_group(groups, server):
