@@ -304,6 +304,16 @@ def task_timeout_s(value: Any) -> int:
     return value
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text holding surrogates: what the command line makes of bytes that are
+    not UTF-8 (surrogateescape), and what JSON's \\ud800 escapes decode to."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def current_latency_ms(log_: Log, partition: str, applied: int) -> float:
     """Age of the oldest record not applied yet (0 with an empty queue): the data at risk
     if the source failed now, which keeps growing while the target is paused or stopped."""
@@ -883,6 +893,9 @@ class Daemon:
             raise UsageError(detail="a task needs a name")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise UsageError(detail="a task needs a command: a non-empty list of strings")
+        if not all(_is_utf8(text) for text in (name, *argv)):  # the stream's strings are UTF-8 (Avro)
+            raise UsageError(detail="a task's name and command must be UTF-8 text (an argument that is "
+                                    "no UTF-8, such as a file name, can be given through a script)")
         timeout_s = task_timeout_s(args.get("timeout_s", DEFAULT_TASK_TIMEOUT_S))
         cmd = TaskCommand(task_id=uuid.uuid4().hex[:16], name=name, argv=argv, timeout_s=timeout_s)
         offset = self.queue.append([codec.encode(Event(cmd, time.time_ns(), "api"))])

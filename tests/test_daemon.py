@@ -277,6 +277,17 @@ def test_task_operation(world):
     assert found is not None and found.exit_status == 4
 
 
+@pytest.mark.parametrize("name, argv", [("t", ["ls", "\udcff"]), ("\ud800", ["true"])])
+def test_a_task_that_is_not_utf8_text_is_refused_before_anything_is_appended(world, name, argv):
+    make, src, dst = world
+    daemon = make()
+    running(daemon)
+    end = daemon.queue.log().end_offset("conn-1")
+    with pytest.raises(UsageError, match="UTF-8"):
+        daemon.operations()["task"].handler({"name": name, "argv": argv})
+    assert daemon.queue.log().end_offset("conn-1") == end
+
+
 @pytest.mark.parametrize("timeout_s", [10**23, -1, MAX_TASK_TIMEOUT_S + 1, 1.5, True, "60", None])
 def test_a_task_timeout_out_of_range_is_refused_before_anything_is_appended(world, timeout_s):
     make, src, dst = world
