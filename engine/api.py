@@ -316,7 +316,7 @@ def _parse(line: bytes) -> dict:
         raise UsageError(detail=f"request longer than {MAX_LINE} bytes")
     try:
         request = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise UsageError(detail=f"request is not JSON: {exc}") from exc
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
         raise UsageError(detail='a request is {"op": NAME, "args": {...}}')

@@ -129,7 +129,7 @@ def test_malformed_requests_are_answered_not_fatal(server):
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(server.path))
         reader = raw.makefile("rb")
-        for line in (b"not json\n", b"[1, 2]\n", b'{"op": "status", "args": 3}\n'):
+        for line in (b"not json\n", b"[1, 2]\n", b'{"op": "status", "args": 3}\n', b"[" * 100_000 + b"\n"):
             raw.sendall(line)
             answer = json.loads(reader.readline())
             assert answer["ok"] is False and answer["error"] == "DT-E001"
