@@ -57,6 +57,7 @@ ADMIN_GROUP = "dtadmin"
 MONITOR_GROUP = "dtmonitor"
 SOCKET_MODE = 0o660
 MAX_LINE = 1 << 20
+MAX_CLIENTS = 64            # connections served at once; more wait in the listen backlog
 ACCEPT_POLL_S = 0.25        # how often the accept loop notices stop()
 STOP_CALLS_S = 10.0         # how long stop() waits for calls being answered
 DEFAULT_TIMEOUT_S = 30.0
@@ -185,7 +186,8 @@ def _reachable(path: Path) -> Iterator[str]:
 # -- server ------------------------------------------------------------------------------------
 
 class ApiServer:
-    """Serves ``operations`` on a Unix socket at ``path``; one thread per client connection.
+    """Serves ``operations`` on a Unix socket at ``path``; one thread per client connection,
+    at most MAX_CLIENTS at once.
 
     ``stop`` waits (up to STOP_CALLS_S) for the calls being answered, so that an answer
     the daemon's shutdown made possible (the result of a ``task`` with ``wait`` that the
@@ -196,6 +198,7 @@ class ApiServer:
         self.operations = operations
         self._stop = threading.Event()
         self._calls = 0                       # being answered (under _idle)
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)  # one per connection served
         self._idle = threading.Condition()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -236,18 +239,33 @@ class ApiServer:
         self.stop()
 
     def _accept_loop(self) -> None:
+        """Accept a connection whenever fewer than MAX_CLIENTS are served: idle clients
+        without a bound would take every descriptor of the daemon, whose capture, log and
+        applier then fail. Those beyond it wait in the kernel's backlog (the client tries
+        again until its timeout)."""
         while not self._stop.is_set():
+            if not self._slots.acquire(timeout=ACCEPT_POLL_S):
+                continue
             try:
                 conn, _ = self._listener.accept()
             except socket.timeout:
+                self._slots.release()
                 continue
             except OSError as exc:
+                self._slots.release()
                 log.error("control API accept failed", msgid="DT-D012", error=str(exc))
+                self._stop.wait(ACCEPT_POLL_S)  # the cause (no descriptor left) lasts: no busy loop
                 continue
             conn.settimeout(None)
             threading.Thread(target=self._serve, args=(conn,), name="dt-api-client", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_requests(conn)
+        finally:
+            self._slots.release()
+
+    def _serve_requests(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as reader, conn.makefile("wb") as writer:
             try:
                 peer = peer_of(conn)

@@ -17,13 +17,14 @@ import stat
 import subprocess
 import tempfile
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from datatether.engine.api import (ADMIN_GROUP, MAX_LINE, MONITOR_GROUP, ApiClient, ApiServer, Operation, Peer,
-                                   RemoteError, Role, peer_of, role_of)
+from datatether.engine.api import (ADMIN_GROUP, MAX_CLIENTS, MAX_LINE, MONITOR_GROUP, ApiClient, ApiServer,
+                                   Operation, Peer, RemoteError, Role, peer_of, role_of)
 from datatether.engine.errors import BackendUnavailable, NotFound
 from datatether.engine.states import ReplicationStatus
 from tests.conftest import need
@@ -176,6 +177,37 @@ def test_a_full_backlog_past_the_timeout_is_a_clear_error(shared_dir):
             ApiClient(shared_dir / "busy.sock", timeout_s=0.5)
         for sock in queued:
             sock.close()
+
+
+def test_clients_beyond_the_limit_wait_so_the_daemon_keeps_its_descriptors(server):
+    """Idle connections must not take every descriptor of the daemon (its capture, log
+    and applier need them): past MAX_CLIENTS, clients wait to be accepted."""
+    before = len(os.listdir("/proc/self/fd"))
+    idle, waiting, deadline = [], 0, time.monotonic() + 2
+    try:
+        for _ in range(MAX_CLIENTS + 50):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(5)
+            while True:
+                try:
+                    sock.connect(str(server.path))
+                    idle.append(sock)
+                    break
+                except BlockingIOError:  # the backlog is full
+                    if time.monotonic() > deadline:
+                        sock.close()
+                        waiting += 1
+                        break
+                    time.sleep(0.01)
+        time.sleep(0.5)  # the accept loop has caught up
+        assert waiting > 0 and len(os.listdir("/proc/self/fd")) - before - len(idle) <= MAX_CLIENTS + 5
+        with pytest.raises(BackendUnavailable, match="too busy"):
+            ApiClient(server.path, timeout_s=0.5)
+    finally:
+        for sock in idle:
+            sock.close()
+    with ApiClient(server.path) as client:  # the idle ones left: others are served again
+        assert client.call("status")["replication_status"] == "Replicating"
 
 
 def test_socket_file_mode_and_group(groups, server):
