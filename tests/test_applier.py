@@ -653,16 +653,18 @@ def test_space_freed_on_a_full_target_by_removing_a_file_the_applier_had_open_le
            file_("big"), *(ev.Write("big", i << 20, chunk) for i in range(5)))
     p = Progress(tmp_path / "state")
     a = Applier(log, PARTITION, small_fs / "target", SOURCE, p, Settings(retry_delay_s=0.01))
-    a.run_once()
-    assert p.status is TargetStatus.RETRYING and "No space" in p.status_detail
-    (small_fs / "target/old").unlink()  # the operator frees space on the target
-    while a.run_once():
-        pass
-    assert p.status is TargetStatus.OK and a.applied_offset == 10
-    assert (small_fs / "target/big").read_bytes() == chunk * 5
-    a.close()
-    p.close()
-    log.close()
+    try:
+        a.run_once()
+        assert p.status is TargetStatus.RETRYING and "No space" in p.status_detail
+        (small_fs / "target/old").unlink()  # the operator frees space on the target
+        while a.run_once():
+            pass
+        assert p.status is TargetStatus.OK and a.applied_offset == 10
+        assert (small_fs / "target/big").read_bytes() == chunk * 5
+    finally:  # the file system is unmounted afterwards: nothing may stay open on it
+        a.close()
+        p.close()
+        log.close()
 
 
 def test_a_target_root_removed_holds_the_queue_until_it_is_back_then_resumes(t):
