@@ -74,6 +74,9 @@ Failures
   target status Retrying (DT-A004); the same event is tried again after
   ``settings.retry_delay_s``, holding every later one. Never skipped. The same holds for
   a Log that cannot be read and for any unexpected exception (a bug must not lose data).
+  Every cached descriptor is closed first, so the retry walks the target from its root's
+  path: space an operator freed by removing a file the applier had open is free, and a
+  target root or directory removed and put back is found again.
 - An event that can never be applied: a record failing its checksum or not decodable
   (CorruptRecord), a path escaping the target (PathEscapes), an impossible operation
   (InvalidEvent). The target data state becomes Mirror Required (a remirror repairs what
@@ -481,6 +484,9 @@ class Applier:
         self.progress.set_data_state(TargetDataState.MIRROR_REQUIRED, reason)
 
     def _hold(self, exc: Exception, offset: int) -> None:
+        """The queue is held; the retry finds the target afresh from its root's path."""
+        self.files.close()
+        self.tree.reset()
         detail = f"event {offset}: {exc}"
         if self.progress.status is not TargetStatus.RETRYING or self.progress.status_detail != detail:
             log.warning("operation failed; retrying", msgid="DT-A004", partition=self.partition,

@@ -134,7 +134,7 @@ class TargetTree:
     def __init__(self, root: str | os.PathLike, cache_size: int = 256):
         self.root = os.path.abspath(os.fspath(root))
         os.makedirs(self.root, exist_ok=True)
-        self.root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._root_fd: int | None = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._cache_size = cache_size
         self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()
         self._released: list[int] = []
@@ -153,6 +153,24 @@ class TargetTree:
             return Loc(path, self.root_fd, ROOT_NAME)
         return Loc(path, self._dir(parts[:-1], path, create_parents), parts[-1])
 
+    @property
+    def root_fd(self) -> int:
+        """The root's descriptor, opened again from its path after ``reset`` (never
+        created again: a target root that is gone is an error until it is back)."""
+        if self._root_fd is None:
+            self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._root_fd
+
+    def reset(self) -> None:
+        """Forget every descriptor, the root's too, so the next ``locate`` walks from the
+        root's path again (after a failure: a descriptor kept would keep reaching a root or
+        directory removed since, even once an operator has put it back)."""
+        self.invalidate("")
+        self.release()
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
+
     def invalidate(self, path: str) -> None:
         """Forget cached directories at or below ``path`` (after a rename or removal)."""
         parts = split(path)
@@ -169,10 +187,7 @@ class TargetTree:
         self._released.clear()
 
     def close(self) -> None:
-        self._released.extend(self._dirs.values())
-        self._dirs.clear()
-        self.release()
-        os.close(self.root_fd)
+        self.reset()
 
     def _dir(self, parts: tuple[str, ...], path: str, create: bool) -> int:
         depth = len(parts)

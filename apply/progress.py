@@ -128,6 +128,24 @@ def _read_record(data: bytes) -> _Record | None:
     return max(valid, key=lambda r: r.seq) if valid else None
 
 
+def _as_loaded(rec: _Record | None, data: bytes, boot: bytes) -> tuple[_Record, bool]:
+    """The record as an applier loads it from the file's ``data`` (``rec``, its valid
+    record, if any) on the machine booted as ``boot``, and whether the target is then
+    distrusted (module docstring): Mirror Required when the file holds something but no
+    valid record, or a record left unsynced under another boot id. Readers in other
+    processes judge by it too, so ``dt status`` says what the applier will find."""
+    why = ""
+    if rec is None:
+        rec = _Record(boot=boot)
+        if data.strip(b"\0"):
+            why = "the applied-offset record was unreadable"
+    elif not rec.synced and rec.boot != boot:
+        why = "the machine stopped while events were being applied"
+    if why:
+        rec.state, rec.reason = TargetDataState.MIRROR_REQUIRED, why
+    return rec, bool(why)
+
+
 class Progress:
     """The applied offset, target data state and target status of one connection's target.
 
@@ -157,22 +175,17 @@ class Progress:
         self._events = 0
         self._bytes = 0
         self._published = 0.0
-        self._rec = self._load(os.pread(self._fd, 2 * SLOT, 0), created)
+        self._rec = self._load(os.pread(self._fd, 2 * SLOT, 0))
 
-    def _load(self, data: bytes, created: bool) -> _Record:
-        rec = _read_record(data)
-        self.fresh = rec is None
-        if rec is None:
-            rec = _Record(boot=self._boot)
-            if not created and data.strip(b"\0"):
-                rec.state = TargetDataState.MIRROR_REQUIRED
-                rec.reason = "the applied-offset record was unreadable"
-                log.error("progress record unreadable", msgid="DT-A014", path=str(self.state_dir))
-        elif not rec.synced and rec.boot != self._boot:
+    def _load(self, data: bytes) -> _Record:
+        found = _read_record(data)
+        self.fresh = found is None
+        rec, distrusted = _as_loaded(found, data, self._boot)
+        if distrusted and found is None:
+            log.error("progress record unreadable", msgid="DT-A014", path=str(self.state_dir))
+        elif distrusted:
             log.error("the machine stopped while events were being applied", msgid="DT-A013",
                       applied=rec.applied, state_dir=str(self.state_dir))
-            rec.state = TargetDataState.MIRROR_REQUIRED
-            rec.reason = "the machine stopped while events were being applied"
         return rec
 
     # -- the durable record --------------------------------------------------------------
@@ -299,17 +312,18 @@ class Progress:
     @staticmethod
     def read_snapshot(state_dir: str | os.PathLike) -> dict:
         """The latest snapshot, for another process. The applied offset and data state come
-        from the durable record; a snapshot whose writer is gone says "Not Loaded"."""
+        from the durable record, as an applier would load it (``_as_loaded``); a snapshot
+        whose writer is gone says "Not Loaded"."""
         state_dir = Path(state_dir)
         try:
             snap = json.loads((state_dir / STATUS_FILE).read_text())
         except (FileNotFoundError, ValueError):
             snap = {"target_status": TargetStatus.NOT_LOADED.value, "recovery_point_latency_ms": latency_summary([])}
         try:
-            rec = _read_record((state_dir / RECORD_FILE).read_bytes()[:2 * SLOT])
+            data = (state_dir / RECORD_FILE).read_bytes()[:2 * SLOT]
         except FileNotFoundError:
-            rec = None
-        rec = rec or _Record()
+            data = b""
+        rec, _ = _as_loaded(_read_record(data), data, boot_id())
         snap.update(applied_offset=rec.applied, target_data_state=rec.state.value,
                     target_data_state_reason=rec.reason)
         if not _alive(snap.get("pid")):

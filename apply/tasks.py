@@ -54,9 +54,10 @@ def run_task(cmd: TaskCommand, *, offset: int, target_root: str) -> TaskResult:
     try:
         proc = subprocess.Popen(cmd.argv, cwd=target_root, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte, which no exec can take
         status = _EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else _EXIT_CANNOT_EXECUTE
-        return TaskResult(cmd.task_id, status, f"cannot run {cmd.argv[0]!r}: {exc.strerror}", offset)
+        return TaskResult(cmd.task_id, status, f"cannot run {cmd.argv[0]!r}: {getattr(exc, 'strerror', None) or exc}",
+                          offset)
     output = _Output(proc.stdout)
     note = ""
     try:

@@ -6,7 +6,9 @@ Wire format (one JSON object per line, UTF-8, at most ``MAX_LINE`` bytes):
 - answer   ``{"ok": true, "result": ...}``, or
            ``{"ok": false, "error": MSGID, "message": TEXT, "exit_code": N}``
 
-A connection carries any number of requests, answered in order. Operations are what the
+A connection carries any number of requests, answered in order; one longer than
+``MAX_LINE`` is answered with an error and the connection closed (the rest of it must not
+be read as a request). Operations are what the
 daemon registers (``Operation``): each names the role it needs and a handler taking the
 ``args`` dict and returning something JSON can encode. DtError raised by a handler becomes
 an error answer with its message id; anything else is answered as an internal error (the
@@ -40,6 +42,7 @@ import pwd
 import socket
 import struct
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +57,11 @@ ADMIN_GROUP = "dtadmin"
 MONITOR_GROUP = "dtmonitor"
 SOCKET_MODE = 0o660
 MAX_LINE = 1 << 20
+MAX_CLIENTS = 64            # connections served at once; more wait in the listen backlog
 ACCEPT_POLL_S = 0.25        # how often the accept loop notices stop()
 STOP_CALLS_S = 10.0         # how long stop() waits for calls being answered
 DEFAULT_TIMEOUT_S = 30.0
+CONNECT_RETRY_S = 0.01      # between connects while the daemon's backlog is full
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python has no name for it yet
 _UNIX_PATH_MAX = 107
 
@@ -181,7 +186,8 @@ def _reachable(path: Path) -> Iterator[str]:
 # -- server ------------------------------------------------------------------------------------
 
 class ApiServer:
-    """Serves ``operations`` on a Unix socket at ``path``; one thread per client connection.
+    """Serves ``operations`` on a Unix socket at ``path``; one thread per client connection,
+    at most MAX_CLIENTS at once.
 
     ``stop`` waits (up to STOP_CALLS_S) for the calls being answered, so that an answer
     the daemon's shutdown made possible (the result of a ``task`` with ``wait`` that the
@@ -192,6 +198,7 @@ class ApiServer:
         self.operations = operations
         self._stop = threading.Event()
         self._calls = 0                       # being answered (under _idle)
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)  # one per connection served
         self._idle = threading.Condition()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -232,18 +239,33 @@ class ApiServer:
         self.stop()
 
     def _accept_loop(self) -> None:
+        """Accept a connection whenever fewer than MAX_CLIENTS are served: idle clients
+        without a bound would take every descriptor of the daemon, whose capture, log and
+        applier then fail. Those beyond it wait in the kernel's backlog (the client tries
+        again until its timeout)."""
         while not self._stop.is_set():
+            if not self._slots.acquire(timeout=ACCEPT_POLL_S):
+                continue
             try:
                 conn, _ = self._listener.accept()
             except socket.timeout:
+                self._slots.release()
                 continue
             except OSError as exc:
+                self._slots.release()
                 log.error("control API accept failed", msgid="DT-D012", error=str(exc))
+                self._stop.wait(ACCEPT_POLL_S)  # the cause (no descriptor left) lasts: no busy loop
                 continue
             conn.settimeout(None)
             threading.Thread(target=self._serve, args=(conn,), name="dt-api-client", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_requests(conn)
+        finally:
+            self._slots.release()
+
+    def _serve_requests(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as reader, conn.makefile("wb") as writer:
             try:
                 peer = peer_of(conn)
@@ -265,6 +287,8 @@ class ApiServer:
                     with self._idle:
                         self._calls -= 1
                         self._idle.notify_all()
+                if len(line) > MAX_LINE:
+                    return  # refused unread to its end: where the next request starts is unknown
 
     def _answer(self, peer: Peer, line: bytes) -> bytes:
         """The encoded answer line to one request line."""
@@ -310,7 +334,7 @@ def _parse(line: bytes) -> dict:
         raise UsageError(detail=f"request longer than {MAX_LINE} bytes")
     try:
         request = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise UsageError(detail=f"request is not JSON: {exc}") from exc
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
         raise UsageError(detail='a request is {"op": NAME, "args": {...}}')
@@ -331,7 +355,7 @@ class ApiClient:
         self._sock.settimeout(timeout_s)
         try:
             with _reachable(self.path) as where:
-                self._sock.connect(where)
+                self._connect(where, timeout_s)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             self._sock.close()
             raise BackendUnavailable(backend="daemon", detail=f"nothing listens on {self.path}") from exc
@@ -341,6 +365,22 @@ class ApiClient:
                                 reason=f"{self.path} is only open to groups {MONITOR_GROUP} "
                                        f"(read) and {ADMIN_GROUP} (act)") from exc
         self._reader = self._sock.makefile("rb")
+
+    def _connect(self, where: str, timeout_s: float | None) -> None:
+        """connect(2) on a Unix socket with a timeout fails at once (EAGAIN) while the
+        daemon's listen backlog is full, as with many clients at once: try again until
+        ``timeout_s`` has passed."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                self._sock.connect(where)
+                return
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._sock.close()
+                    raise BackendUnavailable(backend="daemon", detail=f"{self.path} is too busy: not accepted "
+                                                                      f"within {timeout_s} s") from None
+                time.sleep(CONNECT_RETRY_S)
 
     def call(self, op: str, args: dict | None = None, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Any:
         """Call ``op`` with ``args``; wait at most ``timeout_s`` for the answer (None: no limit)."""

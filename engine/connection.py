@@ -141,10 +141,17 @@ class ConnectionStore:
         return conn
 
     def _last_id(self) -> int:
+        """The highest id ever given (0 before the first). A damaged file is CorruptRecord:
+        any guess could give a removed connection's id, and with it its partition and its
+        snapshot folder, to a new one."""
+        path = self.dir / "last_id"
         try:
-            return int((self.dir / "last_id").read_text())
-        except (FileNotFoundError, ValueError):
+            raw = path.read_bytes().strip()
+        except FileNotFoundError:
             return 0
+        if not raw.isdigit():
+            raise CorruptRecord(reason=f"{path}: not a connection id ({raw[:20]!r})")
+        return int(raw)
 
     def _write(self, conn: Connection) -> None:
         buf = io.BytesIO()

@@ -32,7 +32,8 @@ Life of a daemon (``start``, ``supervise``, ``shutdown``):
    auto-remirror the connection stays Mirror Required (replication status Pending) until
    an operator starts a mirror through the API.
 4. ``shutdown``: the mirror stops (its position is forgotten: the next start mirrors
-   anyway), the capture unmounts, the applier applies everything captured (unless the target
+   anyway; a Gap says the target holds part of a pass, so it is Mirror Required, not
+   Mirroring, until then), the capture unmounts, the applier applies everything captured (unless the target
    is paused, or ``abort`` is set by a second signal: the events then stay in the log and the
    next start applies them), then the applier, the progress record and the queue close.
 
@@ -98,6 +99,7 @@ DEFAULT_TASK_TIMEOUT_S = 600
 MAX_TASK_TIMEOUT_S = 7 * 86400  # a week; a task that may run longer takes 0 (no limit)
 GAP_CLOCK_MARGIN_NS = 2 * 10**9  # ctimes come from a coarse clock; events are stamped after their operation
 RESTART_GAP = "the capture was not running: changes made meanwhile were not captured"
+SHUTDOWN_MIRROR_GAP = "the daemon stopped before its mirror finished"
 MOVED_GAP = ("objects were renamed or linked while a mirror ran: some may have moved into the part "
              "of the tree it had already passed")
 
@@ -302,6 +304,16 @@ def task_timeout_s(value: Any) -> int:
     return value
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text holding surrogates: what the command line makes of bytes that are
+    not UTF-8 (surrogateescape), and what JSON's \\ud800 escapes decode to."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def current_latency_ms(log_: Log, partition: str, applied: int) -> float:
     """Age of the oldest record not applied yet (0 with an empty queue): the data at risk
     if the source failed now, which keeps growing while the target is paused or stopped."""
@@ -420,11 +432,14 @@ class Daemon:
         self._ending = "stopping"
         with self._lock:
             thread = self._mirror_thread
+            unfinished = (thread is not None and not self._orphans) or self._mirror_paused
             self._halt_mirror("stop")
         self.queue.close()
         if thread is not None:
             thread.join()
         self._reap_mirror()
+        if unfinished:  # the target holds part of a pass: Mirror Required, not Mirroring
+            self._on_gap(SHUTDOWN_MIRROR_GAP, remirror=False)
         self.capture.stop()
         with self._snapshot_lock:
             pass  # a snapshot being taken ends first; none starts once _ending is set
@@ -893,6 +908,9 @@ class Daemon:
             raise UsageError(detail="a task needs a name")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise UsageError(detail="a task needs a command: a non-empty list of strings")
+        if not all(_is_utf8(text) for text in (name, *argv)):  # the stream's strings are UTF-8 (Avro)
+            raise UsageError(detail="a task's name and command must be UTF-8 text (an argument that is "
+                                    "no UTF-8, such as a file name, can be given through a script)")
         timeout_s = task_timeout_s(args.get("timeout_s", DEFAULT_TASK_TIMEOUT_S))
         cmd = TaskCommand(task_id=uuid.uuid4().hex[:16], name=name, argv=argv, timeout_s=timeout_s)
         offset = self.queue.append([codec.encode(Event(cmd, time.time_ns(), "api"))])
@@ -925,7 +943,12 @@ class Daemon:
         return self._take_snapshot("manual", kind).as_dict()
 
     def _op_mirror_start(self, args: dict) -> dict:
-        mode = MirrorMode(args.get("mode") or self.settings.auto_remirror_mode)
+        value = args.get("mode") or self.settings.auto_remirror_mode
+        try:
+            mode = MirrorMode(value)
+        except ValueError:
+            raise UsageError(detail=f"unknown mirror mode {value!r} "
+                                    f"(use one of {', '.join(m.value for m in MirrorMode)})") from None
         with self._lock:
             if self._mirror_thread is not None or self._mirror_paused:
                 raise UsageError(detail="a mirror is already running or paused: stop it first")

@@ -56,7 +56,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     checksum_block_size: Annotated[int, Meta(ge=4096, le=16 * MiB, description="Block size of checksum comparisons")] = 65536
     checksum_all: Annotated[bool, Meta(description="A checksum difference mirror compares every file's blocks, not only files whose size or time differ")] = False
     calculate_size_first: Annotated[bool, Meta(description="Size the replication set before mirroring so progress is a percentage")] = True
-    retry_delay_s: Annotated[float, Meta(gt=0, description="Seconds before a failed operation is retried on the target (it holds the queue)")] = 3.0
+    # At most a day: no wait takes an infinite delay (TOML's inf): the applier's would raise
+    # OverflowError at the first failed operation.
+    retry_delay_s: Annotated[float, Meta(gt=0, le=86400, description="Seconds before a failed operation is retried on the target (it holds the queue)")] = 3.0
     ignore_delete_ops: Annotated[bool, Meta(description="Keep files on the target when they are deleted on the source")] = False
     remap_link: Annotated[bool, Meta(description="Rewrite symlinks that point inside the set to the target path")] = True
     auto_remirror: Annotated[bool, Meta(description="Remirror automatically when the connection becomes Mirror Required")] = True

@@ -17,12 +17,14 @@ import stat
 import subprocess
 import tempfile
 import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from datatether.engine.api import (ADMIN_GROUP, MONITOR_GROUP, ApiClient, ApiServer, Operation, Peer,
-                                   RemoteError, Role, peer_of, role_of)
+from datatether.engine.api import (ADMIN_GROUP, MAX_CLIENTS, MAX_LINE, MONITOR_GROUP, ApiClient, ApiServer,
+                                   Operation, Peer, RemoteError, Role, peer_of, role_of)
 from datatether.engine.errors import BackendUnavailable, NotFound
 from datatether.engine.states import ReplicationStatus
 from tests.conftest import need
@@ -128,12 +130,84 @@ def test_malformed_requests_are_answered_not_fatal(server):
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(server.path))
         reader = raw.makefile("rb")
-        for line in (b"not json\n", b"[1, 2]\n", b'{"op": "status", "args": 3}\n'):
+        for line in (b"not json\n", b"[1, 2]\n", b'{"op": "status", "args": 3}\n', b"[" * 100_000 + b"\n"):
             raw.sendall(line)
             answer = json.loads(reader.readline())
             assert answer["ok"] is False and answer["error"] == "DT-E001"
         raw.sendall(b'{"op": "status"}\n')
         assert json.loads(reader.readline())["ok"] is True
+
+
+def test_an_over_long_request_is_refused_and_its_rest_never_taken_for_another(server):
+    smuggled = b'{"op": "task", "args": {"name": "smuggled"}}\n'
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(str(server.path))
+        raw.sendall(b"x" * (MAX_LINE + 1) + smuggled)
+        reader = raw.makefile("rb")
+        answer = json.loads(reader.readline())
+        assert answer["ok"] is False and answer["error"] == "DT-E001" and "longer than" in answer["message"]
+        assert reader.readline() == b""  # the server hung up: it cannot tell where the next request starts
+    assert server.calls == []
+
+
+def test_many_clients_at_once_wait_for_their_turn(server):
+    """More clients than the listen backlog: a client waits for the daemon to accept it
+    (connect on a Unix socket with a timeout fails at once while the backlog is full)."""
+    def one(_):
+        with ApiClient(server.path) as client:
+            return client.call("status")["replication_status"]
+
+    with ThreadPoolExecutor(200) as pool:
+        answers = list(pool.map(one, range(400)))
+    assert answers == ["Replicating"] * 400
+
+
+def test_a_full_backlog_past_the_timeout_is_a_clear_error(shared_dir):
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(shared_dir / "busy.sock"))
+        listener.listen(0)  # never accepted
+        queued = [socket.socket(socket.AF_UNIX) for _ in range(2)]
+        for sock in queued:
+            sock.settimeout(0.5)
+            try:
+                sock.connect(str(shared_dir / "busy.sock"))
+            except BlockingIOError:
+                pass
+        with pytest.raises(BackendUnavailable, match="too busy"):
+            ApiClient(shared_dir / "busy.sock", timeout_s=0.5)
+        for sock in queued:
+            sock.close()
+
+
+def test_clients_beyond_the_limit_wait_so_the_daemon_keeps_its_descriptors(server):
+    """Idle connections must not take every descriptor of the daemon (its capture, log
+    and applier need them): past MAX_CLIENTS, clients wait to be accepted."""
+    before = len(os.listdir("/proc/self/fd"))
+    idle, waiting, deadline = [], 0, time.monotonic() + 2
+    try:
+        for _ in range(MAX_CLIENTS + 50):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(5)
+            while True:
+                try:
+                    sock.connect(str(server.path))
+                    idle.append(sock)
+                    break
+                except BlockingIOError:  # the backlog is full
+                    if time.monotonic() > deadline:
+                        sock.close()
+                        waiting += 1
+                        break
+                    time.sleep(0.01)
+        time.sleep(0.5)  # the accept loop has caught up
+        assert waiting > 0 and len(os.listdir("/proc/self/fd")) - before - len(idle) <= MAX_CLIENTS + 5
+        with pytest.raises(BackendUnavailable, match="too busy"):
+            ApiClient(server.path, timeout_s=0.5)
+    finally:
+        for sock in idle:
+            sock.close()
+    with ApiClient(server.path) as client:  # the idle ones left: others are served again
+        assert client.call("status")["replication_status"] == "Replicating"
 
 
 def test_socket_file_mode_and_group(groups, server):

@@ -4,6 +4,7 @@ retries, task commands."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import threading
@@ -684,6 +685,43 @@ def test_full_disk_holds_the_queue_retrying_then_completes(tmp_path, small_fs):
     log.close()
 
 
+def test_space_freed_on_a_full_target_by_removing_a_file_the_applier_had_open_lets_it_resume(tmp_path, small_fs):
+    log = EmbeddedLog(tmp_path / "log")
+    log.ensure_partition(PARTITION)
+    chunk = os.urandom(1 << 20)
+    append(log, file_("old"), *(ev.Write("old", i << 20, chunk) for i in range(4)),
+           file_("big"), *(ev.Write("big", i << 20, chunk) for i in range(5)))
+    p = Progress(tmp_path / "state")
+    a = Applier(log, PARTITION, small_fs / "target", SOURCE, p, Settings(retry_delay_s=0.01))
+    try:
+        a.run_once()
+        assert p.status is TargetStatus.RETRYING and "No space" in p.status_detail
+        (small_fs / "target/old").unlink()  # the operator frees space on the target
+        while a.run_once():
+            pass
+        assert p.status is TargetStatus.OK and a.applied_offset == 10
+        assert (small_fs / "target/big").read_bytes() == chunk * 5
+    finally:  # the file system is unmounted afterwards: nothing may stay open on it
+        a.close()
+        p.close()
+        log.close()
+
+
+def test_a_target_root_removed_holds_the_queue_until_it_is_back_then_resumes(t):
+    t.apply(dir_("d"), file_("d/f"), ev.Write("d/f", 0, b"before"))
+    shutil.rmtree(t.root)
+    t.apply(file_("g"), ev.Write("g", 0, b"after"))
+    held = t.a.applied_offset
+    for _ in range(3):  # retried, never skipped
+        assert t.a.run_once() == 0 and t.a.applied_offset == held
+        assert t.a.progress.status is TargetStatus.RETRYING
+    t.root.mkdir()
+    while t.a.run_once():
+        pass
+    assert t.a.progress.status is TargetStatus.OK and t.a.applied_offset == 4
+    assert (t.root / "g").read_bytes() == b"after"
+
+
 def test_run_loop_applies_as_events_arrive_and_stops(t):
     a = t.applier()
     stop = threading.Event()
@@ -739,6 +777,14 @@ def test_failing_and_timed_out_tasks_do_not_stop_replication(t):
     assert "killed after 1 s" in by_id["slow"].output
     assert len(by_id["loud"].output.encode()) <= OUTPUT_LIMIT and "truncated" in by_id["loud"].output
     assert (t.root / "after").exists() and t.state_now is TargetDataState.OK
+
+
+@pytest.mark.parametrize("name, argv", [("n", ["tr\0ue"]), ("n\0", ["true"])])
+def test_a_task_no_program_can_be_started_with_is_a_failed_task_not_a_retry(t, name, argv):
+    t.apply(ev.TaskCommand("nul", name, argv), file_("after"))
+    (result,) = results(t.log)
+    assert result.exit_status == 126 and "null byte" in result.output
+    assert (t.root / "after").exists() and t.a.progress.status is TargetStatus.OK
 
 
 def test_tasks_disabled_on_the_target_are_not_run(t, tmp_path):

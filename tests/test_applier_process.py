@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import textwrap
 
 import pytest
 
-from tests.daemon_helpers import Protected, wait_for, workload
+from tests.daemon_helpers import REPO, Protected, wait_for, workload
 from tests.trees import diff_trees
 
 pytestmark = pytest.mark.fuse
@@ -92,3 +94,26 @@ def test_protect_refuses_to_start_while_another_applier_holds_the_target(daemon)
     daemon.start()
     daemon.converged()
     assert daemon.stop() == 0
+
+
+EXITS_WITH_AN_ERROR = textwrap.dedent("""
+    import sys
+    from datatether.tools import runtime
+    from datatether.tools.applier_process import ApplierProcess
+
+    state = runtime.open_state(sys.argv[1])
+    job = runtime.adhoc_job(state, sys.argv[2], sys.argv[3], make_target=True)
+    applier = ApplierProcess(job).bind(state.log)
+    print("started", flush=True)
+    sys.exit(2)  # an error out of the daemon before it stopped its applier
+""")
+
+
+def test_a_process_that_exits_without_stopping_its_applier_process_still_exits(tmp_path):
+    """The child ignores SIGTERM (its parent decides when it stops), which multiprocessing
+    sends its daemonic children at exit before joining them: without a kill first, the
+    exit would wait for it for ever, holding the daemon's lock."""
+    (tmp_path / "src").mkdir()
+    done = subprocess.run([sys.executable, "-c", EXITS_WITH_AN_ERROR, str(tmp_path / "state"), str(tmp_path / "src"),
+                           str(tmp_path / "dst")], capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert done.returncode == 2 and done.stdout == "started\n", done.stderr

@@ -72,6 +72,7 @@ def test_a_torn_record_falls_back_to_the_previous_one(tmp_path):
 
 def test_an_unreadable_record_means_mirror_required(tmp_path):
     (tmp_path / RECORD_FILE).write_bytes(os.urandom(2 * SLOT))
+    assert Progress.read_snapshot(tmp_path)["target_data_state"] == "Mirror Required"  # dt status, stopped
     p = Progress(tmp_path)
     assert p.fresh and p.applied_offset == NO_OFFSET and p.data_state is TargetDataState.MIRROR_REQUIRED
     p.close()
@@ -89,6 +90,8 @@ def test_machine_stop_while_dirty_means_mirror_required(tmp_path, monkeypatch):
     p.commit(5)
     p.close()
     reboot(monkeypatch)
+    snap = Progress.read_snapshot(tmp_path)  # dt status before the applier is back
+    assert snap["target_data_state"] == "Mirror Required" and "machine stopped" in snap["target_data_state_reason"]
     p = Progress(tmp_path)
     assert p.applied_offset == 5 and p.data_state is TargetDataState.MIRROR_REQUIRED
     p.close()
@@ -100,6 +103,7 @@ def test_machine_stop_after_a_checkpoint_keeps_the_state(tmp_path, monkeypatch):
     p.commit(5, synced=True)
     p.close()
     reboot(monkeypatch)
+    assert Progress.read_snapshot(tmp_path)["target_data_state"] == "OK"
     p = Progress(tmp_path)
     assert p.applied_offset == 5 and p.data_state is TargetDataState.OK and p.synced
     p.mark_dirty()

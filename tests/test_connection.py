@@ -55,6 +55,18 @@ def test_a_damaged_connection_record_is_corrupt_never_half_read(tmp_path, damage
         store.list()
 
 
+@pytest.mark.parametrize("damage", [b"", b"x", b"-1", b"\xff"])
+def test_a_damaged_last_id_is_corrupt_and_never_lets_an_id_be_reused(tmp_path, damage):
+    store = ConnectionStore(tmp_path)
+    for name in ("a", "b"):
+        store.create(name=name, set_name=name, source_root=str(tmp_path / name), target=str(tmp_path / f"{name}-dst"))
+    store.delete("b")
+    (store.dir / "last_id").write_bytes(damage)
+    with pytest.raises(CorruptRecord, match="last_id"):
+        store.create(name="c", set_name="c", source_root=str(tmp_path / "c"), target=str(tmp_path / "c-dst"))
+    assert [c.name for c in store.list()] == ["a"]
+
+
 @pytest.mark.parametrize("command", [["status"], ["set", "list"], ["set", "show", "web"]])
 def test_a_state_path_that_is_a_regular_file_is_an_error_not_an_empty_state(tmp_path, capsys, command):
     state = tmp_path / "not-a-dir"

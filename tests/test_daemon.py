@@ -277,6 +277,33 @@ def test_mirror_pause_resume_and_stop(world):
     assert "stopped by an operator" in status["target_data_state_reason"]
 
 
+@pytest.mark.parametrize("mode", ["bogus", 5, ["full"]])
+def test_mirror_start_with_an_unknown_mode_is_a_usage_error(world, mode):
+    make, src, dst = world
+    daemon = make()
+    running(daemon)
+    converged(daemon)
+    with pytest.raises(UsageError, match="mirror mode"):
+        daemon.operations()["mirror_start"].handler({"mode": mode})
+    assert daemon.status()["state"] == "replicating"
+
+
+def test_a_mirror_the_shutdown_stops_leaves_the_target_mirror_required_not_mirroring(world):
+    make, src, dst = world
+    for i in range(200):
+        (src / f"f{i:03d}").write_bytes(os.urandom(100_000))
+    daemon = make(limit=64 << 10)
+    ops = daemon.operations()
+    ops["pause"].handler({})  # the mirror fills its share of the queue and waits
+    running(daemon)
+    wait_for(lambda: daemon.status()["mirror_status"] == "Mirroring", what="the mirror")
+    ops["resume"].handler({})
+    final = daemon.shutdown()
+    assert final["queued_ops"] == 0 and final["mirror"]["sent_objects"] < 200
+    assert final["target_data_state"] == "Mirror Required"
+    assert Progress.read_snapshot(daemon.parts.progress.state_dir)["target_data_state"] == "Mirror Required"
+
+
 def test_task_operation(world):
     make, src, dst = world
     daemon = make()
@@ -290,6 +317,17 @@ def test_task_operation(world):
     assert answer["result"]["exit_status"] == 4 and answer["result"]["output"] == "hi\n"
     found = find_task_result(daemon.queue.log(), "conn-1", answer["task_id"], answer["offset"])
     assert found is not None and found.exit_status == 4
+
+
+@pytest.mark.parametrize("name, argv", [("t", ["ls", "\udcff"]), ("\ud800", ["true"])])
+def test_a_task_that_is_not_utf8_text_is_refused_before_anything_is_appended(world, name, argv):
+    make, src, dst = world
+    daemon = make()
+    running(daemon)
+    end = daemon.queue.log().end_offset("conn-1")
+    with pytest.raises(UsageError, match="UTF-8"):
+        daemon.operations()["task"].handler({"name": name, "argv": argv})
+    assert daemon.queue.log().end_offset("conn-1") == end
 
 
 @pytest.mark.parametrize("timeout_s", [10**23, -1, MAX_TASK_TIMEOUT_S + 1, 1.5, True, "60", None])

@@ -29,6 +29,7 @@ def test_values_from_the_file_and_overrides_typed_as_declared(tmp_path):
     ({"mirror_packet_size": 64 << 20}, "mirror_packet_size: Expected `int` <= 16777216"),
     ({"retry_delay_s": 0}, "retry_delay_s: Expected `float` > 0"),
     ({"retry_delay_s": "soon"}, "retry_delay_s: Expected `float`, got `str`"),
+    ({"retry_delay_s": float("inf")}, "retry_delay_s: Expected `float` <= 86400"),  # no wait takes it
     ({"checksum_all": 1}, "checksum_all: Expected `bool`, got `int`"),
     ({"history_window_s": True}, "history_window_s: Expected `int`, got `bool`"),
     ({"orphans_action": "shred"}, "orphans_action: Invalid enum value 'shred'"),

@@ -38,6 +38,7 @@ Message ids DT-D060..D065.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import queue
@@ -121,6 +122,11 @@ class ApplierProcess:
         self._restart_s = RESTART_S[0]
         self._paused = False
         self._committed = NO_OFFSET
+        # The child ignores SIGTERM, which multiprocessing's exit handler sends daemonic
+        # children before joining them: a process leaving without ``run`` having stopped
+        # the child (an error out of the daemon's shutdown) would wait for it for ever,
+        # holding the daemon's lock. Registered after that handler, this runs before it.
+        atexit.register(self.close)
         self._start()  # spawning takes a moment: it overlaps the rest of the daemon's set-up
 
     def bind(self, log_: Log) -> ApplierProcess:
