@@ -232,6 +232,27 @@ def test_restart_without_auto_remirror_stays_mirror_required_until_an_operator_m
     assert diff_trees(src, dst) == []
 
 
+def test_a_log_made_anew_while_stopped_is_remirrored_not_taken_as_applied(world, state_dir):
+    """The log lost what the target applied (here: made anew) and offsets start again: the
+    restart's gap and remirror must be applied, not skipped as already applied."""
+    make, src, dst = world
+    daemon = make()
+    running(daemon)
+    for n in range(20):
+        assert daemon.capture.emit(*create(src, f"f{n}", b"first %d\n" % n))
+    converged(daemon)
+    daemon.shutdown()
+    (src / "f3").write_bytes(b"changed while stopped\n")
+    log_ = daemon.parts.log
+    log_.drop_partition(daemon.conn.partition)
+    log_.ensure_partition(daemon.conn.partition)
+    again = make()
+    again.start(restarted=True, mirror=MirrorMode.CHECKSUM)
+    supervised(again)
+    converged(again)
+    assert diff_trees(src, dst) == []
+
+
 def test_a_target_the_applier_marks_mirror_required_is_remirrored(world):
     make, src, dst = world
     (src / "f").write_text("x\n")
