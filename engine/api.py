@@ -315,8 +315,10 @@ class ApiServer:
 
 
 def _encode(answer: dict) -> bytes:
-    """One answer line; enums travel as their values, paths and bytes as text."""
-    return json.dumps(answer, ensure_ascii=False, default=_plain).encode() + b"\n"
+    """One answer line; enums travel as their values, paths and bytes as text. ASCII JSON:
+    a file name that is not UTF-8 (a str with surrogate escapes) travels as its escapes
+    and comes back as the same str, where UTF-8 could not encode it."""
+    return json.dumps(answer, default=_plain).encode() + b"\n"
 
 
 def _plain(value: Any) -> Any:

@@ -126,6 +126,14 @@ def test_calls_answer_results_and_errors(server):
     assert server.calls == [{"name": "t"}]
 
 
+def test_a_name_that_is_not_utf8_travels_intact(server):
+    """File names are bytes; one that is not UTF-8 is a str with surrogate escapes (the
+    last file a status names, say): the answer must carry it, and exactly."""
+    name = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    with ApiClient(server.path) as client:
+        assert client.call("status", {"echo": name})["echo"] == name
+
+
 def test_malformed_requests_are_answered_not_fatal(server):
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(server.path))
