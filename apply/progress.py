@@ -315,10 +315,7 @@ class Progress:
         from the durable record, as an applier would load it (``_as_loaded``); a snapshot
         whose writer is gone says "Not Loaded"."""
         state_dir = Path(state_dir)
-        try:
-            snap = json.loads((state_dir / STATUS_FILE).read_text())
-        except (FileNotFoundError, ValueError):
-            snap = {"target_status": TargetStatus.NOT_LOADED.value, "recovery_point_latency_ms": latency_summary([])}
+        snap = _read_status(state_dir / STATUS_FILE)
         try:
             data = (state_dir / RECORD_FILE).read_bytes()[:2 * SLOT]
         except FileNotFoundError:
@@ -403,6 +400,35 @@ def latency_summary(latencies_ns: list[int]) -> dict:
     for latency in latencies_ns:
         window.add(now, latency)
     return window.summary(now)
+
+
+_OPTIONAL_INT, _OPTIONAL_STR, _NUMBER = (int, type(None)), (str, type(None)), (int, float, type(None))
+_STATUS_FIELDS = {  # what ``snapshot`` writes, by type
+    "target_status": str, "target_status_detail": str, "last_applied_ns": _OPTIONAL_INT,
+    "last_file": _OPTIONAL_STR, "recovery_point_latency_ms": dict, "applied_events": int, "applied_bytes": int,
+    "pid": int, "updated_ns": int,
+}
+
+
+def _read_status(path: Path) -> dict:
+    """status.json as ``snapshot`` wrote it. It is advisory: a file that is missing, not
+    JSON or damaged (a field of the wrong type, a state that does not exist) reads as
+    the fields that are right, so dt status shows what it can instead of failing."""
+    snap = {"target_status": TargetStatus.NOT_LOADED.value, "recovery_point_latency_ms": latency_summary([])}
+    try:
+        found = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return snap
+    if not isinstance(found, dict):
+        return snap
+    snap.update({k: v for k, v in found.items() if k in _STATUS_FIELDS and isinstance(v, _STATUS_FIELDS[k])
+                 and not isinstance(v, bool)})
+    if snap["target_status"] not in {s.value for s in TargetStatus}:
+        snap["target_status"] = TargetStatus.NOT_LOADED.value
+    latency = snap["recovery_point_latency_ms"]
+    if set(latency) != set(latency_summary([])) or not all(isinstance(v, _NUMBER) for v in latency.values()):
+        snap["recovery_point_latency_ms"] = latency_summary([])
+    return snap
 
 
 def _alive(pid) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import blake3
 import pytest
 
 from datatether.apply import progress as progress_mod
-from datatether.apply.progress import RECORD_FILE, SLOT, Progress, latency_summary
+from datatether.apply.progress import RECORD_FILE, SLOT, STATUS_FILE, Progress, latency_summary
 from datatether.engine.errors import BackendUnavailable
 from datatether.engine.offsets import NO_OFFSET
 from datatether.engine.states import TargetDataState, TargetStatus
@@ -55,6 +56,23 @@ def test_a_version_1_record_is_read_with_an_unknown_stamp(tmp_path):
     assert (p.applied_offset, p.applied_stamp, p.data_state, p.data_state_reason, p.fresh) == \
         (33, 0, TargetDataState.OK, "from version 1", False)
     p.close()
+
+
+@pytest.mark.parametrize("damage", ['[1, 2]', '"text"', '{"target_status": 5, "pid": "1", "last_file": 3}',
+                                    '{"target_status": "Bogus", "recovery_point_latency_ms": {"p50": "a"}}'])
+def test_a_damaged_status_snapshot_reads_as_what_is_right_in_it(tmp_path, damage):
+    p = Progress(tmp_path)
+    p.commit(3)
+    p.sample(time.time_ns(), "f", 10)
+    p.publish(force=True)
+    whole = Progress.read_snapshot(tmp_path)  # while its writer lives
+    assert (whole["target_status"], whole["last_file"], whole["pid"]) == ("OK", "f", os.getpid())
+    p.close()
+    (tmp_path / STATUS_FILE).write_text(damage)
+    snap = Progress.read_snapshot(tmp_path)
+    assert snap["target_status"] == "Not Loaded" and snap["applied_offset"] == 3
+    assert snap["recovery_point_latency_ms"]["samples"] == 0
+    assert "pid" not in snap and "last_file" not in snap
 
 
 def test_a_torn_record_falls_back_to_the_previous_one(tmp_path):
