@@ -855,6 +855,7 @@ class Daemon:
             "target_data_state": data_state,
             "target_data_state_reason": required or snap.get("target_data_state_reason"),
             "target_status": snap.get("target_status"),
+            "target_status_detail": snap.get("target_status_detail") or None,
             "queued_bytes": stats.bytes, "queued_ops": stats.ops,
             "memory_queue_bytes": stats.memory_bytes, "disk_queue_bytes": stats.disk_bytes,
             "queue_limit_bytes": stats.limit_bytes, "free_bytes": stats.free_bytes,

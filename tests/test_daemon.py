@@ -32,6 +32,7 @@ from datatether.engine.queue import QueueLimits, free_bytes
 from datatether.engine.settings import Settings
 from datatether.engine.states import MirrorMode
 from datatether.engine.tree import Tree
+from datatether.tools.commands import status as status_command
 from tests.conftest import need
 from tests.daemon_helpers import wait_for
 from tests.trees import diff_trees
@@ -251,6 +252,24 @@ def test_a_log_made_anew_while_stopped_is_remirrored_not_taken_as_applied(world,
     supervised(again)
     converged(again)
     assert diff_trees(src, dst) == []
+
+
+def test_status_says_why_the_target_is_retrying(world):
+    make, src, dst = world
+    daemon = make(retry_delay_s=0.05)
+    running(daemon)
+    converged(daemon)
+    subprocess.run(["chattr", "+i", str(dst)], check=True)  # even root may not create in it
+    try:
+        assert daemon.capture.emit(*create(src, "f", b"x\n"))
+        status = wait_for(lambda: (s := daemon.status())["target_status"] == "Retrying" and s, 30, "Retrying")
+        assert "Operation not permitted" in status["target_status_detail"]
+        assert status_command._shown("target_status", status).startswith("Retrying: event ")
+    finally:
+        subprocess.run(["chattr", "-i", str(dst)], check=True)
+    status = converged(daemon)
+    assert status["target_status"] == "OK" and status["target_status_detail"] is None
+    assert (dst / "f").read_bytes() == b"x\n"
 
 
 def test_a_target_the_applier_marks_mirror_required_is_remirrored(world):

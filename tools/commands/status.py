@@ -1,9 +1,9 @@
 """dt status: every connection of the state directory, with its states and statistics.
 
 For each connection: state, mirror status, replication status, transmit mode, target data
-state, queued operations and bytes (source queue: captured and not applied yet), sent
-bytes (applied on the target by the running daemon), applied and end offsets, recovery
-point latency in milliseconds (current: age of the oldest event not applied yet; p50 and
+state, target status (with the error it retries while Retrying), queued operations and
+bytes (source queue: captured and not applied yet), sent bytes (applied on the target by
+the running daemon), applied and end offsets, recovery point latency in milliseconds (current: age of the oldest event not applied yet; p50 and
 p99 of capture-to-applied times over the last minute of the latest run) and the last file
 applied.
 
@@ -55,7 +55,7 @@ def run(args) -> int:
         if i:
             print()
         print(f"{status['connection']} (id {status['id']}): {status['source']} -> {status['target']}")
-        output.pairs({key.replace("_", " "): _shown(key, status.get(key)) for key in SHOWN})
+        output.pairs({key.replace("_", " "): _shown(key, status) for key in SHOWN})
     return 0
 
 
@@ -119,6 +119,7 @@ def saved_status(state_dir: Path, conn: Connection, settings: Settings, log_: Lo
         "target_data_state": snap["target_data_state"],
         "target_data_state_reason": snap.get("target_data_state_reason"),
         "target_status": snap.get("target_status"),
+        "target_status_detail": snap.get("target_status_detail") or None,
         "queued_bytes": queue.bytes if queue else 0, "queued_ops": queue.ops if queue else 0,
         "memory_queue_bytes": queue.memory_bytes if queue else 0,
         "disk_queue_bytes": queue.disk_bytes if queue else 0,
@@ -130,7 +131,10 @@ def saved_status(state_dir: Path, conn: Connection, settings: Settings, log_: Lo
     }
 
 
-def _shown(key: str, value):
+def _shown(key: str, status: dict):
+    value = status.get(key)
+    if key == "target_status" and status.get("target_status_detail"):  # why it is Retrying, say
+        return f"{value}: {status['target_status_detail']}"
     if key in ("queued_bytes", "sent_bytes"):
         return output.human_bytes(value)
     if key == "recovery_point_latency_ms":
