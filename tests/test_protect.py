@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from datatether.apply.restore import restore
 from datatether.engine.history import Point
 from datatether.engine.log_embedded import EmbeddedLog
 from datatether.engine.settings import Settings
-from tests.daemon_helpers import Protected, dt, make_tree, wait_for, workload
+from tests.daemon_helpers import DT, REPO, Protected, dt, make_tree, wait_for, workload
 from tests.history_helpers import tree_state
 from tests.trees import diff_trees
 
@@ -275,6 +278,28 @@ def test_unprotect_stops_the_daemon_and_keeps_the_target(dirs, real, protected):
     assert (dst / "late.txt").read_text() == "captured just before unprotect\n"
     assert same(real, dst, mtimes=False) == []
     assert json.loads(dt("status", "--json", state=state, check=True).stdout)["connections"] == []
+
+
+def test_unprotect_says_why_it_waits_while_the_target_keeps_failing(dirs, real, protected):
+    src, dst, state = dirs
+    (state / "config.toml").write_text("retry_delay_s = 0.2\n")
+    daemon = protected()
+    daemon.converged()
+    subprocess.run(["chattr", "+i", str(dst)], check=True)  # even root may not create in it
+    try:
+        (src / "held.txt").write_text("waits for the target\n")
+        wait_for(lambda: daemon.status()["target_status"] == "Retrying", 30, "Retrying")
+        unprotect = subprocess.Popen([*DT, "unprotect", str(src), "--state", str(state)], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        readable, _, _ = select.select([unprotect.stderr], [], [], 30)  # the first note: after WAIT_NOTE_S
+        assert readable, "dt unprotect waited without saying why"
+        note = unprotect.stderr.readline()
+        assert re.match(r"dt unprotect: waiting for the daemon to apply [1-9]\d* queued operations", note), note
+        assert "the target keeps failing: event" in note and "Operation not permitted" in note
+    finally:
+        subprocess.run(["chattr", "-i", str(dst)], check=True)
+    assert unprotect.wait(60) == 0 and daemon.proc.wait(60) == 0
+    assert (dst / "held.txt").read_text() == "waits for the target\n"
 
 
 def test_bad_input_is_refused_with_exit_2(dirs, protected, tmp_path):
