@@ -83,31 +83,11 @@ def files(root) -> dict[str, bytes]:
     return out
 
 
-def loop_filesystem(tmp_path, fstype: str, size_mb: int):
-    """A context manager mounting a fresh ``fstype`` filesystem image; yields its mount point."""
-    import contextlib
-    import os
-    import shutil
-    import subprocess
-
-    from conftest import need
-
-    @contextlib.contextmanager
-    def mounted():
-        mkfs = shutil.which(f"mkfs.{fstype}")
-        need(os.geteuid() == 0 and mkfs is not None, f"root and mkfs.{fstype} (loop-mounted {fstype})",
-             f"tools/install.sh --test (Debian package {'xfsprogs' if fstype == 'xfs' else fstype + '-progs'})")
-        image, mnt = tmp_path / f"{fstype}.img", tmp_path / f"{fstype}-mnt"
-        with open(image, "wb") as f:
-            f.truncate(size_mb << 20)
-        subprocess.run([mkfs, "-q", str(image)], check=True, capture_output=True)
-        mnt.mkdir()
-        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-    return mounted()
+def reap(proc) -> None:
+    """Kill ``proc`` if a failed test left it running, and wait for it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def make_connection(state, source, target, name: str = "web"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 import threading
 import time
 from dataclasses import replace
@@ -26,7 +25,7 @@ from datatether.engine.settings import Settings
 from datatether.engine.states import TargetDataState, TargetStatus
 
 from apply_helpers import PARTITION, append, snapshot
-from conftest import need
+from conftest import loop_filesystem
 
 T0 = 1_600_000_000_000_000_000
 SOURCE = "/srv/source/set"
@@ -646,16 +645,8 @@ def test_a_log_that_kept_what_the_target_applied_leaves_it_ok(t):
 @pytest.fixture
 def small_fs(tmp_path):
     """An 8 MiB ext4 file system on a loop device, unmounted afterwards."""
-    need(os.geteuid() == 0, "root (to mount a loop device)", "run the tests as root")
-    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["truncate", "-s", "8M", str(image)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
-    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True)
-    need(mounted.returncode == 0, f"loop mounts ({mounted.stderr.decode().strip()})",
-         "tools/install.sh (e2fsprogs) and a kernel with loop devices")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    with loop_filesystem(tmp_path, "ext4", 8) as mnt:
+        yield mnt
 
 
 def test_full_disk_holds_the_queue_retrying_then_completes(tmp_path, small_fs):

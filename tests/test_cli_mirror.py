@@ -15,7 +15,7 @@ import pytest
 from datatether.apply.paths import remap_link
 from datatether.apply.progress import Progress
 
-from conftest import need
+from conftest import loop_filesystem, need
 from trees import diff_trees, make_odd_tree
 
 
@@ -221,17 +221,8 @@ def test_unreadable_files_are_reported_the_rest_is_mirrored_and_the_target_needs
 @pytest.fixture
 def small_fs(tmp_path):
     """A 16 MiB ext4 file system, loop-mounted."""
-    need(os.geteuid() == 0 and shutil.which("mkfs.ext4") is not None, "root and mkfs.ext4",
-         "run the tests as root on Linux with e2fsprogs")
-    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
-    mnt.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
-    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
-    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True)
-    need(mounted.returncode == 0, "loop mounts", "a machine (or privileged container) where mount -o loop works")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    with loop_filesystem(tmp_path, "ext4", 16) as mnt:
+        yield mnt
 
 
 def test_a_full_target_disk_fails_clearly_leaves_mirror_required_then_recovers(paths, small_fs):

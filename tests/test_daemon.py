@@ -33,7 +33,7 @@ from datatether.engine.settings import Settings
 from datatether.engine.states import MirrorMode
 from datatether.engine.tree import Tree
 from datatether.tools.commands import status as status_command
-from tests.conftest import need
+from tests.conftest import loop_filesystem
 from tests.daemon_helpers import wait_for
 from tests.trees import diff_trees
 
@@ -165,16 +165,8 @@ class TestSmallDisk:
 
     @pytest.fixture
     def state_dir(self, tmp_path):
-        need(os.geteuid() == 0, "root (to mount a loop device)", "run the tests as root")
-        image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
-        mnt.mkdir()
-        subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
-        subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
-        mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True)
-        need(mounted.returncode == 0, f"loop mounts ({mounted.stderr.decode().strip()})",
-             "tools/install.sh (e2fsprogs) and a kernel with loop devices")
-        yield mnt / "state"
-        subprocess.run(["umount", str(mnt)], check=True)
+        with loop_filesystem(tmp_path, "ext4", 32) as mnt:
+            yield mnt / "state"
 
     def test_history_gives_way_to_a_queue_short_of_free_space(self, world, state_dir):
         """The paused target's queue fills the disk down to the minimum free space; once it

@@ -10,7 +10,8 @@ import threading
 import time
 
 import pytest
-from history_helpers import SECOND, T0, append, corrupt_embedded, create, loop_filesystem, tree_state
+from conftest import loop_filesystem
+from history_helpers import SECOND, T0, append, corrupt_embedded, create, tree_state
 
 from datatether.apply import snapshot as snapshots
 from datatether.apply.applier import Applier

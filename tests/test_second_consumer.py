@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from history_helpers import SECOND, T0, StreamWorld, backends, create, dt, files
+from history_helpers import SECOND, T0, StreamWorld, backends, create, dt, files, reap
 
 from datatether.apply.applier import Applier
 from datatether.apply.progress import Progress
@@ -129,9 +129,7 @@ def test_dt_apply_follow_until_interrupted(world, tmp_path):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     assert proc.returncode == 0, err
     assert json.loads(out)["applied_offset"] == world.log.end_offset(world.partition) - 1
 
@@ -159,9 +157,7 @@ def test_a_follower_started_first_leaves_the_embedded_log_to_the_daemon(tmp_path
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
         world.close()
 
 

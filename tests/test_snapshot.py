@@ -8,7 +8,8 @@ import subprocess
 import time
 
 import pytest
-from history_helpers import T0, loop_filesystem, tree_state
+from conftest import loop_filesystem
+from history_helpers import T0, tree_state
 
 from datatether.apply import snapshot as snapshots
 from datatether.engine.errors import NotFound, UsageError

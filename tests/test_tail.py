@@ -11,7 +11,7 @@ import sys
 import threading
 
 import pytest
-from history_helpers import SECOND, T0, StreamWorld, backends, create, dt
+from history_helpers import SECOND, T0, StreamWorld, backends, create, dt, reap
 
 from datatether.engine import events as ev
 from datatether.engine.history import format_time
@@ -79,9 +79,7 @@ def test_follow_prints_appends_until_interrupted(world):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     assert proc.stderr.read() == ""
 
 
@@ -103,9 +101,7 @@ def test_follow_passes_over_what_retention_dropped_before_it_was_shown(world):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     warning = json.loads(proc.stderr.read())
     assert (warning["msgid"], warning["first"], warning["last"]) == ("DT-H030", 5, 7)
 
