@@ -177,3 +177,18 @@ def test_a_move_never_replaces_what_the_folder_holds(pair, tmp_path):
     assert (moved / "gone.txt").read_text() == "orphan" and (moved / "gone.txt.2").read_text() == "second"
     assert (moved / "olddir" / "c.txt").read_text() == "c" and (moved / "olddir" / "c.txt.1").read_text() == "second c"
     assert os.readlink(moved / "gone.txt.1") == "nowhere" and os.readlink(moved / "gone.txt.1.1") == "nowhere"
+
+
+def test_a_move_puts_an_orphan_directory_beside_a_file_that_took_its_name(pair, tmp_path):
+    """An earlier run moved the file ``gone.txt``; now a directory of that name is an
+    orphan: it and its entries go to ``gone.txt.1``, the file stays as it was."""
+    src, dst = pair
+    moved = tmp_path / "moved"
+    run(src, dst, action="move", move_to=str(moved))
+    make(dst, {"gone.txt/a": "first", "gone.txt/sub/b": "second"})
+    result = run(src, dst, action="move", move_to=str(moved))
+    assert not result.failed and sorted(result.paths) == ["gone.txt", "gone.txt/a", "gone.txt/sub", "gone.txt/sub/b"]
+    assert (moved / "gone.txt").read_text() == "orphan"
+    assert (moved / "gone.txt.1" / "a").read_text() == "first"
+    assert (moved / "gone.txt.1" / "sub" / "b").read_text() == "second"
+    assert not (dst / "gone.txt").exists()
