@@ -335,6 +335,7 @@ def forget_position(path: Path | None) -> None:
 class _Dir:
     entry: Entry
     touched: bool = False
+    on_target: bool = True  # the target has a directory here (not a symlink to one)
 
 
 @dataclass
@@ -558,7 +559,7 @@ class Mirror:
             return  # gone since the walk saw it
         src.included = item.included
         self.stats.objects += 1
-        dst = self.target.entry(src.rel)
+        dst = self._target_entry(src, item.is_dir)
         group = self._link_group(src)
         first = group.first if group is not None and group.first != src.rel else None
         linked = first is not None and not group.replaced and self._same_target_inode(dst, first)
@@ -585,6 +586,20 @@ class Mirror:
         else:
             self._emit(self._header(src, whole=True, hardlink_of=p.hardlink_of))
             self._sent_object(src)
+
+    def _target_entry(self, src: Entry, pushed: bool) -> Entry | None:
+        """The target's object at ``src.rel`` (``pushed``: ``src`` is the innermost _Dir).
+        None beneath a directory the target has not got as a directory: lstat of the whole
+        path would look through a symlink there, and what it finds is not in the target
+        (the mirror makes the directory anew, empty)."""
+        parent = len(self._dirs) - (2 if pushed else 1)
+        if src.rel and parent >= 0 and not self._dirs[parent].on_target:
+            dst = None
+        else:
+            dst = self.target.entry(src.rel)
+        if pushed:
+            self._dirs[-1].on_target = dst is not None and dst.is_dir
+        return dst
 
     def _file(self, src: Entry, dst: Entry | None, p: Plan, large: bool) -> None:
         try:

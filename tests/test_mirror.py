@@ -319,6 +319,25 @@ def test_type_changes_on_the_target_are_replaced(env):
     assert diff_trees(src, dst, compare_root=False) == []
 
 
+@pytest.mark.parametrize("mode", [MirrorMode.DIFF, MirrorMode.CHECKSUM_ALL])
+def test_a_symlink_on_the_target_where_the_source_has_a_directory_is_never_looked_through(env, tmp_path, mode):
+    """The target's ``dir`` links to an outside directory holding the same ``dir/f`` as the
+    source: the mirror must not take that file for the target's own (it would then leave
+    the new directory empty), and the outside directory stays as it was."""
+    state, src, dst = env
+    (src / "dir").mkdir()
+    (src / "dir" / "f").write_text("same")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy2(src / "dir" / "f", outside / "f")
+    dst.mkdir()
+    os.symlink(outside, dst / "dir")
+    stats, outcome = mirror(state, src, dst, mode)
+    assert outcome.data_state == "OK" and not stats.problems
+    assert diff_trees(src, dst, compare_root=False) == []
+    assert os.listdir(outside) == ["f"] and (outside / "f").read_text() == "same"
+
+
 def test_paths_longer_than_the_limit_are_skipped_reported_and_leave_mirror_required(env):
     state, src, dst = env
     fd, length = os.open(src, os.O_RDONLY), len(os.fsencode(str(src)))
