@@ -164,6 +164,17 @@ def test_orphans_move_and_age(paths, tmp_path):
                                 check_rc=2).stderr
 
 
+def test_an_empty_move_to_folder_is_refused_not_taken_for_a_removal(paths):
+    src, dst, state = paths
+    src.mkdir()
+    dt(state, "mirror", str(src), str(dst), check_rc=0)
+    (dst / "old").write_text("old orphan")
+    os.utime(dst / "old", (1, 1))
+    bad = dt(state, "orphans", "remove", str(src), str(dst), "--move-to", "", check_rc=2)
+    assert "needs a folder" in bad.stderr and "DT-E001" in bad.stderr and "Traceback" not in bad.stderr
+    assert (dst / "old").read_text() == "old orphan"
+
+
 def test_bad_sources_and_targets_are_refused_with_a_message(paths, tmp_path):
     src, dst, state = paths
     missing = dt(state, "mirror", str(tmp_path / "nope"), str(dst), check_rc=2)
