@@ -82,6 +82,14 @@ def test_a_move_folder_inside_the_target_or_source_set_is_refused(pair, tmp_path
     assert (dst / "gone.txt").exists()
 
 
+def test_a_move_folder_that_is_a_file_is_refused_before_anything_moves(pair, tmp_path):
+    src, dst = pair
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(UsageError, match="not a folder"):
+        run(src, dst, action="move", move_to=str(tmp_path / "a-file"))
+    assert (dst / "gone.txt").exists() and (tmp_path / "a-file").read_text() == "not a folder"
+
+
 def test_move_across_file_systems_copies_the_objects_themselves(pair):
     src, dst = pair
     if os.stat("/dev/shm").st_dev == os.stat(dst).st_dev:
