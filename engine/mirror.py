@@ -76,6 +76,7 @@ starts over.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import threading
@@ -691,6 +692,8 @@ class Mirror:
         with self._chunk_lock(src, fd, large):
             self._emit(self._header(src, whole=False))
         bs = self._block
+        if dst.size < src.size:
+            blocks = _written_blocks(blocks, bs, dst.size, src.size, data_extents(fd, src.size, src.allocated))
         view = self._view
         sent = 0
         for start, end in _ranges(blocks, bs, src.size, CHUNK):
@@ -992,6 +995,23 @@ def _read_exact(fd: int, view: memoryview, offset: int, length: int) -> int:
             raise Changed("the file shrank while being read")
         got += n
     return got
+
+
+def _written_blocks(blocks: list[int], block_size: int, old_size: int, size: int,
+                    extents: Iterable[tuple[int, int]]) -> list[int]:
+    """The differing ``blocks`` a block mirror writes to a target file of ``old_size``
+    bytes growing to ``size``: a block wholly past ``old_size`` and wholly in a hole of
+    the source is left out, as the final truncate makes it a hole there too (sparse stays
+    sparse). ``extents``: the source's data extents, in order."""
+    extents = list(extents)
+    ends = [end for _, end in extents]
+    out = []
+    for i in blocks:
+        start = i * block_size
+        k = bisect.bisect_right(ends, start)  # the first extent that ends after start
+        if start < old_size or (k < len(extents) and extents[k][0] < min(start + block_size, size)):
+            out.append(i)
+    return out
 
 
 def _ranges(blocks: Iterable[int], block_size: int, size: int, chunk: int) -> Iterable[tuple[int, int]]:

@@ -157,6 +157,22 @@ def test_a_block_mirror_of_a_sparse_file_keeps_it_identical_and_cuts_a_longer_ta
     assert diff_trees(src, dst) == []
 
 
+@pytest.mark.parametrize("mode", [MirrorMode.CHECKSUM, MirrorMode.CHECKSUM_ALL])
+def test_a_block_mirror_of_a_file_grown_by_a_hole_sends_only_its_new_data_and_keeps_the_hole(env, mode):
+    """Past the end of the target's file, a block that is a hole on the source is not
+    sent: the final truncate makes it a hole on the target too."""
+    state, src, dst = env
+    (src / "s").write_bytes(b"a" * 100)
+    mirror(state, src, dst)
+    with open(src / "s", "r+b") as f:  # grown as databases and disk images grow
+        f.truncate(8 << 20)
+        f.seek(6 << 20)
+        f.write(b"tail")
+    stats, _ = mirror(state, src, dst, mode)
+    assert stats.sent_bytes == 2 * DIGEST_BLOCK  # the first block (its length) and the tail's
+    assert diff_trees(src, dst) == [] and os.stat(dst / "s").st_blocks * 512 <= 2 * DIGEST_BLOCK
+
+
 def test_a_small_file_travels_in_one_event_a_sparse_or_larger_one_in_a_header_data_and_end(env):
     from collections import Counter
 
