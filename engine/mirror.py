@@ -666,6 +666,7 @@ class Mirror:
         stream.feed(0, self._view[:got])
         _unchanged_since_walk(src, fd)
         self._emit(self._header(src, whole=True, data=self._view[:got], file_digest=stream.finish(src.size)))
+        self._capability_again(src)
         self._count(src.size, sent=src.size)
         self._sent_object(src)
 
@@ -733,7 +734,15 @@ class Mirror:
             _unchanged_since_walk(src, fd)
             self._emit(MirrorFileEnd(path=src.rel, size=src.size, digest=file_digest, mtime_ns=src.mtime_ns,
                                      block_digests=block_digests))
+            self._capability_again(src)
             self._sent_object(src)
+
+    def _capability_again(self, src: Entry) -> None:
+        """The kernel drops a file's capability when its data is written or truncated, so
+        the one its header set is gone once the data is in: it is set again after it."""
+        capability = src.xattrs.get(CAPABILITY)
+        if capability is not None:
+            self._emit(SetXattr(path=src.rel, name=CAPABILITY, value=capability))
 
     def _chunk_lock(self, src: Entry, fd: int, large: bool):
         """A large file takes its path lock per chunk and checks the path still names it;

@@ -173,6 +173,37 @@ def test_a_block_mirror_of_a_file_grown_by_a_hole_sends_only_its_new_data_and_ke
     assert diff_trees(src, dst) == [] and os.stat(dst / "s").st_blocks * 512 <= 2 * DIGEST_BLOCK
 
 
+# A version-2 file capability (cap_net_raw, permitted and effective), as setcap writes it.
+NET_RAW_CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting security.capability needs root (CAP_SETFCAP)")
+@pytest.mark.parametrize("mode", [MirrorMode.FULL, MirrorMode.CHECKSUM])
+def test_a_file_capability_survives_the_data_written_after_it(env, mode):
+    """The kernel drops a file's capability when its data is written or truncated, so the
+    capability the header set must be set again after the data (small, large, sparse)."""
+    state, src, dst = env
+    files = {"small": b"x" * 10, "large": os.urandom(5 << 20), "sparse": None}
+    for name, data in files.items():
+        with open(src / name, "wb") as f:
+            if data is None:
+                f.truncate(1 << 20)
+                f.seek(5000)
+                data = b"x"
+            f.write(data)
+    if mode is MirrorMode.CHECKSUM:
+        mirror(state, src, dst)
+        for name in files:
+            with open(src / name, "r+b") as f:
+                f.write(b"changed")
+    for name in files:
+        os.chmod(src / name, 0o4755)
+        os.setxattr(src / name, "security.capability", NET_RAW_CAPABILITY)
+    stats, outcome = mirror(state, src, dst, mode)
+    assert outcome.data_state == "OK" and not stats.problems
+    assert diff_trees(src, dst, compare_root=False) == []
+
+
 def test_a_small_file_travels_in_one_event_a_sparse_or_larger_one_in_a_header_data_and_end(env):
     from collections import Counter
 
