@@ -70,7 +70,7 @@ options and counters, by a thread beside the mirror (engine/durable.BackgroundFi
 fsyncs wait behind the write-back of what the mirror wrote, and took 0.6 s of a 2 GB
 mirror when the mirror waited for them); a pause or a failure saves it before ``run``
 returns. ``pause`` keeps it and a later ``run`` of a mirror with the same options
-continues after it (so does a run after a crash); ``stop`` forgets it, so the next mirror
+and the same set rules continues after it (so does a run after a crash); ``stop`` forgets it, so the next mirror
 starts over.
 """
 
@@ -308,9 +308,18 @@ class Position:
     after: list[str] | None          # walk key of the last finished object, hex; None: none yet
     recheck: list[str]
     stats: dict
+    rules: list | None = None        # the source set's rules (_rules_of); others start over
 
     def key(self) -> tuple[bytes, ...] | None:
         return None if self.after is None else tuple(bytes.fromhex(c) for c in self.after)
+
+
+def _rules_of(source: Tree) -> list[list] | None:
+    """The rules of the source view's replication set, as a position keeps them (None for
+    a view without rules): a pass resumed under other rules would skip, before its
+    position, what it left out and the new rules include."""
+    rules = getattr(source.matcher, "rules", None)
+    return None if rules is None else [[r.path, r.include, r.recursive] for r in rules]
 
 
 def load_position(path: Path | None) -> Position | None:
@@ -469,7 +478,8 @@ class Mirror:
         pos = load_position(self._position_path) if self._position_path else self._memo
         self.stats.started_ns = time.time_ns()
         self._t0 = time.monotonic()
-        if pos is not None and pos.mode == self.mode.value and pos.newer_only == self.newer_only:
+        if (pos is not None and pos.mode == self.mode.value and pos.newer_only == self.newer_only
+                and pos.rules == _rules_of(self.source)):
             self.stats = MirrorStats(**{**pos.stats, "problems": list(pos.stats.get("problems", []))})
             self.stats.resumed, self.stats.started_ns = True, time.time_ns()
             self._recheck = list(pos.recheck)
@@ -917,7 +927,8 @@ class Mirror:
         self._memo = Position(mirror_id=self.stats.mirror_id, mode=self.mode.value,
                               newer_only=self.newer_only,
                               after=None if self._last_key is None else [c.hex() for c in self._last_key],
-                              recheck=list(self._recheck), stats=asdict(self.stats))
+                              recheck=list(self._recheck), stats=asdict(self.stats),
+                              rules=_rules_of(self.source))
         if self._saver is not None:
             data = json.dumps(asdict(self._memo)).encode()
             if force:

@@ -270,6 +270,28 @@ def test_pause_keeps_the_position_and_resume_continues_where_it_stopped(env, mon
     assert diff_trees(src, dst) == []
 
 
+def test_a_position_taken_under_other_rules_is_not_resumed(env, monkeypatch):
+    """A name the paused pass excluded, now included, lies before the position: resuming
+    would skip it and still end OK."""
+    state, src, dst = env
+    monkeypatch.setattr(mirror_mod, "GROUP_ITEMS", 2)
+    monkeypatch.setattr(mirror_mod, "PROGRESS_EVERY_S", 0.0)
+    for i in range(10):
+        (src / f"f{i}").write_text("x")
+    job = job_of(state, src, dst, excludes=["f1"])
+
+    def produce(log, locks):
+        m = Mirror(job.source_view(), job.target_view(), log, job.partition, state.settings, locks,
+                   mode=MirrorMode.FULL, position_path=job.position_path,
+                   progress=lambda s: s.objects >= 5 and m.pause())
+        return m.run()
+
+    runtime.apply_while(job, produce, separate_process=False)
+    assert job.position_path.exists() and not (dst / "f1").exists()
+    stats, outcome = mirror(state, src, dst, excludes=[])
+    assert not stats.resumed and outcome.data_state == "OK" and diff_trees(src, dst) == []
+
+
 def test_stop_forgets_the_position(env, monkeypatch):
     state, src, dst = env
     monkeypatch.setattr(mirror_mod, "GROUP_ITEMS", 5)
