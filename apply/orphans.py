@@ -68,16 +68,21 @@ class OrphanResult:
 
 
 def check_move_to(move_to: str, target_root: str, source_root: str) -> str:
-    """The move folder, refused when inside the target set or the source set, or when
-    something other than a directory has its name (every orphan would fail)."""
+    """The move folder, refused when inside the target set or the source set, when it
+    holds either (an orphan's relative path below it could name a place in the set), or
+    when something other than a directory has its name (every orphan would fail)."""
     dest = os.path.realpath(move_to)
     if os.path.lexists(dest) and not os.path.isdir(dest):
         raise UsageError(detail=f"the orphan folder {move_to} is not a folder; choose a directory "
                                 "(one that does not exist yet is made)")
     for root, what in ((target_root, "the target set"), (source_root, "the source set")):
-        if is_within(dest, os.path.realpath(root)):
+        real = os.path.realpath(root)
+        if is_within(dest, real):
             raise UsageError(detail=f"the orphan folder {move_to} is inside {what} ({root}); "
                                     "choose a folder outside it")
+        if is_within(real, dest):
+            raise UsageError(detail=f"the orphan folder {move_to} holds {what} ({root}); "
+                                    "choose a folder beside it")
     return dest
 
 

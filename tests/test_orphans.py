@@ -82,6 +82,21 @@ def test_a_move_folder_inside_the_target_or_source_set_is_refused(pair, tmp_path
     assert (dst / "gone.txt").exists()
 
 
+def test_a_move_folder_holding_the_target_or_source_set_is_refused(pair, tmp_path):
+    """Below it an orphan's relative path could name a place in the set itself (an orphan
+    ``dst/x`` moved to ``<folder>/dst/x`` would be back in the target)."""
+    src, dst = pair
+    make(dst, {"dst/x": "orphan", "src/x": "orphan"})
+    for folder in (tmp_path, dst.parent.parent):
+        with pytest.raises(UsageError, match="holds the target set"):
+            run(src, dst, action="move", move_to=str(folder))
+    other_src = tmp_path / "a" / "src"
+    make(other_src, {"keep.txt": "k"})
+    with pytest.raises(UsageError, match="holds the source set"):
+        run(other_src, dst, action="move", move_to=str(tmp_path / "a"))
+    assert (dst / "gone.txt").exists() and not (dst / "x").exists() and not (src / "x").exists()
+
+
 def test_a_move_folder_that_is_a_file_is_refused_before_anything_moves(pair, tmp_path):
     src, dst = pair
     (tmp_path / "a-file").write_text("not a folder")
