@@ -17,7 +17,9 @@ target set is refused, as the reference warns it would move files again and agai
 goes when it is empty after its own orphans went (other entries keep it); a preview
 counts it by the same rule, so it lists what a removal would remove. A move never
 replaces what the folder already holds: an orphan whose path is taken there (by an
-earlier run's) gets the first free name ``<name>.1``, ``<name>.2``...
+earlier run's) gets the first free name ``<name>.1``, ``<name>.2``...; a directory
+taken by another kind of object likewise becomes the first ``<name>.N`` that is free
+or a directory, the same one for all its entries, so they stay together.
 
 Every orphan acted on is logged (DT-M020) and a summary closes the run (DT-M021), as
 the reference keeps them in the target's log. The target is only touched through
@@ -66,12 +68,21 @@ class OrphanResult:
 
 
 def check_move_to(move_to: str, target_root: str, source_root: str) -> str:
-    """The move folder, refused when inside the target set or the source set."""
+    """The move folder, refused when inside the target set or the source set, when it
+    holds either (an orphan's relative path below it could name a place in the set), or
+    when something other than a directory has its name (every orphan would fail)."""
     dest = os.path.realpath(move_to)
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        raise UsageError(detail=f"the orphan folder {move_to} is not a folder; choose a directory "
+                                "(one that does not exist yet is made)")
     for root, what in ((target_root, "the target set"), (source_root, "the source set")):
-        if is_within(dest, os.path.realpath(root)):
+        real = os.path.realpath(root)
+        if is_within(dest, real):
             raise UsageError(detail=f"the orphan folder {move_to} is inside {what} ({root}); "
                                     "choose a folder outside it")
+        if is_within(real, dest):
+            raise UsageError(detail=f"the orphan folder {move_to} holds {what} ({root}); "
+                                    "choose a folder beside it")
     return dest
 
 
@@ -173,7 +184,7 @@ def _act(tree: TargetTree, entry: Entry, move_to: str | None, result: OrphanResu
         loc = tree.locate(entry.rel)
         try:
             if move_to is not None:
-                _move(loc, entry, os.path.join(move_to, entry.rel))
+                _move(loc, entry, move_to)
             elif entry.is_dir:
                 tree.invalidate(entry.rel)
                 os.rmdir(loc.name, dir_fd=loc.dir_fd)
@@ -190,16 +201,15 @@ def _act(tree: TargetTree, entry: Entry, move_to: str | None, result: OrphanResu
     return True
 
 
-def _move(loc: Loc, entry: Entry, dest: str) -> None:
+def _move(loc: Loc, entry: Entry, move_to: str) -> None:
     if entry.is_dir:
         # Its entries were moved one by one; remove it here (it may still hold some),
         # then make sure it is there too.
         os.rmdir(loc.name, dir_fd=loc.dir_fd)
-        os.makedirs(dest, exist_ok=True)
-        os.chmod(dest, entry.mode)
+        os.chmod(_move_dir(move_to, entry.rel), entry.mode)
         return
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    dest = _free_name(dest)
+    parent, name = os.path.split(entry.rel)
+    dest = _free_name(os.path.join(_move_dir(move_to, parent), name))
     try:
         os.rename(loc.name, dest, src_dir_fd=loc.dir_fd)
         return
@@ -210,14 +220,28 @@ def _move(loc: Loc, entry: Entry, dest: str) -> None:
     os.unlink(loc.name, dir_fd=loc.dir_fd)
 
 
-def _free_name(dest: str) -> str:
-    """``dest``, or the first of ``dest.1``, ``dest.2``... that nothing holds. (Only
-    another orphan pass into the same folder could take it before the rename.)"""
+def _move_dir(move_to: str, rel: str) -> str:
+    """The directory below ``move_to`` for the orphan directory ``rel``, made as needed:
+    each component is the first of ``name``, ``name.1``... that is free or a directory
+    (never a symlink to one), so every entry of a directory lands in the same one."""
+    os.makedirs(move_to, exist_ok=True)
+    top = move_to
+    for part in filter(None, rel.split("/")):
+        top = _free_name(os.path.join(top, part), directory=True)
+        if not os.path.lexists(top):
+            os.mkdir(top)
+    return top
+
+
+def _free_name(dest: str, directory: bool = False) -> str:
+    """``dest``, or the first of ``dest.1``, ``dest.2``... that nothing holds (with
+    ``directory``, that is a directory or nothing). (Only another orphan pass into the
+    same folder could take it before the rename.)"""
     name, n = dest, 0
-    while os.path.lexists(name):
+    while os.path.lexists(name) and not (directory and stat.S_ISDIR(os.lstat(name).st_mode)):
         n += 1
         name = f"{dest}.{n}"
-    if n:
+    if n and not os.path.lexists(name):
         log.info("orphan moved under another name", msgid="DT-M023", taken=dest, moved_to=name)
     return name
 

@@ -70,12 +70,13 @@ options and counters, by a thread beside the mirror (engine/durable.BackgroundFi
 fsyncs wait behind the write-back of what the mirror wrote, and took 0.6 s of a 2 GB
 mirror when the mirror waited for them); a pause or a failure saves it before ``run``
 returns. ``pause`` keeps it and a later ``run`` of a mirror with the same options
-continues after it (so does a run after a crash); ``stop`` forgets it, so the next mirror
+and the same set rules continues after it (so does a run after a crash); ``stop`` forgets it, so the next mirror
 starts over.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import threading
@@ -307,9 +308,18 @@ class Position:
     after: list[str] | None          # walk key of the last finished object, hex; None: none yet
     recheck: list[str]
     stats: dict
+    rules: list | None = None        # the source set's rules (_rules_of); others start over
 
     def key(self) -> tuple[bytes, ...] | None:
         return None if self.after is None else tuple(bytes.fromhex(c) for c in self.after)
+
+
+def _rules_of(source: Tree) -> list[list] | None:
+    """The rules of the source view's replication set, as a position keeps them (None for
+    a view without rules): a pass resumed under other rules would skip, before its
+    position, what it left out and the new rules include."""
+    rules = getattr(source.matcher, "rules", None)
+    return None if rules is None else [[r.path, r.include, r.recursive] for r in rules]
 
 
 def load_position(path: Path | None) -> Position | None:
@@ -335,6 +345,7 @@ def forget_position(path: Path | None) -> None:
 class _Dir:
     entry: Entry
     touched: bool = False
+    on_target: bool = True  # the target has a directory here (not a symlink to one)
 
 
 @dataclass
@@ -467,7 +478,8 @@ class Mirror:
         pos = load_position(self._position_path) if self._position_path else self._memo
         self.stats.started_ns = time.time_ns()
         self._t0 = time.monotonic()
-        if pos is not None and pos.mode == self.mode.value and pos.newer_only == self.newer_only:
+        if (pos is not None and pos.mode == self.mode.value and pos.newer_only == self.newer_only
+                and pos.rules == _rules_of(self.source)):
             self.stats = MirrorStats(**{**pos.stats, "problems": list(pos.stats.get("problems", []))})
             self.stats.resumed, self.stats.started_ns = True, time.time_ns()
             self._recheck = list(pos.recheck)
@@ -558,7 +570,7 @@ class Mirror:
             return  # gone since the walk saw it
         src.included = item.included
         self.stats.objects += 1
-        dst = self.target.entry(src.rel)
+        dst = self._target_entry(src, item.is_dir)
         group = self._link_group(src)
         first = group.first if group is not None and group.first != src.rel else None
         linked = first is not None and not group.replaced and self._same_target_inode(dst, first)
@@ -585,6 +597,20 @@ class Mirror:
         else:
             self._emit(self._header(src, whole=True, hardlink_of=p.hardlink_of))
             self._sent_object(src)
+
+    def _target_entry(self, src: Entry, pushed: bool) -> Entry | None:
+        """The target's object at ``src.rel`` (``pushed``: ``src`` is the innermost _Dir).
+        None beneath a directory the target has not got as a directory: lstat of the whole
+        path would look through a symlink there, and what it finds is not in the target
+        (the mirror makes the directory anew, empty)."""
+        parent = len(self._dirs) - (2 if pushed else 1)
+        if src.rel and parent >= 0 and not self._dirs[parent].on_target:
+            dst = None
+        else:
+            dst = self.target.entry(src.rel)
+        if pushed:
+            self._dirs[-1].on_target = dst is not None and dst.is_dir
+        return dst
 
     def _file(self, src: Entry, dst: Entry | None, p: Plan, large: bool) -> None:
         try:
@@ -650,6 +676,7 @@ class Mirror:
         stream.feed(0, self._view[:got])
         _unchanged_since_walk(src, fd)
         self._emit(self._header(src, whole=True, data=self._view[:got], file_digest=stream.finish(src.size)))
+        self._capability_again(src)
         self._count(src.size, sent=src.size)
         self._sent_object(src)
 
@@ -676,6 +703,8 @@ class Mirror:
         with self._chunk_lock(src, fd, large):
             self._emit(self._header(src, whole=False))
         bs = self._block
+        if dst.size < src.size:
+            blocks = _written_blocks(blocks, bs, dst.size, src.size, data_extents(fd, src.size, src.allocated))
         view = self._view
         sent = 0
         for start, end in _ranges(blocks, bs, src.size, CHUNK):
@@ -715,7 +744,15 @@ class Mirror:
             _unchanged_since_walk(src, fd)
             self._emit(MirrorFileEnd(path=src.rel, size=src.size, digest=file_digest, mtime_ns=src.mtime_ns,
                                      block_digests=block_digests))
+            self._capability_again(src)
             self._sent_object(src)
+
+    def _capability_again(self, src: Entry) -> None:
+        """The kernel drops a file's capability when its data is written or truncated, so
+        the one its header set is gone once the data is in: it is set again after it."""
+        capability = src.xattrs.get(CAPABILITY)
+        if capability is not None:
+            self._emit(SetXattr(path=src.rel, name=CAPABILITY, value=capability))
 
     def _chunk_lock(self, src: Entry, fd: int, large: bool):
         """A large file takes its path lock per chunk and checks the path still names it;
@@ -890,7 +927,8 @@ class Mirror:
         self._memo = Position(mirror_id=self.stats.mirror_id, mode=self.mode.value,
                               newer_only=self.newer_only,
                               after=None if self._last_key is None else [c.hex() for c in self._last_key],
-                              recheck=list(self._recheck), stats=asdict(self.stats))
+                              recheck=list(self._recheck), stats=asdict(self.stats),
+                              rules=_rules_of(self.source))
         if self._saver is not None:
             data = json.dumps(asdict(self._memo)).encode()
             if force:
@@ -977,6 +1015,23 @@ def _read_exact(fd: int, view: memoryview, offset: int, length: int) -> int:
             raise Changed("the file shrank while being read")
         got += n
     return got
+
+
+def _written_blocks(blocks: list[int], block_size: int, old_size: int, size: int,
+                    extents: Iterable[tuple[int, int]]) -> list[int]:
+    """The differing ``blocks`` a block mirror writes to a target file of ``old_size``
+    bytes growing to ``size``: a block wholly past ``old_size`` and wholly in a hole of
+    the source is left out, as the final truncate makes it a hole there too (sparse stays
+    sparse). ``extents``: the source's data extents, in order."""
+    extents = list(extents)
+    ends = [end for _, end in extents]
+    out = []
+    for i in blocks:
+        start = i * block_size
+        k = bisect.bisect_right(ends, start)  # the first extent that ends after start
+        if start < old_size or (k < len(extents) and extents[k][0] < min(start + block_size, size)):
+            out.append(i)
+    return out
 
 
 def _ranges(blocks: Iterable[int], block_size: int, size: int, chunk: int) -> Iterable[tuple[int, int]]:

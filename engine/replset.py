@@ -439,8 +439,15 @@ class SetStore:
                           found["generation"], found["calculated_ns"])
 
     def export_to(self, name: str, dest: str | Path) -> ReplicationSet:
-        """Write the set to ``dest`` as JSON (durably; readable by others)."""
+        """Write the set to ``dest`` as JSON (durably; readable by others). ``dest`` names a
+        file in an existing folder: a directory, or a folder that is not there, is refused
+        (UsageError) rather than made or left with a temporary file."""
         rset = self.get(name)
+        dest = Path(dest)
+        if dest.is_dir():
+            raise UsageError(detail=f"cannot export to {dest}: it is a directory; name a file in it")
+        if not dest.parent.is_dir():
+            raise UsageError(detail=f"cannot export to {dest}: the folder {dest.parent} does not exist")
         write_atomic(dest, to_json(rset).encode("ascii"), mode=0o644)
         log.info("replication set exported", msgid="DT-R008", set=name, file=str(dest))
         return rset

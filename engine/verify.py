@@ -14,8 +14,8 @@ reference, the log shows each file as it was before any remirror.
 The verification log of a replication set is ``<state>/<set> <settings.verify_log_name>``:
 each verification is framed by BEGIN and END markers (time, set, source, target,
 options), one line per differing object says what differs, and TOTALS close it. The
-file never grows past ``settings.verify_log_max_bytes`` (lines that do not fit are not
-written, the END marker included); ``settings.verify_log_append`` keeps earlier
+file never grows past ``settings.verify_log_max_bytes`` (from the first line that does
+not fit on nothing is written, the END marker included); ``settings.verify_log_append`` keeps earlier
 verifications, otherwise each one starts the file afresh. Paths are written as JSON
 strings (newlines and other control characters escaped; non-UTF-8 bytes as themselves).
 """
@@ -69,11 +69,14 @@ class VerifyLog:
         self.full = False
 
     def line(self, text: str) -> None:
+        """Write ``text`` as a line, unless the log is full: once a line did not fit no
+        later one is written, so a log missing a line never ends with an END marker."""
+        if self.full:
+            return
         data = (text + "\n").encode("utf-8", "surrogateescape")
         if self._size + len(data) > self._max:
-            if not self.full:
-                log.warning("verification log full: no more lines written", msgid="DT-M010",
-                            path=str(self.path), max_bytes=self._max)
+            log.warning("verification log full: no more lines written", msgid="DT-M010",
+                        path=str(self.path), max_bytes=self._max)
             self.full = True
             return
         self._f.write(data)

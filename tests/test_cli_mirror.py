@@ -19,9 +19,9 @@ from conftest import loop_filesystem, need
 from trees import diff_trees, make_odd_tree
 
 
-def dt(state, *args, check_rc=None, env=None, prefix=()):
+def dt(state, *args, check_rc=None, env=None, prefix=(), cwd=None):
     proc = subprocess.run([*prefix, sys.executable, "-m", "datatether.tools", *args, "--state", str(state)],
-                          capture_output=True, text=True, errors="surrogateescape", env=env, timeout=300)
+                          capture_output=True, text=True, errors="surrogateescape", env=env, timeout=300, cwd=cwd)
     if check_rc is not None:
         assert proc.returncode == check_rc, (proc.returncode, proc.stdout, proc.stderr)
     return proc
@@ -162,6 +162,33 @@ def test_orphans_move_and_age(paths, tmp_path):
     assert "inside the target set" in bad.stderr
     assert "bad duration" in dt(state, "orphans", "preview", str(src), str(dst), "--older-than", "soon",
                                 check_rc=2).stderr
+
+
+def test_an_empty_move_to_folder_is_refused_not_taken_for_a_removal(paths):
+    src, dst, state = paths
+    src.mkdir()
+    dt(state, "mirror", str(src), str(dst), check_rc=0)
+    (dst / "old").write_text("old orphan")
+    os.utime(dst / "old", (1, 1))
+    bad = dt(state, "orphans", "remove", str(src), str(dst), "--move-to", "", check_rc=2)
+    assert "needs a folder" in bad.stderr and "DT-E001" in bad.stderr and "Traceback" not in bad.stderr
+    assert (dst / "old").read_text() == "old orphan"
+
+
+@pytest.mark.parametrize("command", ["mirror", "verify", "orphans"])
+def test_an_empty_source_or_target_is_refused_never_taken_for_the_current_directory(paths, tmp_path, command):
+    src, dst, state = paths
+    src.mkdir()
+    (src / "file").write_text("f")
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "mine").write_text("not a replica")
+    os.utime(here / "mine", (1, 1))
+    action = ("preview",) if command == "orphans" else ()
+    for pair in ((str(src), ""), ("", str(here))):
+        bad = dt(state, command, *action, *pair, check_rc=2, cwd=here)
+        assert "empty" in bad.stderr and "[DT-E001]" in bad.stderr, bad.stderr
+    assert sorted(os.listdir(here)) == ["mine"] and (here / "mine").read_text() == "not a replica"
 
 
 def test_bad_sources_and_targets_are_refused_with_a_message(paths, tmp_path):

@@ -90,6 +90,19 @@ def test_export_import_round_trip_and_replace(dt, tmp_path):
     assert code == 0 and json.loads(out)["name"] == "web"
 
 
+def test_an_export_to_a_folder_or_into_a_missing_one_is_refused_and_leaves_nothing(dt, tmp_path):
+    dt("create", "web", "--include", str(tmp_path / "src"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    code, _, err = dt("export", "web", str(folder))
+    assert code == 2 and "is a directory" in err and "[DT-E001]" in err
+    assert sorted(os.listdir(tmp_path)) == ["folder", "state"]  # no temporary file left beside it
+    assert os.listdir(folder) == []
+    code, _, err = dt("export", "web", str(tmp_path / "missing" / "web.json"))
+    assert code == 2 and "does not exist" in err and "[DT-E001]" in err
+    assert not (tmp_path / "missing").exists()
+
+
 def test_size_on_a_real_tree(dt, tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)

@@ -157,6 +157,53 @@ def test_a_block_mirror_of_a_sparse_file_keeps_it_identical_and_cuts_a_longer_ta
     assert diff_trees(src, dst) == []
 
 
+@pytest.mark.parametrize("mode", [MirrorMode.CHECKSUM, MirrorMode.CHECKSUM_ALL])
+def test_a_block_mirror_of_a_file_grown_by_a_hole_sends_only_its_new_data_and_keeps_the_hole(env, mode):
+    """Past the end of the target's file, a block that is a hole on the source is not
+    sent: the final truncate makes it a hole on the target too."""
+    state, src, dst = env
+    (src / "s").write_bytes(b"a" * 100)
+    mirror(state, src, dst)
+    with open(src / "s", "r+b") as f:  # grown as databases and disk images grow
+        f.truncate(8 << 20)
+        f.seek(6 << 20)
+        f.write(b"tail")
+    stats, _ = mirror(state, src, dst, mode)
+    assert stats.sent_bytes == 2 * DIGEST_BLOCK  # the first block (its length) and the tail's
+    assert diff_trees(src, dst) == [] and os.stat(dst / "s").st_blocks * 512 <= 2 * DIGEST_BLOCK
+
+
+# A version-2 file capability (cap_net_raw, permitted and effective), as setcap writes it.
+NET_RAW_CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting security.capability needs root (CAP_SETFCAP)")
+@pytest.mark.parametrize("mode", [MirrorMode.FULL, MirrorMode.CHECKSUM])
+def test_a_file_capability_survives_the_data_written_after_it(env, mode):
+    """The kernel drops a file's capability when its data is written or truncated, so the
+    capability the header set must be set again after the data (small, large, sparse)."""
+    state, src, dst = env
+    files = {"small": b"x" * 10, "large": os.urandom(5 << 20), "sparse": None}
+    for name, data in files.items():
+        with open(src / name, "wb") as f:
+            if data is None:
+                f.truncate(1 << 20)
+                f.seek(5000)
+                data = b"x"
+            f.write(data)
+    if mode is MirrorMode.CHECKSUM:
+        mirror(state, src, dst)
+        for name in files:
+            with open(src / name, "r+b") as f:
+                f.write(b"changed")
+    for name in files:
+        os.chmod(src / name, 0o4755)
+        os.setxattr(src / name, "security.capability", NET_RAW_CAPABILITY)
+    stats, outcome = mirror(state, src, dst, mode)
+    assert outcome.data_state == "OK" and not stats.problems
+    assert diff_trees(src, dst, compare_root=False) == []
+
+
 def test_a_small_file_travels_in_one_event_a_sparse_or_larger_one_in_a_header_data_and_end(env):
     from collections import Counter
 
@@ -221,6 +268,28 @@ def test_pause_keeps_the_position_and_resume_continues_where_it_stopped(env, mon
     assert second.sent_objects == 61  # cumulative: nothing sent twice (60 files and the root)
     assert outcome.data_state == "OK" and not job.position_path.exists()
     assert diff_trees(src, dst) == []
+
+
+def test_a_position_taken_under_other_rules_is_not_resumed(env, monkeypatch):
+    """A name the paused pass excluded, now included, lies before the position: resuming
+    would skip it and still end OK."""
+    state, src, dst = env
+    monkeypatch.setattr(mirror_mod, "GROUP_ITEMS", 2)
+    monkeypatch.setattr(mirror_mod, "PROGRESS_EVERY_S", 0.0)
+    for i in range(10):
+        (src / f"f{i}").write_text("x")
+    job = job_of(state, src, dst, excludes=["f1"])
+
+    def produce(log, locks):
+        m = Mirror(job.source_view(), job.target_view(), log, job.partition, state.settings, locks,
+                   mode=MirrorMode.FULL, position_path=job.position_path,
+                   progress=lambda s: s.objects >= 5 and m.pause())
+        return m.run()
+
+    runtime.apply_while(job, produce, separate_process=False)
+    assert job.position_path.exists() and not (dst / "f1").exists()
+    stats, outcome = mirror(state, src, dst, excludes=[])
+    assert not stats.resumed and outcome.data_state == "OK" and diff_trees(src, dst) == []
 
 
 def test_stop_forgets_the_position(env, monkeypatch):
@@ -317,6 +386,25 @@ def test_type_changes_on_the_target_are_replaced(env):
     os.symlink("elsewhere", dst / "link")
     mirror(state, src, dst, MirrorMode.DIFF)
     assert diff_trees(src, dst, compare_root=False) == []
+
+
+@pytest.mark.parametrize("mode", [MirrorMode.DIFF, MirrorMode.CHECKSUM_ALL])
+def test_a_symlink_on_the_target_where_the_source_has_a_directory_is_never_looked_through(env, tmp_path, mode):
+    """The target's ``dir`` links to an outside directory holding the same ``dir/f`` as the
+    source: the mirror must not take that file for the target's own (it would then leave
+    the new directory empty), and the outside directory stays as it was."""
+    state, src, dst = env
+    (src / "dir").mkdir()
+    (src / "dir" / "f").write_text("same")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy2(src / "dir" / "f", outside / "f")
+    dst.mkdir()
+    os.symlink(outside, dst / "dir")
+    stats, outcome = mirror(state, src, dst, mode)
+    assert outcome.data_state == "OK" and not stats.problems
+    assert diff_trees(src, dst, compare_root=False) == []
+    assert os.listdir(outside) == ["f"] and (outside / "f").read_text() == "same"
 
 
 def test_paths_longer_than_the_limit_are_skipped_reported_and_leave_mirror_required(env):

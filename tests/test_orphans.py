@@ -82,6 +82,29 @@ def test_a_move_folder_inside_the_target_or_source_set_is_refused(pair, tmp_path
     assert (dst / "gone.txt").exists()
 
 
+def test_a_move_folder_holding_the_target_or_source_set_is_refused(pair, tmp_path):
+    """Below it an orphan's relative path could name a place in the set itself (an orphan
+    ``dst/x`` moved to ``<folder>/dst/x`` would be back in the target)."""
+    src, dst = pair
+    make(dst, {"dst/x": "orphan", "src/x": "orphan"})
+    for folder in (tmp_path, dst.parent.parent):
+        with pytest.raises(UsageError, match="holds the target set"):
+            run(src, dst, action="move", move_to=str(folder))
+    other_src = tmp_path / "a" / "src"
+    make(other_src, {"keep.txt": "k"})
+    with pytest.raises(UsageError, match="holds the source set"):
+        run(other_src, dst, action="move", move_to=str(tmp_path / "a"))
+    assert (dst / "gone.txt").exists() and not (dst / "x").exists() and not (src / "x").exists()
+
+
+def test_a_move_folder_that_is_a_file_is_refused_before_anything_moves(pair, tmp_path):
+    src, dst = pair
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(UsageError, match="not a folder"):
+        run(src, dst, action="move", move_to=str(tmp_path / "a-file"))
+    assert (dst / "gone.txt").exists() and (tmp_path / "a-file").read_text() == "not a folder"
+
+
 def test_move_across_file_systems_copies_the_objects_themselves(pair):
     src, dst = pair
     if os.stat("/dev/shm").st_dev == os.stat(dst).st_dev:
@@ -177,3 +200,18 @@ def test_a_move_never_replaces_what_the_folder_holds(pair, tmp_path):
     assert (moved / "gone.txt").read_text() == "orphan" and (moved / "gone.txt.2").read_text() == "second"
     assert (moved / "olddir" / "c.txt").read_text() == "c" and (moved / "olddir" / "c.txt.1").read_text() == "second c"
     assert os.readlink(moved / "gone.txt.1") == "nowhere" and os.readlink(moved / "gone.txt.1.1") == "nowhere"
+
+
+def test_a_move_puts_an_orphan_directory_beside_a_file_that_took_its_name(pair, tmp_path):
+    """An earlier run moved the file ``gone.txt``; now a directory of that name is an
+    orphan: it and its entries go to ``gone.txt.1``, the file stays as it was."""
+    src, dst = pair
+    moved = tmp_path / "moved"
+    run(src, dst, action="move", move_to=str(moved))
+    make(dst, {"gone.txt/a": "first", "gone.txt/sub/b": "second"})
+    result = run(src, dst, action="move", move_to=str(moved))
+    assert not result.failed and sorted(result.paths) == ["gone.txt", "gone.txt/a", "gone.txt/sub", "gone.txt/sub/b"]
+    assert (moved / "gone.txt").read_text() == "orphan"
+    assert (moved / "gone.txt.1" / "a").read_text() == "first"
+    assert (moved / "gone.txt.1" / "sub" / "b").read_text() == "second"
+    assert not (dst / "gone.txt").exists()

@@ -143,6 +143,19 @@ def test_the_log_stops_at_its_maximum_length_and_can_be_overwritten(tmp_path):
     assert path.read_text() == "first of a new log\n"
 
 
+def test_after_a_line_that_does_not_fit_no_shorter_line_is_written(tmp_path):
+    """A log that lost a difference must not end as if complete: once one line is cut,
+    the END marker (and every later line) is left out too."""
+    path = tmp_path / "s verify.log"
+    vlog = VerifyLog(path, max_bytes=1024, append=False)
+    vlog.line("=== BEGIN verification")
+    vlog.line('DIFF "' + "n" * 1000 + '" (file): mode 0644 != 0600')
+    vlog.line('DIFF "short" (file): mode 0644 != 0600')
+    vlog.line("=== END verification")
+    vlog.close()
+    assert vlog.full and path.read_text() == "=== BEGIN verification\n"
+
+
 def test_verify_log_settings_name_append_and_limit(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()

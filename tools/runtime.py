@@ -193,8 +193,12 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
     replaces them when they differ (a new set generation). A state directory inside
     SOURCE is excluded. ``make_target`` creates the target directory first
     (make_target_root); ``existing_target`` (commands that only read it) refuses a
-    target that is not there, before anything is recorded.
+    target that is not there, before anything is recorded. An empty SOURCE or TARGET is
+    refused: abspath would make it the current directory.
     """
+    for what, path in (("source", source), ("target", target)):
+        if not path:
+            raise UsageError(detail=f"the {what} is empty: give a directory")
     source, target = os.path.abspath(source), os.path.abspath(target)
     if not os.path.isdir(source):
         if os.path.lexists(source):

@@ -52,7 +52,8 @@ def run(args) -> int:
     with runtime.open_state(args.state) as state:
         job = runtime.adhoc_job(state, args.source, args.target, args.exclude, existing_target=True)
         runtime.drained(job)
-        action = "preview" if args.action == "preview" else ("move" if args.move_to else "delete")
+        # An empty --move-to is a move without a folder (refused), never a removal.
+        action = "preview" if args.action == "preview" else ("delete" if args.move_to is None else "move")
         older = state.settings.orphans_older_than_s if older is None else older
         result = process_orphans(job.conn.target_root, job.rset, job.scan().exists, action=action,
                                  move_to=args.move_to, older_than_s=older)
