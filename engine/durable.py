@@ -24,16 +24,19 @@ def write_atomic(path: str | Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # on a full disk it holds the space the next try needs
+        # On a full disk it holds the space the next try needs; a failed rename (the
+        # destination a directory, say) would leave it beside the destination for good.
+        tmp.unlink(missing_ok=True)
         raise
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
     fsync_dir(path.parent)
 
 

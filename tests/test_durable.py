@@ -37,6 +37,13 @@ def test_a_failed_write_atomic_leaves_the_old_content_and_no_temporary_file(tmp_
         subprocess.run(["umount", str(small)], check=True)
 
 
+def test_a_write_atomic_whose_rename_fails_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        durable.write_atomic(tmp_path / "d", b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
 @pytest.fixture
 def gated(monkeypatch):
     """write_atomic held at a gate: ``started`` is set when a write begins."""
