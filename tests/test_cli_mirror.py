@@ -98,6 +98,16 @@ def test_mirror_flags_choose_the_mode(paths, flags, sent):
     assert diff_trees(src, dst) == []
 
 
+@pytest.mark.parametrize("flags", [("--diff", "--checksum"), ("--checksum", "--checksum-all"),
+                                   ("--diff", "--checksum-all")])
+def test_two_ways_of_comparing_at_once_are_refused(paths, flags):
+    src, dst, state = paths
+    src.mkdir()
+    done = dt(state, "mirror", str(src), str(dst), *flags, check_rc=2)
+    assert "not allowed with argument" in done.stderr and "[DT-E001]" in done.stderr
+    assert not dst.exists()
+
+
 def test_excluded_names_are_neither_mirrored_nor_orphans(paths):
     src, dst, state = paths
     src.mkdir()

@@ -1,6 +1,7 @@
 """dt mirror: copy SOURCE to TARGET through the log and the applier, then report.
 
-Modes (one of; the default is a full mirror):
+Modes (one of --diff, --checksum, --checksum-all, or --newer; the default is a full
+mirror; two of the first three together are refused):
   --diff          send files whose size or modification time differ, whole
   --newer         send files newer on the source, whole (combines with --checksum)
   --checksum      compare the blocks of files whose size or time differ; send only
@@ -31,10 +32,12 @@ def register(subparsers, common) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE", help="directory to mirror")
     p.add_argument("target", metavar="TARGET", help="directory that becomes its replica")
-    p.add_argument("--diff", action="store_true", help="only files whose size or time differ")
+    # One way of comparing; --newer narrows any of them (with --diff it is --newer alone).
+    compare = p.add_mutually_exclusive_group()
+    compare.add_argument("--diff", action="store_true", help="only files whose size or time differ")
+    compare.add_argument("--checksum", action="store_true", help="send only differing blocks of differing files")
+    compare.add_argument("--checksum-all", action="store_true", help="compare the blocks of every file")
     p.add_argument("--newer", action="store_true", help="only files newer on the source")
-    p.add_argument("--checksum", action="store_true", help="send only differing blocks of differing files")
-    p.add_argument("--checksum-all", action="store_true", help="compare the blocks of every file")
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help="exclude matching names (recursive; relative to SOURCE, or absolute inside it); "
                         "repeatable; given, they replace the pair's stored excludes, else those are kept")
