@@ -98,7 +98,7 @@ from .errors import (BackendUnavailable, CorruptRecord, InvalidName, NotFound, O
                      SettingsError, UsageError)
 from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, Log, LogRecord, check_partition_name
 from .offsets import NO_OFFSET
-from .settings import KAFKA_TOPIC_PREFIX
+from .settings import KAFKA_MAX_RECORD_BYTES, KAFKA_TOPIC_PREFIX
 
 log = logs.get(__name__)
 
@@ -108,7 +108,7 @@ HEADER_SCHEMA = "dt-schema"
 HEADER_TIME = "dt-time-ns"
 HEADER_BYTES_BEFORE = "dt-bytes-before"
 GROUP_SEPARATOR = ":"  # never in a partition name: groups are unambiguous
-MAX_RECORD_BYTES = 16 << 20  # largest payload one record may carry
+MAX_RECORD_BYTES = KAFKA_MAX_RECORD_BYTES  # largest payload one record may carry
 _BATCH_SLACK = 64 << 10  # room for Kafka's batch and header overhead above one payload
 POLL_S = 0.05  # how often wait() asks for the end offset
 _TOPIC_PREFIX = re.compile(KAFKA_TOPIC_PREFIX)
