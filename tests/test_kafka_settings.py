@@ -97,3 +97,25 @@ def test_a_write_buffer_larger_than_a_kafka_record_is_refused(kafka_broker, tmp_
         log.ensure_partition("big")
         log.append("big", [codec.encode(event)])
         assert codec.decode(log.read("big", 0)[0].value) == event
+
+
+def test_two_installations_on_one_topic_prefix_never_share_a_topic(kafka_broker, tmp_path):
+    """Connection ids are per state directory: a second installation with the same prefix
+    would make conn-1 too and append to the first one's topic, whose applier then applies
+    the other installation's files to its own target. A new connection whose partition the
+    log already holds is refused instead, naming the setting."""
+    prefix = f'"{unique_prefix()}"'
+    for name in ("one", "two"):
+        (tmp_path / name / "src").mkdir(parents=True)
+        (tmp_path / name / "src" / f"{name}.txt").write_text(f"only {name}\n")
+    first, second = (configured(tmp_path / name, kafka_broker.bootstrap, kafka_topic_prefix=prefix)
+                     for name in ("one", "two"))
+    dt("mirror", str(tmp_path / "one" / "src"), str(tmp_path / "one" / "dst"), state=first, check=True)
+    done = dt("mirror", str(tmp_path / "two" / "src"), str(tmp_path / "two" / "dst"), state=second, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "DT-E001" in done.stderr and "kafka_topic_prefix" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert json.loads(dt("status", "--json", state=second, check=True).stdout)["connections"] == []
+    (tmp_path / "one" / "src" / "later.txt").write_text("later\n")
+    dt("mirror", str(tmp_path / "one" / "src"), str(tmp_path / "one" / "dst"), state=first, check=True)
+    assert sorted(p.name for p in (tmp_path / "one" / "dst").iterdir()) == ["later.txt", "one.txt"]
