@@ -419,8 +419,9 @@ class KafkaLog(Log):
                     return None
                 if not _transient(error) or time.monotonic() > deadline:
                     raise self._unavailable(what, exc) from exc
-            except TimeoutError as exc:
-                raise self._unavailable(what, exc) from exc
+            except TimeoutError as exc:  # the request's future: it carries no message of its own
+                raise BackendUnavailable(backend=self._backend,
+                                         detail=f"{what}: no answer within {self._timeout_s:g} s") from exc
             time.sleep(POLL_S)
 
     def _deadline(self, patience_s: float | None = None) -> float:

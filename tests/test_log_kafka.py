@@ -183,6 +183,9 @@ def test_an_unreachable_cluster_is_backend_unavailable():
     with KafkaLog(f"127.0.0.1:{free_port()}", timeout_s=1) as unreachable:
         with pytest.raises(BackendUnavailable):
             unreachable.end_offset("p")
+        # An admin request without an answer says so (the first thing dt mirror asks).
+        with pytest.raises(BackendUnavailable, match=r"creating topic dt\.p: no answer within 1 s$"):
+            unreachable.ensure_partition("p")
 
 
 def test_names_kafka_would_confuse_are_invalid(log):
