@@ -408,6 +408,8 @@ def summary(status: dict) -> str:
         parts.append("target paused")
     if status.get("queue_overflow"):
         parts.append("queue overflow")
+    if status.get("log_unreachable"):
+        parts.append("log unreachable")
     return "  ".join(parts)
 
 
