@@ -2,7 +2,9 @@
 
 Invariants:
 - ids grow and are never reused; names are unique; the partition of connection N is
-  ``conn-N`` for its whole life (so offsets never mix two connections' histories).
+  ``conn-N`` for its whole life (so offsets never mix two connections' histories). Ids are
+  per state directory: a new connection whose partition the log already holds is refused
+  (another installation appends to it, e.g. two on one Kafka topic prefix).
 - The target root is never inside the source root and vice versa (on one server that
   would replicate the replica into itself forever).
 - Stored durably, one Avro record per connection (schemas/connection.avsc). A file that
@@ -19,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Collection
 
 import fastavro
 
@@ -104,9 +107,10 @@ class ConnectionStore:
             return None
 
     def check_new(self, *, name: str, source_root: str, target: str, mapping: str = "custom",
-                  target_host: str = "local") -> list[Connection]:
+                  target_host: str = "local", log_partitions: Collection[str] = ()) -> list[Connection]:
         """Refuse what ``create`` would refuse, storing nothing (so a caller can check before
-        it makes anything else the connection needs); the existing connections."""
+        it makes anything else the connection needs); the existing connections.
+        ``log_partitions``: those the log already holds."""
         if not _NAME.match(name or ""):
             raise InvalidName(name=name, reason="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         existing = self.list()
@@ -119,15 +123,25 @@ class ConnectionStore:
             if c.target_root == target_root and c.target_host == target_host:
                 raise UsageError(detail=f"connection {c.name} already sends to {target_root}: "
                                         "two connections to one target location would overwrite each other")
+        partition = f"conn-{self._next_id(existing)}"
+        if partition in log_partitions:
+            # Its records and consumer offsets are another installation's: this connection's
+            # applier would apply them to its target, and the other's would apply this one's.
+            raise UsageError(detail=(
+                f"the log already holds partition {partition}, which no connection of this state "
+                "directory made: another installation writes to the same log (on Kafka, give each "
+                "installation a kafka_topic_prefix of its own)"))
         return existing
 
     def create(self, *, name: str, set_name: str, source_root: str, target: str,
-               mapping: str = "custom", target_host: str = "local") -> Connection:
+               mapping: str = "custom", target_host: str = "local",
+               log_partitions: Collection[str] = ()) -> Connection:
+        """Store a new connection (``check_new`` first)."""
         existing = self.check_new(name=name, source_root=source_root, target=target, mapping=mapping,
-                                  target_host=target_host)
+                                  target_host=target_host, log_partitions=log_partitions)
         source_root = os.path.abspath(source_root)
         target_root = map_target(source_root, target, mapping)
-        next_id = max([c.id for c in existing] + [self._last_id()]) + 1
+        next_id = self._next_id(existing)
         conn = Connection(id=next_id, name=name, set_name=set_name, source_root=source_root,
                           target_root=target_root, mapping=mapping, created_ns=time.time_ns(),
                           target_host=target_host)
@@ -139,6 +153,9 @@ class ConnectionStore:
         conn = self.get(ref)
         (self.dir / f"{conn.id}.avro").unlink()
         return conn
+
+    def _next_id(self, existing: list[Connection]) -> int:
+        return max([c.id for c in existing] + [self._last_id()]) + 1
 
     def _last_id(self) -> int:
         """The highest id ever given (0 before the first). A damaged file is CorruptRecord:

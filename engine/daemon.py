@@ -57,7 +57,7 @@ the source path) is held for the daemon's life; the kernel releases it when the 
 dies, so a killed daemon never blocks the next start. Its socket is ``<key>.sock`` beside it.
 
 Message ids DT-D0xx (engine/queue.py DT-D001..D002, engine/api.py DT-D010..D016, here
-DT-D020 and up); DT-X001 a status tick skipped while the log is unreachable.
+DT-D020 and up); DT-X001 the log is unreachable (at each status tick).
 """
 
 from __future__ import annotations
@@ -414,14 +414,12 @@ class Daemon:
             self._wake.clear()
 
     def _tick(self, tick: Callable[[dict], None]) -> None:
-        """The status needs the log's end offset: while the log is unreachable (a Kafka
-        cluster away longer than its timeout) the tick is skipped, the daemon goes on."""
-        try:
-            status = self.status()
-        except BackendUnavailable as exc:
-            log.warning("status unavailable while the log is unreachable", msgid="DT-X001",
-                        connection=self.conn.name, error=exc.message)
-            return
+        """While the log is unreachable (a Kafka cluster away longer than its timeout) the
+        status says so and each tick warns; the daemon goes on."""
+        status = self.status()
+        if status["log_unreachable"]:
+            log.warning("the log is unreachable", msgid="DT-X001", connection=self.conn.name,
+                        error=status["log_unreachable"])
         tick(status)
 
     def shutdown(self, abort: threading.Event | None = None,
@@ -826,7 +824,12 @@ class Daemon:
         snap = self._progress.snapshot()
         stats = self.queue.stats()
         applied = snap["applied_offset"]
-        end = self._log.end_offset(self.conn.partition)
+        try:
+            end, unreachable = self._log.end_offset(self.conn.partition), None
+        except BackendUnavailable as exc:
+            # A cluster away (Kafka restarting): the operator asks precisely now, and the
+            # daemon still knows its queue and its target.
+            end, unreachable = self.queue.end_offset(), exc.message
         with self._lock:
             required, request, mirror, phase = self._required, self._request, self._mirror, self._phase()
             mirror_status = self._mirror_status(applied)
@@ -842,7 +845,8 @@ class Daemon:
         else:
             replication = ReplicationStatus.READY
         latency = dict(snap.get("recovery_point_latency_ms") or {})
-        latency["current"] = current_latency_ms(self._log, self.conn.partition, applied)
+        # Unknown without the log (reading it would wait for the cluster once more).
+        latency["current"] = None if unreachable else current_latency_ms(self._log, self.conn.partition, applied)
         return {
             "connection": self.conn.name, "id": self.conn.id, "source": self.conn.source_root,
             "target": self.conn.target_root, "replication_set": self.conn.set_name,
@@ -861,7 +865,7 @@ class Daemon:
             "queue_limit_bytes": stats.limit_bytes, "free_bytes": stats.free_bytes,
             "queue_overflow": stats.overflow,
             "sent_bytes": snap.get("applied_bytes", 0),
-            "applied_offset": applied, "end_offset": end,
+            "applied_offset": applied, "end_offset": end, "log_unreachable": unreachable,
             "recovery_point_latency_ms": latency,
             "last_file": snap.get("last_file"),
             "capture": "running" if self.capture.running else "stopped",

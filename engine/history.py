@@ -52,7 +52,7 @@ from datetime import datetime, timezone
 from typing import Iterable, Iterator, Sequence
 
 from . import codec, logs
-from .errors import CorruptRecord, OffsetOutOfRange, OutsideHistory, UsageError
+from .errors import BackendUnavailable, CorruptRecord, OffsetOutOfRange, OutsideHistory, UsageError
 from .events import Event, FileKind, TaskResult
 from .log import Log, LogRecord
 from .offsets import NO_OFFSET
@@ -362,16 +362,28 @@ def follow(log_: Log, partition: str, first: int, *, glob: str | None = None,
     (``Log.wait``, ``poll_s`` at a time) for each new record.
 
     A follower keeps following: records that retention drops before they are read (a
-    slow reader, the byte bound) are passed over with a warning naming them (DT-H030)."""
+    slow reader, the byte bound) are passed over with a warning naming them (DT-H030); a
+    log that does not answer (a Kafka cluster away) is waited for, with one warning per
+    outage (DT-H031)."""
     offset = first
+    away = False
     while stop is None or not stop.is_set():
-        if not log_.wait(partition, offset, poll_s):
-            continue
         try:
-            for hev in read(log_, partition, offset, glob=None):
-                offset = hev.offset + 1
-                if selected(hev, glob):
-                    yield hev
+            if log_.wait(partition, offset, poll_s):
+                for hev in read(log_, partition, offset, glob=None):
+                    offset = hev.offset + 1
+                    if selected(hev, glob):
+                        yield hev
+            away = False
+        except BackendUnavailable as exc:
+            if not away:
+                log.warning("log unreachable; following resumes when it answers", msgid="DT-H031",
+                            partition=partition, error=exc.message)
+            away = True
+            if stop is None:
+                time.sleep(poll_s)
+            else:
+                stop.wait(poll_s)
         except OffsetOutOfRange:
             start = log_.start_offset(partition)
             if start <= offset:

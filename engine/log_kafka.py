@@ -88,8 +88,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from confluent_kafka import (OFFSET_INVALID, TIMESTAMP_CREATE_TIME, Consumer, ConsumerGroupTopicPartitions,
-                             KafkaError,
+from confluent_kafka import (OFFSET_INVALID, TIMESTAMP_CREATE_TIME, Consumer, KafkaError,
                              KafkaException, Message, Producer, TopicPartition)
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -98,7 +97,7 @@ from .errors import (BackendUnavailable, CorruptRecord, InvalidName, NotFound, O
                      SettingsError, UsageError)
 from .log import DEFAULT_READ_BYTES, DEFAULT_READ_RECORDS, Log, LogRecord, check_partition_name
 from .offsets import NO_OFFSET
-from .settings import KAFKA_TOPIC_PREFIX
+from .settings import KAFKA_MAX_RECORD_BYTES, KAFKA_TOPIC_PREFIX
 
 log = logs.get(__name__)
 
@@ -108,7 +107,7 @@ HEADER_SCHEMA = "dt-schema"
 HEADER_TIME = "dt-time-ns"
 HEADER_BYTES_BEFORE = "dt-bytes-before"
 GROUP_SEPARATOR = ":"  # never in a partition name: groups are unambiguous
-MAX_RECORD_BYTES = 16 << 20  # largest payload one record may carry
+MAX_RECORD_BYTES = KAFKA_MAX_RECORD_BYTES  # largest payload one record may carry
 _BATCH_SLACK = 64 << 10  # room for Kafka's batch and header overhead above one payload
 POLL_S = 0.05  # how often wait() asks for the end offset
 _TOPIC_PREFIX = re.compile(KAFKA_TOPIC_PREFIX)
@@ -179,6 +178,8 @@ class KafkaLog(Log):
         self._reader_next: tuple[str, int] | None = None  # what the reader's queue holds next
         self._append_locks: dict[str, threading.Lock] = {}
         self._tails: dict[str, _Tail] = {}
+        self._committers_lock = threading.Lock()
+        self._committers: dict[str, _Committer] = {}  # by consumer group, made at its first commit
         log.info("log opened", msgid="DT-K101", bootstrap=bootstrap, prefix=topic_prefix)
 
     def _make_clients(self, common: dict, topic_prefix: str, delivery_timeout_s: float) -> None:
@@ -210,6 +211,9 @@ class KafkaLog(Log):
         self._producer.flush(self._timeout_s)
         with self._read_lock:
             self._reader.close()
+        with self._committers_lock:
+            for committer in self._committers.values():
+                committer.close()
         # The clients keep connections (and reconnect attempts) until they are freed.
         self._producer = self._admin = None
         log.info("log closed", msgid="DT-K102", bootstrap=self.bootstrap)
@@ -361,10 +365,11 @@ class KafkaLog(Log):
         if not NO_OFFSET <= offset < high:
             raise OffsetOutOfRange(offset=offset, start=NO_OFFSET, end=high)
         group = self._group(topic, consumer)
-        request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0, offset + 1)])
-        result = self._call(lambda: self._admin.alter_consumer_group_offsets(
-            [request], request_timeout=self._timeout_s)[group], f"committing offset of {group}")
-        for tp in result.topic_partitions:
+        with self._committers_lock:
+            committer = self._committers.get(group) or self._committers.setdefault(group, _Committer(self._common, group))
+        where, deadline = TopicPartition(topic, 0, offset + 1), self._deadline()
+        result = self._retrying(lambda: committer.commit(where, deadline), f"committing offset of {group}")
+        for tp in result:
             if tp.error is not None:
                 raise BackendUnavailable(backend=self._backend, detail=f"committing offset of {group}: {tp.error}")
 
@@ -419,8 +424,9 @@ class KafkaLog(Log):
                     return None
                 if not _transient(error) or time.monotonic() > deadline:
                     raise self._unavailable(what, exc) from exc
-            except TimeoutError as exc:
-                raise self._unavailable(what, exc) from exc
+            except TimeoutError as exc:  # the request's future: it carries no message of its own
+                raise BackendUnavailable(backend=self._backend,
+                                         detail=f"{what}: no answer within {self._timeout_s:g} s") from exc
             time.sleep(POLL_S)
 
     def _deadline(self, patience_s: float | None = None) -> float:
@@ -665,6 +671,46 @@ class KafkaLog(Log):
         if tp.error is not None:
             raise BackendUnavailable(backend=self._backend, detail=f"reading offsets of {group}: {tp.error}")
         return tp.offset
+
+
+class _Committer:
+    """The consumer client that commits the offsets of one consumer group, kept for the
+    KafkaLog's life (the applier commits every second).
+
+    Not the admin client: once a broker restarted, its offset commits got no answer at all
+    (librdkafka 2.16), so a daemon's consumer offset, which retention waits for, stayed
+    where it was until the process ended. A consumer client asks for the coordinator again.
+    It never subscribes, so it never joins the group. Commits are asynchronous, so that
+    the caller's deadline bounds each (a synchronous one waits up to 45 s for a coordinator);
+    their answers come in order, so a late answer to an abandoned commit is told apart."""
+
+    def __init__(self, common: dict, group: str):
+        self._lock = threading.Lock()
+        self._sent = self._answered = 0
+        self._last: tuple[KafkaError | None, list[TopicPartition]] = (None, [])
+        self._client = Consumer({**common, "group.id": group, "enable.auto.commit": False,
+                                 "on_commit": self._answer})
+
+    def _answer(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        self._answered += 1
+        self._last = (error, partitions)
+
+    def commit(self, where: TopicPartition, deadline: float) -> list[TopicPartition]:
+        """The committed partitions; KafkaException for an error, TimeoutError past ``deadline``."""
+        with self._lock:
+            self._client.commit(offsets=[where], asynchronous=True)
+            self._sent += 1
+            while self._answered < self._sent:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                self._client.poll(POLL_S)  # serves on_commit
+            error, partitions = self._last
+            if error is not None:
+                raise KafkaException(error)
+            return partitions
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def _transient(error: KafkaError) -> bool:

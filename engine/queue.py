@@ -245,6 +245,12 @@ class SourceQueue:
             short, self._space_short = self._space_short, False
         return short
 
+    def end_offset(self) -> int:
+        """The partition's end offset as far as this queue knows (every record below it was
+        appended or counted here): what a status shows while the log cannot be asked."""
+        with self._lock:
+            return self._base + len(self._cum)
+
     def stats(self) -> QueueStats:
         with self._lock:
             applied = self._applied()

@@ -25,6 +25,9 @@ MiB = 1 << 20
 CONFIG_FILE = "config.toml"
 # What a Kafka topic prefix may be (engine/log_kafka.py checks it too, for direct callers).
 KAFKA_TOPIC_PREFIX = r"^[A-Za-z0-9._-]{0,40}$"
+# The largest payload one Kafka record carries (engine/log_kafka.py sizes its topics and
+# producer by it): one event, so no Write on a Kafka log may carry more.
+KAFKA_MAX_RECORD_BYTES = 16 * MiB
 # Client properties engine/log_kafka.py decides: bootstrap from ``log``, and what its
 # guarantees rest on (one idempotent, fully acknowledged writer; manual offsets; no
 # automatic topic creation; checked CRCs; no silent offset reset).
@@ -89,6 +92,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
                              "(ordering, exactly-once appends and offsets depend on them)")
         if self.log != "embedded" and not all(":" in part for part in self.log.split(",")):
             raise ValueError('log: must be "embedded" or a Kafka bootstrap address like "127.0.0.1:9092"')
+        if self.log != "embedded" and self.max_write_buffer > KAFKA_MAX_RECORD_BYTES:
+            # Kafka refuses the record: every such Write would be a gap and a remirror.
+            raise ValueError(f"max_write_buffer: at most {KAFKA_MAX_RECORD_BYTES} on a Kafka log "
+                             "(one event is one Kafka record)")
 
     @classmethod
     def parse(cls, values: dict) -> "Settings":

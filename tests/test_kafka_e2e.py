@@ -265,6 +265,35 @@ def test_broker_away_longer_than_the_log_timeout_is_a_gap_repaired_by_a_remirror
     assert daemon.stop() == 0
 
 
+@pytest.mark.fuse
+def test_dt_status_while_the_broker_is_down_says_so(own_broker, protect):
+    """The operator asks dt status precisely while the cluster is away: the running daemon
+    answers with what it knows (its queue holding the changes, the target) and says the
+    log is unreachable, instead of dt status failing."""
+    daemon = protect(own_broker.bootstrap)
+    with open(daemon.state / "config.toml", "a") as out:
+        out.write("kafka_timeout_s = 2\nkafka_delivery_timeout_s = 60\n")
+    make_tree(daemon.src, files=3)
+    daemon.start()
+    before = daemon.converged()
+    own_broker.stop()
+    started = time.monotonic()
+    done = dt("status", "--json", state=daemon.state, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 20  # bounded by the log's timeout, not several of them
+    (status,) = json.loads(done.stdout)["connections"]
+    assert status["daemon"] == "running" and status["target_data_state"] == "OK"
+    assert status["end_offset"] == before["end_offset"] and status["applied_offset"] == before["applied_offset"]
+    assert "Kafka at" in status["log_unreachable"] and status["recovery_point_latency_ms"]["current"] is None
+    human = dt("status", state=daemon.state, timeout=60)
+    assert human.returncode == 0 and "the log is unreachable" in human.stdout, human.stderr
+    own_broker.restart()
+    (daemon.src / "after.txt").write_text("after the outage\n")
+    assert daemon.converged(timeout=120)["log_unreachable"] is None
+    assert (daemon.dst / "after.txt").read_text() == "after the outage\n"
+    assert daemon.stop() == 0
+
+
 # -- applier killed between apply and commit ------------------------------------------------------
 
 # `dt apply` in a child whose progress commits may SIGKILL it right before the commit, i.e.

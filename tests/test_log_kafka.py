@@ -91,6 +91,27 @@ def test_broker_killed_between_appends_loses_nothing(kafka_broker, log):
     assert log.committed("p", "applier") == 3
 
 
+def test_commits_go_on_after_the_broker_restarts(kafka_broker, log):
+    """The applier commits its consumer offset every few seconds through the same KafkaLog
+    for the daemon's whole life; retention waits for that offset. A commit after the
+    broker restarted must succeed (once the broker is back), not fail until the process
+    ends."""
+    log.append("p", values(4, "v"))
+    with KafkaLog(kafka_broker.bootstrap, topic_prefix=log.prefix, timeout_s=5) as applier:
+        applier.commit("p", "applier", 0)
+        kafka_broker.kill()
+        kafka_broker.restart()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                applier.commit("p", "applier", 2)
+                break
+            except BackendUnavailable:
+                assert time.monotonic() < deadline, "no commit succeeded within 60 s of the restart"
+    assert log.committed("p", "applier") == 2
+    assert log.consumers("p") == {"applier": 2}
+
+
 def test_a_damaged_value_from_another_producer_raises_corrupt_record(log):
     log.append("p", values(2))
     sealed = bytearray(frame.seal(b"payload"))
@@ -183,6 +204,9 @@ def test_an_unreachable_cluster_is_backend_unavailable():
     with KafkaLog(f"127.0.0.1:{free_port()}", timeout_s=1) as unreachable:
         with pytest.raises(BackendUnavailable):
             unreachable.end_offset("p")
+        # An admin request without an answer says so (the first thing dt mirror asks).
+        with pytest.raises(BackendUnavailable, match=r"creating topic dt\.p: no answer within 1 s$"):
+            unreachable.ensure_partition("p")
 
 
 def test_names_kafka_would_confuse_are_invalid(log):

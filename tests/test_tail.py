@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from history_helpers import SECOND, T0, StreamWorld, backends, create, dt, reap
@@ -134,3 +135,32 @@ def test_a_state_directory_without_a_log(tmp_path):
     done = dt("tail", "web", state=tmp_path / "state", check=False)
     assert done.returncode == 2 and "change log" in done.stderr
     assert not os.path.exists(tmp_path / "state" / "log")
+
+
+@pytest.mark.kafka
+def test_follow_rides_out_a_broker_away_longer_than_the_log_timeout(tmp_path, kafka_broker, request):
+    """--follow prints until interrupted: a cluster away past kafka_timeout_s is waited
+    for with a warning, not the end of the command."""
+    w = StreamWorld(tmp_path, "kafka", request)
+    with open(w.state / "config.toml", "a") as out:
+        out.write("kafka_timeout_s = 2\n")
+    w.append(create("before"), T0)
+    proc = subprocess.Popen([sys.executable, "-m", "datatether.tools.cli", "tail", "web", "--follow", "--json",
+                             "--from", "0", "--state", str(w.state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["offset"] == 0
+        kafka_broker.kill()
+        time.sleep(6)  # several of the follower's timeouts
+        kafka_broker.restart()
+        w.append(create("after"), T0 + SECOND)
+        assert json.loads(proc.stdout.readline())["paths"] == ["after"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        w.close()
+    warnings = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    assert "DT-H031" in {warning["msgid"] for warning in warnings}

@@ -221,7 +221,8 @@ def adhoc_job(state: State, source: str, target: str, excludes: list[str] | None
     if conn is None:
         name = adhoc_name(source, target)
         rset = _set_with_rules(state.sets, name, rules)
-        conn = state.connections.create(name=name, set_name=name, source_root=source, target=target)
+        conn = state.connections.create(name=name, set_name=name, source_root=source, target=target,
+                                        log_partitions=state.log.partitions())
         log.info("connection created", msgid="DT-M031", connection=conn.name, source=source, target=target)
     elif excludes is None and state.sets.exists(conn.set_name):
         rset = state.sets.get(conn.set_name)

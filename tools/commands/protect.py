@@ -178,12 +178,14 @@ def protect_job(state: runtime.State, source: str, target: str, name: str | None
     _check_set_root(rset, source)
     check_no_overlap(rset, [state.sets.get(c.set_name) for c in conns
                             if c.set_name != rset.name and state.sets.exists(c.set_name)])
-    state.connections.check_new(name=name, source_root=source, target=target, mapping=mapping)
+    in_log = state.log.partitions()
+    state.connections.check_new(name=name, source_root=source, target=target, mapping=mapping,
+                                log_partitions=in_log)
     dirs = runtime.make_target_root(source, target_root)
     if not stored:
         rset = state.sets.create(rset.name, rset.rules)
     conn = state.connections.create(name=name, set_name=rset.name, source_root=source, target=target,
-                                    mapping=mapping)
+                                    mapping=mapping, log_partitions=in_log)
     log.info("connection created", msgid="DT-D040", connection=conn.name, source=source, target=conn.target_root)
     state.log.ensure_partition(conn.partition)
     return runtime.Job(state=state, conn=conn, rset=rset), Created(conn, None if stored else rset.name, dirs)
@@ -406,6 +408,8 @@ def summary(status: dict) -> str:
         parts.append("target paused")
     if status.get("queue_overflow"):
         parts.append("queue overflow")
+    if status.get("log_unreachable"):
+        parts.append("log unreachable")
     return "  ".join(parts)
 
 

@@ -9,7 +9,9 @@ applied.
 
 A running daemon answers through its control API (root and groups dtadmin, dtmonitor may
 ask). Without one, the figures come from what was saved (the log, read only, and the
-target's progress record) and the replication status is Stopped.
+target's progress record) and the replication status is Stopped. While the log is
+unreachable (a Kafka cluster away) a daemon still answers: the end offset is the one it
+appended, shown with the log's error, and the current latency is unknown.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def saved_status(state_dir: Path, conn: Connection, settings: Settings, log_: Lo
         "disk_queue_bytes": queue.disk_bytes if queue else 0,
         "queue_limit_bytes": queue.limit_bytes if queue else None,
         "free_bytes": queue.free_bytes if queue else None, "queue_overflow": None,
-        "sent_bytes": 0, "applied_offset": applied, "end_offset": end,
+        "sent_bytes": 0, "applied_offset": applied, "end_offset": end, "log_unreachable": None,
         "recovery_point_latency_ms": latency, "last_file": snap.get("last_file"),
         "capture": "stopped",
     }
@@ -135,6 +137,8 @@ def _shown(key: str, status: dict):
     value = status.get(key)
     if key == "target_status" and status.get("target_status_detail"):  # why it is Retrying, say
         return f"{value}: {status['target_status_detail']}"
+    if key == "end_offset" and status.get("log_unreachable"):  # as the daemon appended it
+        return f"{value} (the log is unreachable: {status['log_unreachable']})"
     if key in ("queued_bytes", "sent_bytes"):
         return output.human_bytes(value)
     if key == "recovery_point_latency_ms":

@@ -11,7 +11,9 @@ Where to start: the last --lines events (default 10), or --from OFFSET, or --sin
 without an offset is UTC). A point older than what the log retains is refused and the
 message says how far back one can go. --follow keeps printing new events until
 interrupted (Ctrl-C ends it normally, exit 0); events that retention drops before they
-are printed are passed over with a warning naming their offsets (DT-H030). CONNECTION is a connection id or name.
+are printed are passed over with a warning naming their offsets (DT-H030); a log that
+does not answer (a Kafka cluster away) is waited for, with a warning (DT-H031).
+CONNECTION is a connection id or name.
 Works beside a running daemon, on the embedded and the Kafka backend alike.
 """
 
