@@ -77,7 +77,7 @@ from . import codec, logs
 from .api import ApiClient, Operation, Role
 from .capture import Capture, GapReport, Sink
 from .connection import Connection
-from .errors import AlreadyRunning, BackendUnavailable, DtError, UsageError
+from .errors import AlreadyRunning, BackendUnavailable, DtError, NotFound, UsageError
 from .events import Event, Gap, Link, Rename, TaskCommand
 from .history import find_task_result
 from .log import Log
@@ -474,7 +474,16 @@ class Daemon:
                     msgid="DT-D024", connection=self.conn.name, queued=self.queue.stats().ops)
 
     def _caught_up(self) -> bool:
-        return self._progress.applied_offset >= self._log.end_offset(self.conn.partition) - 1
+        """Everything in the partition is applied. A partition removed behind the daemon's
+        back (a topic deleted) holds nothing to wait for: the next start finds the log
+        went back and remirrors (apply/applier.py)."""
+        try:
+            end = self._log.end_offset(self.conn.partition)
+        except NotFound:
+            log.error("the connection's partition is gone from the log; the next start remirrors",
+                      msgid="DT-D068", connection=self.conn.name, partition=self.conn.partition)
+            return True
+        return self._progress.applied_offset >= end - 1
 
     # -- capture side --------------------------------------------------------------------
 
@@ -826,9 +835,10 @@ class Daemon:
         applied = snap["applied_offset"]
         try:
             end, unreachable = self._log.end_offset(self.conn.partition), None
-        except BackendUnavailable as exc:
-            # A cluster away (Kafka restarting): the operator asks precisely now, and the
-            # daemon still knows its queue and its target.
+        except (BackendUnavailable, NotFound) as exc:
+            # A cluster away (Kafka restarting), or the partition removed behind the daemon's
+            # back (a topic deleted): the operator asks precisely now, and the daemon still
+            # knows its queue and its target.
             end, unreachable = self.queue.end_offset(), exc.message
         with self._lock:
             required, request, mirror, phase = self._required, self._request, self._mirror, self._phase()

@@ -264,6 +264,18 @@ def test_status_says_why_the_target_is_retrying(world):
     assert (dst / "f").read_bytes() == b"x\n"
 
 
+def test_status_says_so_when_the_partition_is_removed_behind_the_daemon(world):
+    make, src, dst = world
+    daemon = make()
+    running(daemon)
+    converged(daemon)
+    daemon.parts.log.drop_partition(daemon.conn.partition)  # a Kafka topic deleted, say
+    status = daemon.status()  # was NotFound out of supervise's status tick, ending the daemon
+    assert "partition not found" in status["log_unreachable"] and status["end_offset"] >= 0
+    assert status["recovery_point_latency_ms"]["current"] is None
+    assert daemon.shutdown()["state"] == "stopped"  # nothing is left to drain: it stops
+
+
 def test_a_target_the_applier_marks_mirror_required_is_remirrored(world):
     make, src, dst = world
     (src / "f").write_text("x\n")
