@@ -290,14 +290,13 @@ class CaptureFs:
     # -- file data ---------------------------------------------------------------------------
 
     def open(self, path, flags):
-        rel = _rel(path)
-        if not flags & os.O_TRUNC:
-            return os.open(sys_path(rel), (flags & ~_OPEN_DROP) | _OPEN_ADD, dir_fd=self._root)
-        with self._locks.hold(rel):
-            fd = os.open(sys_path(rel), (flags & ~_OPEN_DROP) | _OPEN_ADD, dir_fd=self._root)
-            if self._matches(rel, False):
-                self._emit([Truncate(rel, 0)] + self._file_time(rel, fd))
-        return fd
+        if flags & os.O_TRUNC:
+            # Atomic O_TRUNC: the kernel sends no truncate of its own, so this is the one,
+            # with everything a truncate owes (a name of the set for a name outside it,
+            # privilege drops, the other names' caches). The real open then leaves O_TRUNC
+            # out: it could cut what a writer wrote in between, without an event.
+            self.truncate(path, 0, None)
+        return os.open(sys_path(_rel(path)), (flags & ~(_OPEN_DROP | os.O_TRUNC)) | _OPEN_ADD, dir_fd=self._root)
 
     def create(self, path, mode, flags):
         rel = _rel(path)

@@ -23,7 +23,7 @@ handler before it replies).
 What the filesystem owes once the flag is on (linux/fuse.h, protocol 7.33), and where it is
 done (``drop``, through ``Drops``, called by capture/fuse.py before the data changes,
 under the path lock):
-- A write, truncate (also the one the kernel sends after an open with O_TRUNC) or
+- A write, truncate (also the one an open with O_TRUNC stands for: capture/fuse.py) or
   fallocate by a caller without CAP_FSETID clears set-user-ID, and set-group-ID when the
   file is group-executable or the caller is not in its group (the VFS's rule). libfuse
   3.14 passes none of the kernel's kill flags on to the handlers, so the caller's

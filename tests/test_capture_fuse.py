@@ -369,6 +369,21 @@ def test_a_change_through_a_name_outside_the_set_reaches_the_files_name_in_it(ca
     assert capture.recorder.take(times=True) == [] and capture.gap_reasons == []
 
 
+def test_an_open_with_o_trunc_through_a_name_outside_the_set_truncates_the_files_name_in_it(capture, source, real):
+    """`> excl/alias` empties the file of the set too: without the Truncate, the target
+    would keep the old bytes past what the shorter new content covers."""
+    (source / "in.dat").write_bytes(b"a" * 1000)
+    os.link(source / "in.dat", source / "excl" / "alias")
+    os.stat(source / "in.dat")  # the kernel caches its size
+    capture.recorder.take()
+    with open(source / "excl" / "alias", "wb") as f:
+        assert os.stat(source / "in.dat").st_size == 0  # the other name's cache follows
+        f.write(b"short")
+    assert [op for op in capture.recorder.take() if not isinstance(op, SetAttr)] == [
+        Truncate("in.dat", 0), Write("in.dat", 0, b"short")]
+    assert read_real(real, "in.dat") == b"short" and capture.gap_reasons == []
+
+
 def test_a_change_through_a_name_outside_the_set_of_a_file_with_unknown_names_is_a_gap(capture, source, real):
     os.link("excl/outside.bin", "made-behind-the-mount", src_dir_fd=real, dst_dir_fd=real)
     capture.recorder.take()
@@ -747,7 +762,10 @@ def _write_as_other(path: Path, how: str, *, in_group: bool = False, then_run: b
     """As uid OTHER_ID: stat the file (the kernel caches its mode), change its data, and,
     ``then_run``, run it at once; returns what it printed."""
     change = {"write": "os.pwrite(fd, open(path, 'rb').read(4), 0)", "truncate": "os.ftruncate(fd, 1 << 20)",
-              "fallocate": "os.posix_fallocate(fd, 0, 1 << 20)"}[how]
+              "fallocate": "os.posix_fallocate(fd, 0, 1 << 20)",
+              # emptied by the open, then its program written back so that it still runs
+              "open(O_TRUNC)": "data = open(path, 'rb').read(); os.close(fd); "
+                               "fd = os.open(path, os.O_WRONLY | os.O_TRUNC); os.write(fd, data)"}[how]
     script = textwrap.dedent(f"""
         import os, subprocess
         path = {str(path)!r}
@@ -777,7 +795,7 @@ def test_an_unknown_libfuse_leaves_privilege_drops_to_the_kernel(fuse_available,
     assert SetAttr("prog", mode=0o777) in recorder.take()
 
 
-@pytest.mark.parametrize("how", ["write", "truncate", "fallocate"])
+@pytest.mark.parametrize("how", ["write", "truncate", "fallocate", "open(O_TRUNC)"])
 def test_an_unprivileged_data_change_drops_set_id_bits_and_says_so(fuse_available, shared_dir, how):
     """A set-user-ID-root program changed by an unprivileged user loses set-user-ID (and
     its group-executable set-group-ID) on the source, as an event before the data change,
