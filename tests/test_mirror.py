@@ -34,6 +34,21 @@ def job_of(state, src, dst, excludes=()):
     return runtime.adhoc_job(state, str(src), str(dst), list(excludes))
 
 
+def interrupted(state, job, after: int, how: str = "pause", *, separate_process: bool = False,
+                made: list | None = None):
+    """A full mirror of ``job`` that pauses (``how="stop"``: stops) itself once ``after``
+    objects are done; ``made`` collects the Mirror."""
+    def produce(log, locks):
+        m = Mirror(job.source_view(), job.target_view(), log, job.partition, state.settings, locks,
+                   mode=MirrorMode.FULL, position_path=job.position_path,
+                   progress=lambda s: s.objects >= after and getattr(m, how)())
+        if made is not None:
+            made.append(m)
+        return m.run()
+
+    return runtime.apply_while(job, produce, separate_process=separate_process)
+
+
 def mirror(state, src, dst, mode=MirrorMode.FULL, *, newer=False, excludes=(), **kw):
     """One mirror with the applier beside it (in a thread: quicker to start in tests; the
     CLI tests and a few here use the applier process ``dt mirror`` uses)."""
@@ -280,13 +295,7 @@ def test_a_position_taken_under_other_rules_is_not_resumed(env, monkeypatch):
         (src / f"f{i}").write_text("x")
     job = job_of(state, src, dst, excludes=["f1"])
 
-    def produce(log, locks):
-        m = Mirror(job.source_view(), job.target_view(), log, job.partition, state.settings, locks,
-                   mode=MirrorMode.FULL, position_path=job.position_path,
-                   progress=lambda s: s.objects >= 5 and m.pause())
-        return m.run()
-
-    runtime.apply_while(job, produce, separate_process=False)
+    interrupted(state, job, 5)
     assert job.position_path.exists() and not (dst / "f1").exists()
     stats, outcome = mirror(state, src, dst, excludes=[])
     assert not stats.resumed and outcome.data_state == "OK" and diff_trees(src, dst) == []
@@ -300,13 +309,7 @@ def test_stop_forgets_the_position(env, monkeypatch):
         (src / f"f{i:02d}").write_bytes(b"x" * 100)
     job = job_of(state, src, dst)
 
-    def produce(log, locks):
-        m = Mirror(job.source_view(), job.target_view(), log, job.partition, state.settings, locks,
-                   mode=MirrorMode.FULL, position_path=job.position_path,
-                   progress=lambda s: s.objects >= 10 and m.stop())
-        return m.run()
-
-    stopped, _ = runtime.apply_while(job, produce, separate_process=False)
+    stopped, _ = interrupted(state, job, 10, "stop")
     assert stopped.status == MirrorStatus.IDLE.value and not job.position_path.exists()
     fresh, _ = mirror(state, src, dst)
     assert not fresh.resumed and fresh.mirror_id != stopped.mirror_id and fresh.sent_objects == 31
@@ -320,13 +323,7 @@ def test_a_position_of_other_options_is_not_resumed(env, monkeypatch):
         (src / f"f{i}").write_text("x")
     job = job_of(state, src, dst)
 
-    def produce(log, locks):
-        m = Mirror(job.source_view(), job.target_view(), log, job.partition, state.settings, locks,
-                   mode=MirrorMode.FULL, position_path=job.position_path,
-                   progress=lambda s: s.objects >= 3 and m.pause())
-        return m.run()
-
-    runtime.apply_while(job, produce, separate_process=False)
+    interrupted(state, job, 3)
     assert job.position_path.exists()
     stats, _ = mirror(state, src, dst, MirrorMode.DIFF)
     assert not stats.resumed and diff_trees(src, dst) == []
@@ -461,13 +458,7 @@ def test_the_target_data_state_is_mirroring_while_a_mirror_is_unfinished(env, mo
         (src / f"f{i}").write_text("x")
     job = job_of(state, src, dst)
 
-    def produce(log, locks):
-        m = Mirror(job.source_view(), job.target_view(), log, job.partition, state.settings, locks,
-                   mode=MirrorMode.FULL, position_path=job.position_path,
-                   progress=lambda s: s.objects >= 2 and m.pause())
-        return m.run()
-
-    runtime.apply_while(job, produce)
+    interrupted(state, job, 2, separate_process=True)
     progress = Progress(job.target_state_dir)
     try:
         assert progress.data_state.value == "Mirroring"
@@ -573,14 +564,7 @@ def test_stop_of_a_paused_mirror_forgets_its_position_at_once(env, monkeypatch):
     job = job_of(state, src, dst)
     made = []
 
-    def produce(log, locks):
-        m = Mirror(job.source_view(), job.target_view(), log, job.partition, state.settings, locks,
-                   mode=MirrorMode.FULL, position_path=job.position_path,
-                   progress=lambda s: s.objects >= 3 and m.pause())
-        made.append(m)
-        return m.run()
-
-    paused, _ = runtime.apply_while(job, produce, separate_process=False)
+    paused, _ = interrupted(state, job, 3, made=made)
     assert paused.status == MirrorStatus.PAUSED.value and job.position_path.exists()
     made[0].stop()
     assert not job.position_path.exists()
