@@ -38,6 +38,7 @@ _SHIFTING = FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE
 _KNOWN = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_UNSHARE_RANGE
 
 _UTIME_OMIT = (1 << 30) - 2
+_COPY_CHUNK = 8 << 20  # bytes per copy_file_range call
 _AT_SYMLINK_NOFOLLOW = 0x100
 _ZEROS = bytes(1 << 20)
 
@@ -222,13 +223,7 @@ def copy_unlinked(loc: Loc) -> None:
     try:
         tmp = os.open(f"/proc/self/fd/{loc.dir_fd}", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
-            size = os.fstat(src).st_size
-            copied = 0
-            while copied < size:
-                n = os.copy_file_range(src, tmp, size - copied, copied, copied)
-                if n == 0:
-                    break
-                copied += n
+            copy_range(src, tmp, 0, os.fstat(src).st_size)
             # Named after the file, so applying the event again removes what a crash left.
             tmp_name = ".dt-unlinked-" + blake3.blake3(os.fsencode(loc.name)).hexdigest(16)
             remove(Loc(loc.path, loc.dir_fd, tmp_name))
@@ -238,6 +233,27 @@ def copy_unlinked(loc: Loc) -> None:
             os.close(tmp)
     finally:
         os.close(src)
+
+
+def copy_range(fin: int, fout: int, start: int, end: int) -> None:
+    """Bytes ``start..end`` of ``fin`` to the same place in ``fout``: in the kernel where it
+    can (copy_file_range), else through a buffer (the two on different file systems)."""
+    in_kernel = True
+    while start < end:
+        size = min(end - start, _COPY_CHUNK)
+        if in_kernel:
+            try:
+                copied = os.copy_file_range(fin, fout, size, start, start)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                in_kernel = False
+                continue
+        else:
+            copied = os.pwrite(fout, os.pread(fin, size, start), start)
+        if copied == 0:
+            return  # end of file (never while the caller holds the file still)
+        start += copied
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int, path: str = "") -> None:

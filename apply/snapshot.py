@@ -86,7 +86,6 @@ TREE = "tree"
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _BTRFS_SUBVOLUME_INO = 256
 _NS = 1_000_000_000
-_COPY_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -453,34 +452,13 @@ def _copy_file(src: Path, dst: Path, st: os.stat_result) -> None:
         try:
             os.ftruncate(fout, st.st_size)
             for start, end in data_extents(fin, st.st_size, st.st_blocks * 512):
-                _copy_range(fin, fout, start, end)
+                fsops.copy_range(fin, fout, start, end)
         finally:
             os.close(fout)
     finally:
         os.close(fin)
     os.chown(dst, st.st_uid, st.st_gid)  # before the mode: chown clears set-id bits
     shutil.copystat(src, dst, follow_symlinks=False)  # mode, times, extended attributes
-
-
-def _copy_range(fin: int, fout: int, start: int, end: int) -> None:
-    """Bytes ``start..end`` of ``fin`` to the same place in ``fout``: in the kernel where it
-    can (copy_file_range), else through a buffer (snapshot_dir on another filesystem)."""
-    in_kernel = True
-    while start < end:
-        size = min(end - start, _COPY_CHUNK)
-        if in_kernel:
-            try:
-                copied = os.copy_file_range(fin, fout, size, start, start)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-                in_kernel = False
-                continue
-        else:
-            copied = os.pwrite(fout, os.pread(fin, size, start), start)
-        if copied == 0:
-            return  # end of file (never while the caller holds the target still)
-        start += copied
 
 
 def _read_manifest(folder: Path) -> dict[str, list[int]]:

@@ -69,9 +69,9 @@ log is saved every SAVE_EVERY_ITEMS objects or SAVE_EVERY_S seconds, with the mi
 options and counters, by a thread beside the mirror (engine/durable.BackgroundFile: its
 fsyncs wait behind the write-back of what the mirror wrote, and took 0.6 s of a 2 GB
 mirror when the mirror waited for them); a pause or a failure saves it before ``run``
-returns. ``pause`` keeps it and a later ``run`` of a mirror with the same options
-and the same set rules continues after it (so does a run after a crash); ``stop`` forgets it, so the next mirror
-starts over.
+returns. ``pause`` keeps it and a later ``run`` of a mirror with the same options and
+the same set rules continues after it (so does a run after a crash); ``stop`` forgets it,
+so the next mirror starts over.
 """
 
 from __future__ import annotations
