@@ -1,6 +1,6 @@
 """The daemon's control API: JSON lines over a Unix socket, every call authenticated.
 
-Wire format (one JSON object per line, UTF-8, at most ``MAX_LINE`` bytes):
+Wire format (one JSON object per line, UTF-8 (answers: ASCII), at most ``MAX_LINE`` bytes):
 
 - request  ``{"op": NAME, "args": {...}}``
 - answer   ``{"ok": true, "result": ...}``, or
@@ -8,11 +8,11 @@ Wire format (one JSON object per line, UTF-8, at most ``MAX_LINE`` bytes):
 
 A connection carries any number of requests, answered in order; one longer than
 ``MAX_LINE`` is answered with an error and the connection closed (the rest of it must not
-be read as a request). Operations are what the
-daemon registers (``Operation``): each names the role it needs and a handler taking the
-``args`` dict and returning something JSON can encode. DtError raised by a handler becomes
-an error answer with its message id; anything else is answered as an internal error (the
-daemon keeps serving, engine/errors.py).
+be read as a request). Operations are what the daemon registers (``Operation``): each
+names the role it needs and a handler taking the ``args`` dict and returning something
+JSON can encode. DtError raised by a handler becomes an error answer with its message id;
+anything else is answered as an internal error (the daemon keeps serving,
+engine/errors.py).
 
 Authentication (DESIGN invariant 6, least privilege). The kernel snapshots the peer's
 credentials when it connects: uid, gid and pid from ``SO_PEERCRED`` and the supplementary
